@@ -1,0 +1,54 @@
+"""Meta-train one method on one task family, then evaluate on new tasks.
+
+    python -m experiments.train [--config=experiments/configs/sinusoid.py] [--config.method=maml]
+                                [--workdir=/tmp/md_meta/run]
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'sinusoid.py')
+_CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Experiment config file.')
+_WORKDIR = flags.DEFINE_string('workdir', '', 'Directory for the resolved config, metrics and results '
+                               '(default: runs/<config name>-<method>).')
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    from md_meta import training
+    from md_meta.config import ConfigError
+    try:
+        exp = training.build(config)
+    except ConfigError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    workdir = _WORKDIR.value or os.path.join('runs', f'{config.task.name}-{config.method}')
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json(indent=2))
+    t0 = time.time()
+    print(f'md-meta: {config.method} on {config.task.name} ({config.task.shots}-shot), '
+          f'{config.meta.steps} meta-steps, workdir {workdir}', flush=True)
+    meta, _, _ = training.train(exp, workdir, log=lambda s: print(s, flush=True))
+    train_s = time.time() - t0
+    result = training.evaluate(exp, meta, 'test')
+    row = {'method': config.method, 'shots': config.task.shots, **result, 'train_seconds': train_s,
+           'total_seconds': time.time() - t0}
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump(row, f, indent=2)
+    table = training.result_table([row])
+    with open(os.path.join(workdir, 'results.md'), 'w') as f:
+        f.write(table + '\n')
+    print(table)
+    print(f'train {train_s:.1f} s, total {time.time() - t0:.1f} s; results in {workdir}')
+
+
+if __name__ == '__main__':
+    app.run(main)

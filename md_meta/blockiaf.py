@@ -1,0 +1,277 @@
+"""Blockwise inverse autoregressive flow (blockIAF): the inverse mirror map g = (grad h)^-1.
+
+Equation (8) of the paper, for a parameter pytree whose top-level entries are the blocks B_1..B_B:
+
+    phi_i = z_i * sigma(a_i) + mu_i,        (a_i, mu_i) = d_i(link_i([e_1(z_1), ..., e_{i-1}(z_{i-1})]))
+
+Block 1 has learned constant (a_1, mu_1). Encoders e_j and decoders d_i are stacks of Kronecker-factored
+("tensor mode product") layers: a leaf tensor viewed as an m-way array X is mapped to
+X x_1 U_1 x_2 U_2 ... x_m U_m + b, i.e. a dense layer with weight U_m (x) ... (x) U_1 at O(sum n_k^2) cost.
+Each encoder layer halves every mode (ceil), each decoder layer doubles it back; ReLU in between.
+The decoders' last layers start at zero, so g starts as the identity (sigma(0) = 1).
+
+Two variants (``BlockIAFSpec.monotone``):
+* ``monotone=False``: the paper's / reference's form: scale and shift of block i both depend on z_<i.
+  It is NOT monotone in general (see docs/monotonicity.md and ``md_meta.monotonicity``).
+* ``monotone=True``: scales are learned per-element constants in [s_min, s_max]; only shifts are
+  autoregressive, and every factor is normalised so Lip(mu_i) <= c (``shift_lipschitz``). Then
+  (z - z')^T (g(z) - g(z')) >= (s_min - c sqrt(B - 1)) |z - z'|^2, the margin ``monotone_margin``.
+
+All functions are pure; ``spec`` is static (hashable) and the map parameters are a pytree.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+
+
+class BlockIAFSpec(NamedTuple):
+    """Static structure of a blockIAF.
+
+    blocks: top-level keys of the parameter pytree, in autoregressive order.
+    scale: 'bounded' (sigma(a) = s_min + (s_max - s_min) * logistic(a + b0), paper eq. 8a) or 'exp'
+      (sigma(a) = exp(a), the reference implementation; unbounded).
+    monotone: the constrained variant (see module docstring).
+    shift_lipschitz: c, the Lipschitz bound of each block's shift in monotone mode.
+    encoder_layers: number of mode-product layers in each encoder and decoder.
+    """
+    blocks: tuple
+    scale: str = 'bounded'
+    s_min: float = 0.1
+    s_max: float = 2.0
+    monotone: bool = False
+    shift_lipschitz: float = 0.0
+    encoder_layers: int = 3
+
+
+def default_blocks(params: Params) -> tuple:
+    """One block per top-level entry (one per network layer), in the network's order."""
+    return tuple(params.keys())
+
+
+def make_spec(params: Params, *, blocks: Sequence[str] | None = None, scale: str = 'bounded',
+              s_min: float = 0.1, s_max: float = 2.0, monotone: bool = False,
+              shift_lipschitz: float | None = None, encoder_layers: int = 3) -> BlockIAFSpec:
+    """Builds and validates a spec; in monotone mode ``shift_lipschitz=None`` picks s_min / (2 sqrt(B-1))."""
+    blocks = tuple(blocks) if blocks is not None else default_blocks(params)
+    missing = [b for b in blocks if b not in params]
+    if missing or sorted(blocks) != sorted(params.keys()):
+        raise ValueError(f'blockIAF blocks {blocks} must be a permutation of the parameter pytree keys '
+                         f'{tuple(params.keys())}')
+    if scale not in ('bounded', 'exp'):
+        raise ValueError(f"blockIAF scale must be 'bounded' or 'exp', got {scale!r}")
+    if scale == 'bounded' and not 0.0 <= s_min < 1.0 < s_max:
+        raise ValueError(f'bounded scale needs 0 <= s_min < 1 < s_max (identity at start), got {s_min}, {s_max}')
+    if encoder_layers < 1:
+        raise ValueError(f'encoder_layers must be >= 1, got {encoder_layers}')
+    if monotone:
+        if scale != 'bounded' or s_min <= 0:
+            raise ValueError('the monotone blockIAF needs scale="bounded" with s_min > 0')
+        nb = len(blocks)
+        if shift_lipschitz is None:
+            shift_lipschitz = s_min / (2.0 * math.sqrt(max(nb - 1, 1)))
+        if s_min - shift_lipschitz * math.sqrt(max(nb - 1, 0)) <= 0:
+            raise ValueError(f'shift_lipschitz={shift_lipschitz} leaves no monotonicity margin: need '
+                             f'c * sqrt(B-1) < s_min = {s_min} with B = {nb}')
+    return BlockIAFSpec(blocks, scale, float(s_min), float(s_max), bool(monotone),
+                        float(shift_lipschitz or 0.0), int(encoder_layers))
+
+
+def monotone_margin(spec: BlockIAFSpec) -> float:
+    """C_mono = s_min - c sqrt(B-1): (z-z')^T (g(z)-g(z')) >= C_mono |z-z'|^2 for the monotone map."""
+    if not spec.monotone:
+        raise ValueError('only the monotone blockIAF has a certified margin')
+    return spec.s_min - spec.shift_lipschitz * math.sqrt(len(spec.blocks) - 1)
+
+
+def lipschitz_bound(spec: BlockIAFSpec) -> float:
+    """M >= ||dg/dz||_2 for the monotone map: s_max + c sqrt(B-1)."""
+    return spec.s_max + spec.shift_lipschitz * math.sqrt(len(spec.blocks) - 1)
+
+
+def inverse_strong_monotonicity(spec: BlockIAFSpec) -> float:
+    """C of eq. (10): (phi-phi')^T (g^-1(phi) - g^-1(phi')) >= (C_mono / M^2) |phi - phi'|^2."""
+    return monotone_margin(spec) / lipschitz_bound(spec) ** 2
+
+
+# ----------------------------------------------------------------------------- tensor views
+
+def mode_shape(shape: tuple) -> tuple:
+    """The multi-way view of a leaf: conv kernels (kh, kw, cin, cout) -> (kh*kw, cin, cout); scalars -> (1,)."""
+    if len(shape) == 0:
+        return (1,)
+    if len(shape) == 4:
+        return (shape[0] * shape[1],) + tuple(shape[2:])
+    return tuple(shape)
+
+
+def _shrink_sequence(shape: tuple, layers: int) -> list:
+    """Mode shapes after 0..layers encoder layers: each mode halves (ceil)."""
+    seq = [tuple(shape)]
+    for _ in range(layers):
+        seq.append(tuple(max(1, -(-n // 2)) for n in seq[-1]))
+    return seq
+
+
+def mode_product(x: jnp.ndarray, factors: Sequence[jnp.ndarray]) -> jnp.ndarray:
+    """X x_1 U_1 ... x_m U_m with U_k of shape (n'_k, n_k): a linear layer with weight kron(U_m, ..., U_1)."""
+    for k, u in enumerate(factors):
+        x = jnp.moveaxis(jnp.tensordot(u, x, axes=(1, k)), 0, k)
+    return x
+
+
+def _kron_layer_init(key, in_shape, out_shape, zero=False):
+    keys = jax.random.split(key, len(in_shape))
+    if zero:
+        factors = [jnp.zeros((o, i)) for o, i in zip(out_shape, in_shape)]
+    else:
+        factors = [jax.random.normal(k, (o, i)) / math.sqrt(i) for k, o, i in zip(keys, out_shape, in_shape)]
+    return {'u': factors, 'b': jnp.zeros(out_shape)}
+
+
+def _normalised(u: jnp.ndarray, enabled: bool) -> jnp.ndarray:
+    """u / max(1, ||u||_F): spectral norm <= Frobenius norm <= 1 (smooth, NaN-free at u = 0)."""
+    if not enabled:
+        return u
+    fro = jnp.sqrt(jnp.sum(u * u) + 1e-12)
+    return u / jnp.maximum(1.0, fro)
+
+
+def _kron_layer_apply(p, x, normalise: bool):
+    return mode_product(x, [_normalised(u, normalise) for u in p['u']]) + p['b']
+
+
+# ----------------------------------------------------------------------------- init
+
+def _leaves(block_params):
+    return jax.tree_util.tree_leaves(block_params)
+
+
+def init(key: jax.Array, params: Params, spec: BlockIAFSpec) -> Params:
+    """Map parameters theta_g for the parameter pytree ``params``; g starts as the identity."""
+    blocks = spec.blocks
+    nb = len(blocks)
+    L = spec.encoder_layers
+    keys = iter(jax.random.split(key, 4 * nb + 4))
+    zeros_like = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
+    theta = {'first': {'a': zeros_like(params[blocks[0]]), 'mu': zeros_like(params[blocks[0]])},
+             'enc': {}, 'link': {}, 'dec': {}}
+    if spec.monotone:
+        theta['a'] = {b: zeros_like(params[b]) for b in blocks[1:]}
+    enc_dims = []
+    for i, b in enumerate(blocks):
+        leaves = _leaves(params[b])
+        seqs = [_shrink_sequence(mode_shape(l.shape), L) for l in leaves]
+        if i < nb - 1:
+            lk = jax.random.split(next(keys), len(leaves) * L).reshape(len(leaves), L, -1)
+            theta['enc'][b] = [[_kron_layer_init(lk[j, l], s[l], s[l + 1]) for l in range(L)]
+                               for j, s in enumerate(seqs)]
+            enc_dims.append(sum(int(np.prod(s[-1])) for s in seqs))
+        if i == 0:
+            continue
+        d_in = sum(enc_dims[:i])
+        d_out = sum(int(np.prod(s[-1])) for s in seqs)
+        theta['link'][b] = {'w': jax.random.normal(next(keys), (d_out, d_in)) / math.sqrt(d_in),
+                            'b': jnp.zeros((d_out,))}
+        heads = ('mu',) if spec.monotone else ('a', 'mu')
+        dk = jax.random.split(next(keys), len(leaves) * L).reshape(len(leaves), L, -1)
+        dec = []
+        for j, s in enumerate(seqs):
+            trunk = [_kron_layer_init(dk[j, l], s[L - l], s[L - l - 1]) for l in range(L - 1)]
+            dec.append({'trunk': trunk, **{h: _kron_layer_init(dk[j, L - 1], s[1], s[0], zero=True)
+                                          for h in heads}})
+        theta['dec'][b] = dec
+    return theta
+
+
+# ----------------------------------------------------------------------------- forward / inverse
+
+def _sigma(a, spec: BlockIAFSpec):
+    if spec.scale == 'exp':
+        return jnp.exp(a)
+    lo, hi = spec.s_min, spec.s_max
+    b0 = math.log((1.0 - lo) / (hi - 1.0))  # logistic(b0) = (1 - lo) / (hi - lo)  =>  sigma(0) = 1
+    return lo + (hi - lo) * jax.nn.sigmoid(a + b0)
+
+
+def _encode(theta_enc_block, z_block, spec):
+    outs = []
+    for layers, leaf in zip(theta_enc_block, _leaves(z_block)):
+        x = leaf.reshape(mode_shape(leaf.shape))
+        for l, p in enumerate(layers):
+            x = _kron_layer_apply(p, x, spec.monotone)
+            if l < len(layers) - 1:
+                x = jax.nn.relu(x)
+        outs.append(x.reshape(-1))
+    return jnp.concatenate(outs)
+
+
+def _decode(theta, b, encodings, block_template, spec):
+    """(a_i, mu_i) pytrees shaped like block b, from the encodings of earlier blocks."""
+    link = theta['link'][b]
+    h = jnp.concatenate(encodings)
+    h = _normalised(link['w'], spec.monotone) @ h + link['b']
+    leaves, treedef = jax.tree_util.tree_flatten(block_template)
+    a_out, mu_out, start = [], [], 0
+    for dec, leaf in zip(theta['dec'][b], leaves):
+        shape0 = _decoder_input_shape(dec)
+        n = int(np.prod(shape0))
+        x = jax.nn.relu(h[start:start + n].reshape(shape0))
+        start += n
+        for p in dec['trunk']:
+            x = jax.nn.relu(_kron_layer_apply(p, x, spec.monotone))
+        mu_out.append(_kron_layer_apply(dec['mu'], x, spec.monotone).reshape(leaf.shape))
+        if not spec.monotone:
+            a_out.append(_kron_layer_apply(dec['a'], x, False).reshape(leaf.shape))
+    mu = jax.tree_util.tree_unflatten(treedef, mu_out)
+    a = None if spec.monotone else jax.tree_util.tree_unflatten(treedef, a_out)
+    return a, mu
+
+
+def _decoder_input_shape(dec):
+    first = dec['trunk'][0] if dec['trunk'] else dec['mu']
+    return tuple(u.shape[1] for u in first['u'])
+
+
+def _block_scale_shift(theta, spec, i, encodings, template):
+    b = spec.blocks[i]
+    if i == 0:
+        return theta['first']['a'], theta['first']['mu']
+    a, mu = _decode(theta, b, encodings[:i], template, spec)
+    if spec.monotone:
+        a = theta['a'][b]
+        mu = jax.tree_util.tree_map(lambda m: spec.shift_lipschitz * m, mu)
+    return a, mu
+
+
+def forward(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
+    """phi = g(z), all blocks in parallel (each block reads the encodings of earlier blocks of z)."""
+    blocks = spec.blocks
+    encodings = [_encode(theta['enc'][b], z[b], spec) for b in blocks[:-1]]
+    phi = {}
+    for i, b in enumerate(blocks):
+        a, mu = _block_scale_shift(theta, spec, i, encodings, z[b])
+        phi[b] = jax.tree_util.tree_map(lambda zz, aa, mm: zz * _sigma(aa, spec) + mm, z[b], a, mu)
+    return phi
+
+
+def inverse(theta: Params, phi: Params, spec: BlockIAFSpec) -> Params:
+    """z = g^-1(phi), block by block: z_i = (phi_i - mu_i(z_<i)) / sigma(a_i(z_<i))."""
+    blocks = spec.blocks
+    z, encodings = {}, []
+    for i, b in enumerate(blocks):
+        a, mu = _block_scale_shift(theta, spec, i, encodings, phi[b])
+        z[b] = jax.tree_util.tree_map(lambda pp, aa, mm: (pp - mm) / _sigma(aa, spec), phi[b], a, mu)
+        if i < len(blocks) - 1:
+            encodings.append(_encode(theta['enc'][b], z[b], spec))
+    return z
+
+
+def num_parameters(theta: Params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(theta))

@@ -1,0 +1,117 @@
+"""The configuration schema (ml_collections) shared by every config file, and its validation.
+
+``validate`` runs before anything compiles and raises ``ConfigError`` with a one-line message that
+names the offending field.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+TASKS = ('sinusoid', 'omniglot', 'miniimagenet')
+OPTIMIZERS = ('adam', 'sgd_nesterov')
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = 'md'
+    c.seed = 0
+
+    c.task = ml_collections.ConfigDict()
+    c.task.name = 'sinusoid'
+    c.task.ways = 5            # classification only
+    c.task.shots = 5
+    c.task.query = 5           # query points per task (per class for classification) at meta-train
+    c.task.data_dir = ''
+    c.task.split = 'minimal'   # omniglot: 'maml' (1100/100/423) or 'minimal'
+    c.task.source = 'auto'     # omniglot: 'tfds' | 'zip' | 'auto'
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = 'mlp'
+    c.model.hidden = (40, 40)
+    c.model.conv_impl = 'auto'
+    c.model.features = 64
+
+    c.inner = ml_collections.ConfigDict()
+    c.inner.steps = 1
+    c.inner.step_size = 0.01
+    c.inner.first_order = False
+    c.inner.unroll = 1
+    c.inner.remat = False
+    c.inner.eval_steps = -1    # -1: same as steps
+
+    c.meta = ml_collections.ConfigDict()
+    c.meta.optimizer = 'adam'
+    c.meta.lr = 1e-3
+    c.meta.batch_size = 25
+    c.meta.steps = 70000
+    c.meta.task_batching = 'vmap'
+    c.meta.lr_decay_every = 0  # sgd_nesterov: x0.1 every N steps (0: never)
+    c.meta.weight_decay = 0.0
+
+    c.md = ml_collections.ConfigDict()
+    c.md.scale = 'bounded'
+    c.md.s_min = 0.1
+    c.md.s_max = 2.0
+    c.md.monotone = False
+    c.md.shift_lipschitz = ml_collections.FieldReference(None, field_type=float)
+    c.md.encoder_layers = 3
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_tasks = 600
+    c.eval.batch_size = 100
+    c.eval.query = -1          # -1: same as task.query
+
+    c.train = ml_collections.ConfigDict()
+    c.train.log_every = 1000
+    c.train.steps_per_call = 100   # meta-steps fused in one jitted scan (on-device samplers only)
+    c.train.max_nonfinite = 10     # consecutive skipped (non-finite) updates before training stops
+    return c
+
+
+def _require(cond, field, msg):
+    if not cond:
+        raise ConfigError(f'config.{field}: {msg}')
+
+
+def _pos_int(c, field):
+    v = c
+    for part in field.split('.'):
+        v = v[part]
+    _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, field, f'must be a positive integer, got {v!r}')
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first invalid field."""
+    from md_meta import methods
+    _require(c.method in methods.names(), 'method', f'unknown method {c.method!r}; choose from {methods.names()}')
+    _require(c.task.name in TASKS, 'task.name', f'unknown task {c.task.name!r}; choose from {TASKS}')
+    for f in ('task.shots', 'task.query', 'task.ways', 'inner.steps', 'meta.batch_size', 'meta.steps',
+              'eval.num_tasks', 'eval.batch_size', 'train.log_every', 'train.steps_per_call',
+              'train.max_nonfinite', 'inner.unroll', 'md.encoder_layers'):
+        _pos_int(c, f)
+    _require(c.inner.step_size >= 0, 'inner.step_size', f'must be non-negative, got {c.inner.step_size}')
+    _require(c.meta.lr > 0, 'meta.lr', f'must be positive, got {c.meta.lr}')
+    _require(c.meta.optimizer in OPTIMIZERS, 'meta.optimizer', f'must be one of {OPTIMIZERS}, got {c.meta.optimizer!r}')
+    _require(c.meta.task_batching in ('vmap', 'unroll'), 'meta.task_batching',
+             f"must be 'vmap' or 'unroll', got {c.meta.task_batching!r}")
+    _require(c.inner.eval_steps == -1 or c.inner.eval_steps > 0, 'inner.eval_steps',
+             f'must be -1 (same as inner.steps) or positive, got {c.inner.eval_steps}')
+    _require(c.eval.query == -1 or c.eval.query > 0, 'eval.query', f'must be -1 or positive, got {c.eval.query}')
+    _require(c.model.name in ('mlp', 'cnn4'), 'model.name', f"must be 'mlp' or 'cnn4', got {c.model.name!r}")
+    _require(c.model.conv_impl in ('auto', 'lax', 'patches'), 'model.conv_impl',
+             f"must be 'auto', 'lax' or 'patches', got {c.model.conv_impl!r}")
+    _require(c.md.scale in ('bounded', 'exp'), 'md.scale', f"must be 'bounded' or 'exp', got {c.md.scale!r}")
+    if c.md.scale == 'bounded':
+        _require(0 <= c.md.s_min < 1, 'md.s_min', f'must be in [0, 1) so that g starts as the identity, got {c.md.s_min}')
+        _require(c.md.s_max > 1, 'md.s_max', f'must exceed 1 so that g starts as the identity, got {c.md.s_max}')
+    if c.md.monotone:
+        _require(c.md.scale == 'bounded' and c.md.s_min > 0, 'md.monotone',
+                 "needs md.scale='bounded' and md.s_min > 0")
+    _require(c.eval.num_tasks % c.eval.batch_size == 0 or c.eval.num_tasks < c.eval.batch_size,
+             'eval.batch_size', f'must divide eval.num_tasks={c.eval.num_tasks}, got {c.eval.batch_size}')
+    if c.task.name == 'sinusoid':
+        _require(c.model.name == 'mlp', 'model.name', "the sinusoid task needs model.name='mlp'")

@@ -1,0 +1,127 @@
+"""The upper level: meta-parameters, the meta-loss over a batch of tasks and the jitted meta-step.
+
+Meta-parameters theta = {'init': state_0, 'geom': method parameters, 'net': meta-learned network
+collections (e.g. warp layers)}. For a batch of tasks t (support D_trn, query D_val):
+
+    meta_loss(theta) = mean_t [ L(phi_t^K(theta); D_val_t) + penalty_t ]
+
+whose gradient is the full second-order meta-gradient (``first_order`` stops the inner gradients).
+The per-task work is ``vmap``-ed (or unrolled: ``task_batching``), the step is one ``jit``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from md_meta import losses
+from md_meta.geometry import Geometry
+from md_meta.inner import InnerConfig, adapt
+from md_meta.networks import Model
+
+TASK_BATCHING = ('vmap', 'unroll')
+
+
+class Task(NamedTuple):
+    """One task (or, with a leading axis, a batch of tasks)."""
+    support_x: jnp.ndarray
+    support_y: jnp.ndarray
+    query_x: jnp.ndarray
+    query_y: jnp.ndarray
+
+
+class MetaLearner(NamedTuple):
+    """Everything static about a meta-learning problem: method, network, loss, inner-loop settings."""
+    geometry: Geometry
+    model: Model
+    loss: str
+    inner: InnerConfig
+    eval_inner: InnerConfig
+    task_batching: str = 'vmap'
+
+
+def init_meta_params(learner: MetaLearner, key: jax.Array, example_x: jnp.ndarray) -> dict:
+    """theta = {'init', 'geom', 'net'} for the network applied to ``example_x`` (one task's inputs)."""
+    k_net, k_geom = jax.random.split(key)
+    variables = dict(learner.model.init(k_net, example_x))
+    params = variables.pop('params')
+    state0, geom = learner.geometry.init(k_geom, params)
+    return {'init': state0, 'geom': geom, 'net': variables}
+
+
+def task_result(learner: MetaLearner, meta: dict, task: Task, key: jax.Array, inner: InnerConfig,
+                final_stats: bool = False):
+    """Adapts to one task and evaluates on its query set: (query metrics, inner-loop curves, penalty)."""
+    loss_fn = losses.get(learner.loss)
+    apply = lambda phi, x: learner.model.apply({'params': phi, **meta['net']}, x)
+    support_loss = lambda phi: loss_fn(apply(phi, task.support_x), task.support_y)
+    phi, curves = adapt(learner.geometry, support_loss, meta['geom'], meta['init'], key, inner, final_stats)
+    metrics = losses.metrics(learner.loss, apply(phi, task.query_x), task.query_y)
+    penalty = 0.0
+    if learner.geometry.penalty is not None:
+        phi0 = learner.geometry.primal(meta['geom'], meta['init'])
+        penalty = learner.geometry.penalty(meta['geom'], phi0, lambda p: apply(p, task.support_x),
+                                           task.support_y)
+    return metrics, curves, penalty
+
+
+def _over_tasks(learner: MetaLearner, fn: Callable, batch: Task, keys: jax.Array):
+    if learner.task_batching == 'vmap':
+        return jax.vmap(fn)(batch, keys)
+    if learner.task_batching == 'unroll':
+        outs = [fn(jax.tree_util.tree_map(lambda a: a[t], batch), keys[t]) for t in range(keys.shape[0])]
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+    raise ValueError(f'task_batching must be one of {TASK_BATCHING}, got {learner.task_batching!r}')
+
+
+def meta_loss(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
+    """Mean over tasks of query loss (+ the method's penalty); aux = mean query metrics."""
+    num_tasks = batch.support_x.shape[0]
+    keys = jax.random.split(key, num_tasks)
+
+    def one(task, k):
+        metrics, _, penalty = task_result(learner, meta, task, k, learner.inner)
+        return metrics, penalty
+
+    metrics, penalty = _over_tasks(learner, one, batch, keys)
+    metrics = jax.tree_util.tree_map(jnp.mean, metrics)
+    total = metrics['loss'] + jnp.mean(penalty)
+    return total, metrics
+
+
+def all_finite(tree) -> jnp.ndarray:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def meta_update(learner: MetaLearner, optimizer: optax.GradientTransformation, meta, opt_state,
+                batch: Task, key: jax.Array):
+    """One meta-step, un-jitted. A non-finite meta-loss or meta-gradient leaves theta and the optimizer
+    state unchanged and reports ``skipped = 1``."""
+    (loss, metrics), grads = jax.value_and_grad(meta_loss, argnums=1, has_aux=True)(learner, meta, batch, key)
+    updates, new_opt_state = optimizer.update(grads, opt_state, meta)
+    new_meta = optax.apply_updates(meta, updates)
+    ok = jnp.isfinite(loss) & all_finite(grads)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+    metrics = dict(metrics, meta_loss=loss, grad_norm=optax.global_norm(grads),
+                   skipped=1 - ok.astype(jnp.int32))
+    return keep(new_meta, meta), keep(new_opt_state, opt_state), metrics
+
+
+def make_meta_step(learner: MetaLearner, optimizer: optax.GradientTransformation, donate: bool = False):
+    """jit(meta_update): (meta, opt_state, batch, key) -> (meta, opt_state, metrics)."""
+    def step(meta, opt_state, batch, key):
+        chex.assert_rank(batch.support_x, batch.query_x.ndim)
+        return meta_update(learner, optimizer, meta, opt_state, batch, key)
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def make_evaluate(learner: MetaLearner, final_stats: bool = True):
+    """jit: (meta, batch, key) -> per-task query metrics and inner curves (k = 0..K), eval inner loop."""
+    def evaluate(meta, batch, key):
+        keys = jax.random.split(key, batch.support_x.shape[0])
+        fn = lambda task, k: task_result(learner, meta, task, k, learner.eval_inner, final_stats)[:2]
+        return _over_tasks(learner, fn, batch, keys)
+    return jax.jit(evaluate)

@@ -1,0 +1,33 @@
+"""Mirror descent with a blockIAF inverse mirror map (Zhang, Li & Giannakis; this paper), eq. (7):
+
+    z_k = z_{k-1} - alpha * grad_phi L(g(z_{k-1}); D_trn),     phi_hat = g(z_K),
+
+with the dual initialisation z_0 and the blockIAF parameters theta_g meta-learned. The gradient is
+taken with respect to the primal phi = g(z), not through g (the reference implementation's choice).
+With g = identity this is exactly MAML."""
+from md_meta import blockiaf
+from md_meta.geometry import Geometry, sgd_step
+
+
+def spec_from_config(config, params) -> blockiaf.BlockIAFSpec:
+    c = config.md
+    return blockiaf.make_spec(params, scale=c.scale, s_min=c.s_min, s_max=c.s_max, monotone=c.monotone,
+                              shift_lipschitz=c.get('shift_lipschitz', None),
+                              encoder_layers=c.encoder_layers)
+
+
+def make(config) -> Geometry:
+    alpha = float(config.inner.step_size)
+
+    def spec_for(params):  # the spec is a pure function of the config and the pytree's block keys
+        return spec_from_config(config, params)
+
+    def init(key, params):
+        spec = spec_for(params)
+        theta = blockiaf.init(key, params, spec)
+        return blockiaf.inverse(theta, params, spec), theta
+
+    def primal(theta, z):
+        return blockiaf.forward(theta, z, spec_for(z))
+
+    return Geometry(name='md', init=init, step=lambda theta, z, grad: sgd_step(z, grad, alpha), primal=primal)

@@ -1,0 +1,52 @@
+"""Task families behind one ``TaskSource``.
+
+    sample(step, num_tasks, split, query) -> Task     host-side, deterministic from (seed, split, step)
+    device_sample(key, num_tasks, split, query) -> Task   pure-JAX, jittable (None for host-only sources)
+
+``loss`` names the task loss ('mse' | 'xent'); ``example_x`` is one task's support inputs (for init).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import numpy as np
+
+SPLITS = ('train', 'val', 'test')
+
+
+class TaskSource(NamedTuple):
+    name: str
+    loss: str
+    example_x: Any
+    sample: Callable
+    device_sample: Optional[Callable] = None
+    out_dim: int = 1
+
+
+def split_key(seed: int, split: str) -> jax.Array:
+    """Independent streams per split: fold_in(PRNGKey(seed), index of split)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), SPLITS.index(split))
+
+
+def make_source(config) -> TaskSource:
+    name = config.task.name
+    if name == 'sinusoid':
+        from md_meta.tasks import sinusoid
+        shots = config.task.shots
+
+        def device_sample(key, num_tasks, split, query):
+            del split  # one distribution; splits differ by key only
+            return sinusoid.sample(key, num_tasks, shots, query)
+
+        sample_jit = jax.jit(device_sample, static_argnums=(1, 2, 3))
+
+        def sample(step, num_tasks, split, query):
+            key = jax.random.fold_in(split_key(config.seed, split), step)
+            return sample_jit(key, num_tasks, split, query)
+
+        return TaskSource('sinusoid', 'mse', np.zeros((shots, 1), np.float32), sample, device_sample, 1)
+    if name in ('omniglot', 'miniimagenet'):
+        from md_meta.tasks import images
+        return images.make_source(config)
+    raise ValueError(f'unknown task {name!r}')
