@@ -196,8 +196,10 @@ def _sigma(a, spec: BlockIAFSpec):
     if spec.scale == 'exp':
         return jnp.exp(a)
     lo, hi = spec.s_min, spec.s_max
-    b0 = math.log((1.0 - lo) / (hi - 1.0))  # logistic(b0) = (1 - lo) / (hi - lo)  =>  sigma(0) = 1
-    return lo + (hi - lo) * jax.nn.sigmoid(a + b0)
+    b0 = math.log((1.0 - lo) / (hi - 1.0))  # logistic(b0) = (1 - lo) / (hi - lo)
+    # = lo + (hi - lo) * logistic(a + b0), written so that sigma(0) == 1 exactly
+    b0 = jnp.asarray(b0, a.dtype)
+    return 1.0 + (hi - lo) * (jax.nn.sigmoid(a + b0) - jax.nn.sigmoid(b0))
 
 
 def _encode(theta_enc_block, z_block, spec):
