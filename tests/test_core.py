@@ -1,0 +1,225 @@
+"""Issue 2: the maths of the core (blockIAF, scan inner loop, meta-step), each test able to fail."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from md_meta import blockiaf, training
+from md_meta.geometry import Geometry, sgd_step
+from md_meta.inner import InnerConfig, adapt
+from md_meta.meta import Task, MetaLearner, init_meta_params, meta_loss, make_meta_step
+from md_meta.networks import make_model
+from md_meta.tasks import sinusoid
+from tests.helpers import random_like, tiny_config, tree_max_abs_diff, tree_vdot
+
+
+def mlp_params(key=0, hidden=(8, 8)):
+    return make_model('mlp', hidden=hidden).init(jax.random.PRNGKey(key), jnp.zeros((4, 1)))['params']
+
+
+def perturbed_theta(spec, params, scale=0.3, key=1):
+    theta = blockiaf.init(jax.random.PRNGKey(key), params, spec)
+    return jax.tree_util.tree_map(lambda t, n: t + n, theta, random_like(jax.random.PRNGKey(key + 1), theta, scale))
+
+
+@pytest.mark.parametrize('scale,monotone', [('bounded', False), ('exp', False), ('bounded', True)])
+def test_blockiaf_identity_at_init_and_exact_inverse(scale, monotone):
+    with jax.enable_x64(True):
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), mlp_params())
+        spec = blockiaf.make_spec(params, scale=scale, monotone=monotone)
+        theta0 = blockiaf.init(jax.random.PRNGKey(0), params, spec)
+        z = random_like(jax.random.PRNGKey(5), params)
+        assert tree_max_abs_diff(blockiaf.forward(theta0, z, spec), z) == 0.0
+        theta = perturbed_theta(spec, params)
+        phi = blockiaf.forward(theta, z, spec)
+        assert tree_max_abs_diff(phi, z) > 1e-2  # the perturbed map is not the identity
+        assert tree_max_abs_diff(blockiaf.inverse(theta, phi, spec), z) < 1e-10
+
+
+def test_blockiaf_is_autoregressive():
+    """Block i depends on blocks < i only: perturbing the last block changes nothing before it,
+    perturbing the first block changes later blocks."""
+    params = mlp_params()
+    spec = blockiaf.make_spec(params)
+    theta = perturbed_theta(spec, params)
+    z = random_like(jax.random.PRNGKey(3), params)
+    phi = blockiaf.forward(theta, z, spec)
+    first, last = spec.blocks[0], spec.blocks[-1]
+    z_last = dict(z, **{last: jax.tree_util.tree_map(lambda x: x + 1.0, z[last])})
+    phi2 = blockiaf.forward(theta, z_last, spec)
+    for b in spec.blocks[:-1]:
+        assert tree_max_abs_diff(phi2[b], phi[b]) == 0.0
+    z_first = dict(z, **{first: jax.tree_util.tree_map(lambda x: x + 1.0, z[first])})
+    phi3 = blockiaf.forward(theta, z_first, spec)
+    assert tree_max_abs_diff(phi3[last], phi[last]) > 1e-4
+
+
+def _learner(method, steps=2, first_order=False, hidden=(8, 8)):
+    cfg = tiny_config(method, **{'inner.steps': steps, 'inner.first_order': first_order, 'model.hidden': hidden})
+    return training.build(cfg)
+
+
+def _batch(key=0, tasks=3, shots=4):
+    return sinusoid.sample(jax.random.PRNGKey(key), tasks, shots, shots)
+
+
+def test_md_with_identity_map_is_maml_trajectory_and_meta_gradient():
+    maml, md = _learner('maml'), _learner('md')
+    key = jax.random.PRNGKey(0)
+    meta_maml = init_meta_params(maml.learner, key, jnp.zeros((4, 1)))
+    meta_md = init_meta_params(md.learner, key, jnp.zeros((4, 1)))
+    assert tree_max_abs_diff(meta_maml['init'], meta_md['init']) == 0.0
+    batch = _batch()
+    (l1, _), g1 = jax.value_and_grad(meta_loss, argnums=1, has_aux=True)(maml.learner, meta_maml, batch, key)
+    (l2, _), g2 = jax.value_and_grad(meta_loss, argnums=1, has_aux=True)(md.learner, meta_md, batch, key)
+    assert float(l1) == float(l2)
+    # dphi/dz = I at the identity map, so the meta-gradient w.r.t. z0 equals MAML's w.r.t. phi0
+    assert tree_max_abs_diff(g1['init'], g2['init']) < 1e-6
+    # and the per-step support losses agree
+    task = jax.tree_util.tree_map(lambda a: a[0], batch)
+    curves = []
+    for exp, meta in ((maml, meta_maml), (md, meta_md)):
+        apply = lambda phi: exp.learner.model.apply({'params': phi}, task.support_x)
+        loss = lambda phi: jnp.mean((apply(phi) - task.support_y) ** 2)
+        phi, c = adapt(exp.learner.geometry, loss, meta['geom'], meta['init'], key, exp.learner.inner, True)
+        curves.append((phi, c))
+    assert tree_max_abs_diff(curves[0][0], curves[1][0]) == 0.0
+    np.testing.assert_array_equal(curves[0][1]['loss'], curves[1][1]['loss'])
+
+
+def test_linear_mirror_map_is_preconditioned_gd():
+    """g(z) = P z with P SPD: z <- z - a grad L(Pz) is phi <- phi - a P grad L(phi) (eq. 6 -> eq. 3)."""
+    with jax.enable_x64(True):
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), mlp_params())
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        d = flat.size
+        a = jax.random.normal(jax.random.PRNGKey(0), (d, d)) / np.sqrt(d)
+        P = a @ a.T + 0.5 * jnp.eye(d)
+        alpha, K = 0.05, 3
+        geom = Geometry('linear', init=None, step=lambda th, z, g: sgd_step(z, g, alpha),
+                        primal=lambda th, z: unravel(th @ jax.flatten_util.ravel_pytree(z)[0]))
+        task = jax.tree_util.tree_map(lambda x: x[0].astype(jnp.float64), _batch())
+        model = make_model('mlp', hidden=(8, 8))
+        loss = lambda phi: jnp.mean((model.apply({'params': phi}, task.support_x) - task.support_y) ** 2)
+        z0 = unravel(jnp.linalg.solve(P, flat))
+        phi_md, _ = adapt(geom, loss, P, z0, jax.random.PRNGKey(0), InnerConfig(K))
+        phi = flat
+        for _ in range(K):
+            phi = phi - alpha * P @ jax.flatten_util.ravel_pytree(jax.grad(loss)(unravel(phi)))[0]
+        np.testing.assert_allclose(jax.flatten_util.ravel_pytree(phi_md)[0], phi, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('method', ['maml', 'md'])
+def test_second_order_meta_gradient_matches_finite_differences(method):
+    with jax.enable_x64(True):
+        exp = _learner(method, steps=2, hidden=(6,))
+        meta = init_meta_params(exp.learner, jax.random.PRNGKey(0), jnp.zeros((4, 1)))
+        meta = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), meta)
+        # move away from the identity map so that the MD-specific terms matter
+        meta = jax.tree_util.tree_map(lambda t, n: t + n, meta, random_like(jax.random.PRNGKey(9), meta, 0.1))
+        batch = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), _batch(tasks=2))
+        key = jax.random.PRNGKey(1)
+        f = lambda m: meta_loss(exp.learner, m, batch, key)[0]
+        grad = jax.grad(f)(meta)
+        v = random_like(jax.random.PRNGKey(2), meta)
+        eps = 1e-5
+        plus = jax.tree_util.tree_map(lambda m, d: m + eps * d, meta, v)
+        minus = jax.tree_util.tree_map(lambda m, d: m - eps * d, meta, v)
+        fd = (f(plus) - f(minus)) / (2 * eps)
+        an = tree_vdot(grad, v)
+        np.testing.assert_allclose(float(an), float(fd), rtol=1e-6)
+        # first-order drops the second-order terms: it must differ from the full meta-gradient
+        exp_fo = _learner(method, steps=2, first_order=True, hidden=(6,))
+        g_fo = jax.grad(lambda m: meta_loss(exp_fo.learner, m, batch, key)[0])(meta)
+        assert abs(float(tree_vdot(g_fo, v)) - float(an)) > 1e-8
+
+
+def test_monotonicity_on_random_pairs():
+    """(z - z')^T (g(z) - g(z')) > 0 for random bounded-scale maps; the monotone variant also meets
+    its certified margin C_mono |z - z'|^2."""
+    with jax.enable_x64(True):
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), mlp_params())
+        for monotone in (False, True):
+            spec = blockiaf.make_spec(params, scale='bounded', monotone=monotone)
+            for seed in range(3):
+                theta = perturbed_theta(spec, params, scale=0.2, key=10 + seed)
+                fwd = jax.jit(lambda z: blockiaf.forward(theta, z, spec))
+                for pair in range(20):
+                    z = random_like(jax.random.PRNGKey(100 * seed + pair), params, 2.0)
+                    zp = random_like(jax.random.PRNGKey(100 * seed + pair + 50), params, 2.0)
+                    dz = jax.tree_util.tree_map(jnp.subtract, z, zp)
+                    gap = tree_vdot(dz, jax.tree_util.tree_map(jnp.subtract, fwd(z), fwd(zp)))
+                    norm2 = tree_vdot(dz, dz)
+                    assert gap > 0
+                    if monotone:
+                        assert gap >= blockiaf.monotone_margin(spec) * norm2 - 1e-9
+
+
+def test_meta_step_traces_once_and_learns():
+    exp = _learner('md', steps=1)
+    traces = []
+    geom = exp.learner.geometry
+    counted = geom._replace(step=lambda th, z, g: (traces.append(1), geom.step(th, z, g))[1])
+    learner = exp.learner._replace(geometry=counted)
+    meta = init_meta_params(learner, jax.random.PRNGKey(0), jnp.zeros((4, 1)))
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(meta)
+    step = make_meta_step(learner, opt)
+    held_out = _batch(key=999, tasks=50)
+    before = float(meta_loss(learner, meta, held_out, jax.random.PRNGKey(0))[0])
+    for i in range(40):
+        meta, opt_state, m = step(meta, opt_state, _batch(key=i, tasks=10), jax.random.PRNGKey(i))
+        if i == 0:
+            n_after_first = len(traces)
+    assert len(traces) == n_after_first and step._cache_size() == 1
+    after = float(meta_loss(learner, meta, held_out, jax.random.PRNGKey(0))[0])
+    assert after < 0.9 * before, (before, after)
+
+
+def test_sinusoid_sampler():
+    t = sinusoid.sample(jax.random.PRNGKey(0), 7, 5, 3)
+    assert t.support_x.shape == (7, 5, 1) and t.query_y.shape == (7, 3, 1)
+    assert float(jnp.abs(t.support_x).max()) <= 5.0
+    assert float(jnp.abs(t.support_y).max()) <= 5.0
+    t2 = sinusoid.sample(jax.random.PRNGKey(0), 7, 5, 3)
+    np.testing.assert_array_equal(t.support_y, t2.support_y)
+    # y = A sin(x - b) with A in [0.1, 5]: the amplitude implied by two points never exceeds 5
+    x = jnp.linspace(-5, 5, 1000)[None, :, None]
+    assert x.shape[1] == 1000
+
+
+def run_cli(args, root, timeout=300):
+    env = dict(os.environ, PYTHONPATH=root)
+    return subprocess.run([sys.executable, '-m', 'experiments.train', *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize('flag,field', [
+    ('--config.method=nope', 'config.method'),
+    ('--config.task.shots=0', 'config.task.shots'),
+    ('--config.inner.steps=-1', 'config.inner.steps'),
+    ('--config.inner.step_size=-0.1', 'config.inner.step_size'),
+])
+def test_cli_rejects_invalid_config_before_compiling(flag, field, root, tmp_path):
+    r = run_cli([flag, f'--workdir={tmp_path}/w'], root, timeout=120)
+    assert r.returncode == 2, r.stderr
+    err = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+    assert len(err) == 1 and field in err[0], r.stderr
+    assert not os.path.exists(os.path.join(tmp_path, 'w', 'metrics.jsonl'))
+
+
+def test_cli_runs_end_to_end(root, tmp_path):
+    wd = str(tmp_path / 'run')
+    r = run_cli(['--config.meta.steps=30', '--config.train.log_every=10', '--config.train.steps_per_call=10', '--config.eval.num_tasks=50',
+                 '--config.eval.batch_size=50', f'--workdir={wd}'], root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'ETA' in r.stdout and '| md | 10 | loss |' in r.stdout
+    res = json.load(open(os.path.join(wd, 'results.json')))
+    assert res['metrics']['loss']['n'] == 50 and np.isfinite(res['metrics']['loss']['mean'])
+    assert os.path.exists(os.path.join(wd, 'config.json'))
