@@ -2,6 +2,12 @@
 
     python -m experiments.train [--config=experiments/configs/sinusoid.py] [--config.method=maml]
                                 [--workdir=/tmp/md_meta/run]
+
+The workdir holds config.json, checkpoints/, metrics.jsonl, tb/ (TensorBoard) and, at the end,
+results.json/results.md (evaluation on config.eval.num_tasks test tasks). Rerunning the same command
+after a crash or kill -9 resumes from the last good checkpoint (bitwise identical to an uninterrupted
+run); a workdir holding a run of another config is refused (exit status 2). Too many consecutive
+non-finite meta-updates stop training with exit status 3.
 """
 from __future__ import annotations
 
@@ -23,24 +29,38 @@ def main(argv):
     del argv
     config = _CONFIG.value
     from md_meta import training
+    from md_meta import distributed
     from md_meta.config import ConfigError
     try:
+        distributed.initialize_from_config(config)  # multi-process runs only (config.dist)
         exp = training.build(config)
+        distributed.validate(config)  # the global batch must divide by the device count
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     workdir = _WORKDIR.value or os.path.join('runs', f'{config.task.name}-{config.method}')
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json(indent=2))
+    lead = distributed.is_main_process()  # only process 0 writes the workdir and prints
+    try:
+        if lead:
+            training.prepare_workdir(config, workdir)
+    except training.WorkdirMismatchError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
     t0 = time.time()
-    print(f'md-meta: {config.method} on {config.task.name} ({config.task.shots}-shot), '
-          f'{config.meta.steps} meta-steps, workdir {workdir}', flush=True)
-    meta, _, _ = training.train(exp, workdir, log=lambda s: print(s, flush=True))
+    if lead:
+        print(f'md-meta: {config.method} on {config.task.name} ({config.task.shots}-shot), '
+              f'{config.meta.steps} meta-steps, workdir {workdir}{distributed.describe(config)}', flush=True)
+    try:
+        meta, _, _ = training.train(exp, workdir, log=(lambda s: print(s, flush=True)) if lead else (lambda s: None))
+    except training.NonFiniteError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(3)
     train_s = time.time() - t0
     result = training.evaluate(exp, meta, 'test')
     row = {'method': config.method, 'shots': config.task.shots, **result, 'train_seconds': train_s,
            'total_seconds': time.time() - t0}
+    if not lead:
+        return
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
         json.dump(row, f, indent=2)
     table = training.result_table([row])

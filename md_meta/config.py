@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.inner.steps = 1
     c.inner.step_size = 0.01
     c.inner.first_order = False
-    c.inner.unroll = 1
+    c.inner.unroll = -1        # -1: auto (md_meta.inner.resolve_unroll; docs/benchmarks.md)
     c.inner.remat = False
     c.inner.eval_steps = -1    # -1: same as steps
 
@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.meta.batch_size = 25
     c.meta.steps = 70000
     c.meta.task_batching = 'vmap'
+    c.meta.compute_dtype = 'float32'  # 'bfloat16': bf16 network compute, fp32 params and optimizer state
     c.meta.lr_decay_every = 0  # sgd_nesterov: x0.1 every N steps (0: never)
     c.meta.weight_decay = 0.0
 
@@ -60,6 +61,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.md.shift_lipschitz = ml_collections.FieldReference(None, field_type=float)
     c.md.encoder_layers = 3
 
+    c.mtnet = ml_collections.ConfigDict()  # md_meta.methods.mtnet
+    c.mtnet.init_logit = 0.0       # mask logits at start (0: each unit adapts w.p. 1/2; >= 50: all on)
+    c.mtnet.temperature = 1.0      # Gumbel-softmax temperature
+
+    c.ecml = ml_collections.ConfigDict()  # md_meta.methods.ecml
+    c.ecml.penalty_weight = 0.01   # lambda: weight of the conditioning penalty in the meta-loss
+    c.ecml.layers = 'last'         # parameters whose Gauss-Newton curvature is conditioned: 'last' | 'all'
+    c.ecml.preconditioner = 'none'  # 'none' (no extra meta-parameters, as in ECML) | 'metasgd' (learned diagonal)
+    c.ecml.eps = 1e-6              # eigenvalue floor, relative to the largest eigenvalue
+
     c.eval = ml_collections.ConfigDict()
     c.eval.num_tasks = 600
     c.eval.batch_size = 100
@@ -69,6 +80,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 1000
     c.train.steps_per_call = 100   # meta-steps fused in one jitted scan (on-device samplers only)
     c.train.max_nonfinite = 10     # consecutive skipped (non-finite) updates before training stops
+    c.train.checkpoint_every = 1000  # meta-steps between checkpoints (0: only the final one); see md_meta.checkpoint
+    c.train.keep = 3               # checkpoints kept: the last `keep` plus the best by meta-validation
+    c.train.eval_every = 1000      # meta-steps between meta-validations (0: never)
+    c.train.val_tasks = 100        # the fixed set of 'val' tasks used by meta-validation
+    c.train.tensorboard = True     # TensorBoard event files in <workdir>/tb
+    # Test-only hook: replace the query targets by NaN at meta-steps
+    # [inject_nan_at_step, inject_nan_at_step + inject_nan_count), so that those updates are non-finite.
+    c.train.inject_nan_at_step = -1
+    c.train.inject_nan_count = 1
+
+    c.dist = ml_collections.ConfigDict()  # scaling out, see md_meta.distributed
+    c.dist.coordinator = ''        # '': auto-detect SLURM/Open MPI/TPU multi-host; 'auto'; 'off'; 'host:port'
+    c.dist.num_processes = 1       # with an explicit coordinator address
+    c.dist.process_id = 0          # with an explicit coordinator address
+    c.dist.devices = 0             # devices the task batch is sharded over: 0 = all (of all processes)
+    c.dist.heartbeat_timeout = 100  # seconds without heartbeat before the other processes stop with an error
     return c
 
 
@@ -91,8 +118,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.task.name in TASKS, 'task.name', f'unknown task {c.task.name!r}; choose from {TASKS}')
     for f in ('task.shots', 'task.query', 'task.ways', 'inner.steps', 'meta.batch_size', 'meta.steps',
               'eval.num_tasks', 'eval.batch_size', 'train.log_every', 'train.steps_per_call',
-              'train.max_nonfinite', 'inner.unroll', 'md.encoder_layers'):
+              'train.max_nonfinite', 'md.encoder_layers'):
         _pos_int(c, f)
+    if c.inner.unroll != -1:
+        _pos_int(c, 'inner.unroll')
+    _require(c.meta.get('compute_dtype', 'float32') in ('float32', 'bfloat16', 'float16'), 'meta.compute_dtype',
+             f"must be 'float32', 'bfloat16' or 'float16', got {c.meta.get('compute_dtype')!r}")
+    for f in ('train.keep', 'train.val_tasks', 'train.inject_nan_count'):
+        if f.split('.')[1] in c.train:
+            _pos_int(c, f)
+    for f in ('checkpoint_every', 'eval_every'):
+        v = c.train.get(f, 0)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f'train.{f}',
+                 f'must be a non-negative integer (0: never), got {v!r}')
     _require(c.inner.step_size >= 0, 'inner.step_size', f'must be non-negative, got {c.inner.step_size}')
     _require(c.meta.lr > 0, 'meta.lr', f'must be positive, got {c.meta.lr}')
     _require(c.meta.optimizer in OPTIMIZERS, 'meta.optimizer', f'must be one of {OPTIMIZERS}, got {c.meta.optimizer!r}')
@@ -101,7 +139,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.inner.eval_steps == -1 or c.inner.eval_steps > 0, 'inner.eval_steps',
              f'must be -1 (same as inner.steps) or positive, got {c.inner.eval_steps}')
     _require(c.eval.query == -1 or c.eval.query > 0, 'eval.query', f'must be -1 or positive, got {c.eval.query}')
-    _require(c.model.name in ('mlp', 'cnn4'), 'model.name', f"must be 'mlp' or 'cnn4', got {c.model.name!r}")
+    _require(c.model.name in ('mlp', 'cnn4', 'resnet12'), 'model.name',
+             f"must be 'mlp', 'cnn4' or 'resnet12', got {c.model.name!r}")
+    if c.task.name in ('omniglot', 'miniimagenet'):
+        _require(c.model.name in ('cnn4', 'resnet12'), 'model.name',
+                 f"image tasks need 'cnn4' or 'resnet12', got {c.model.name!r}")
     _require(c.model.conv_impl in ('auto', 'lax', 'patches'), 'model.conv_impl',
              f"must be 'auto', 'lax' or 'patches', got {c.model.conv_impl!r}")
     _require(c.md.scale in ('bounded', 'exp'), 'md.scale', f"must be 'bounded' or 'exp', got {c.md.scale!r}")
@@ -113,5 +155,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
                  "needs md.scale='bounded' and md.s_min > 0")
     _require(c.eval.num_tasks % c.eval.batch_size == 0 or c.eval.num_tasks < c.eval.batch_size,
              'eval.batch_size', f'must divide eval.num_tasks={c.eval.num_tasks}, got {c.eval.batch_size}')
+    if 'mtnet' in c:
+        _require(c.mtnet.temperature > 0, 'mtnet.temperature', f'must be positive, got {c.mtnet.temperature}')
+    if 'ecml' in c:
+        _require(c.ecml.penalty_weight >= 0, 'ecml.penalty_weight',
+                 f'must be non-negative, got {c.ecml.penalty_weight}')
+        _require(c.ecml.layers in ('last', 'all'), 'ecml.layers', f"must be 'last' or 'all', got {c.ecml.layers!r}")
+        _require(c.ecml.preconditioner in ('none', 'metasgd'), 'ecml.preconditioner',
+                 f"must be 'none' or 'metasgd', got {c.ecml.preconditioner!r}")
+        _require(0 < c.ecml.eps < 1, 'ecml.eps', f'must be in (0, 1), got {c.ecml.eps}')
+    if c.method in ('metasgd',) or (c.method == 'ecml' and c.ecml.preconditioner == 'metasgd'):
+        _require(c.inner.step_size > 0, 'inner.step_size', 'must be positive for Meta-SGD (log step size)')
     if c.task.name == 'sinusoid':
         _require(c.model.name == 'mlp', 'model.name', "the sinusoid task needs model.name='mlp'")

@@ -41,6 +41,7 @@ class MetaLearner(NamedTuple):
     inner: InnerConfig
     eval_inner: InnerConfig
     task_batching: str = 'vmap'
+    compute_dtype: str = 'float32'   # 'bfloat16': network forward/backward in bf16, parameters stay fp32
 
 
 def init_meta_params(learner: MetaLearner, key: jax.Array, example_x: jnp.ndarray) -> dict:
@@ -52,11 +53,25 @@ def init_meta_params(learner: MetaLearner, key: jax.Array, example_x: jnp.ndarra
     return {'init': state0, 'geom': geom, 'net': variables}
 
 
+def _low_precision(apply_vars: Callable, dtype, net: dict) -> Callable:
+    """(phi, x) -> apply_vars({'params': phi, **net}, x) computed in ``dtype`` (floating leaves of phi, net
+    and x cast), outputs cast to fp32. Gradients flow back through the casts, so parameters,
+    meta-gradients and the meta-optimizer state stay fp32."""
+    cast = lambda t: jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t)
+
+    def fn(phi, x):
+        return apply_vars(cast({'params': phi, **net}), cast(x)).astype(jnp.float32)
+    return fn
+
+
 def task_result(learner: MetaLearner, meta: dict, task: Task, key: jax.Array, inner: InnerConfig,
                 final_stats: bool = False):
     """Adapts to one task and evaluates on its query set: (query metrics, inner-loop curves, penalty)."""
     loss_fn = losses.get(learner.loss)
     apply = lambda phi, x: learner.model.apply({'params': phi, **meta['net']}, x)
+    if learner.compute_dtype != 'float32':  # mixed precision: cast in, compute, fp32 out (before the loss)
+        apply = _low_precision(lambda v, x: learner.model.apply(v, x), jnp.dtype(learner.compute_dtype), meta['net'])
     support_loss = lambda phi: loss_fn(apply(phi, task.support_x), task.support_y)
     phi, curves = adapt(learner.geometry, support_loss, meta['geom'], meta['init'], key, inner, final_stats)
     metrics = losses.metrics(learner.loss, apply(phi, task.query_x), task.query_y)
@@ -101,13 +116,17 @@ def meta_update(learner: MetaLearner, optimizer: optax.GradientTransformation, m
     """One meta-step, un-jitted. A non-finite meta-loss or meta-gradient leaves theta and the optimizer
     state unchanged and reports ``skipped = 1``."""
     (loss, metrics), grads = jax.value_and_grad(meta_loss, argnums=1, has_aux=True)(learner, meta, batch, key)
-    updates, new_opt_state = optimizer.update(grads, opt_state, meta)
-    new_meta = optax.apply_updates(meta, updates)
     ok = jnp.isfinite(loss) & all_finite(grads)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
-    metrics = dict(metrics, meta_loss=loss, grad_norm=optax.global_norm(grads),
+
+    def apply(_):
+        updates, new_opt_state = optimizer.update(grads, opt_state, meta)
+        return optax.apply_updates(meta, updates), new_opt_state
+
+    # lax.cond rather than a per-leaf jnp.where: same result, ~3-5x less XLA:CPU compile time (measured)
+    new_meta, new_opt_state = jax.lax.cond(ok, apply, lambda _: (meta, opt_state), None)
+    metrics = dict(metrics, meta_loss=loss, grad_norm=optax.tree.norm(grads),
                    skipped=1 - ok.astype(jnp.int32))
-    return keep(new_meta, meta), keep(new_opt_state, opt_state), metrics
+    return new_meta, new_opt_state, metrics
 
 
 def make_meta_step(learner: MetaLearner, optimizer: optax.GradientTransformation, donate: bool = False):

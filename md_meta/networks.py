@@ -165,11 +165,63 @@ def _model_from_module(module: nn.Module) -> Model:
 
 def make_model(name: str, *, transform: str = 'none', conv_impl: str = 'auto', hidden=(40, 40),
                out: int = 1, num_classes: int = 5, features: int = 64) -> Model:
-    """The model registry: 'mlp' or 'cnn4'."""
+    """The model registry: 'mlp', 'cnn4' or 'resnet12' (``features`` = its first width)."""
     if transform not in LAYER_TRANSFORMS:
         raise ValueError(f'transform must be one of {LAYER_TRANSFORMS}, got {transform!r}')
     if name == 'mlp':
         return _model_from_module(MLP(tuple(hidden), out, transform))
     if name == 'cnn4':
         return _model_from_module(CNN4(num_classes, features, resolve_conv_impl(conv_impl), transform))
-    raise ValueError(f"model must be 'mlp' or 'cnn4', got {name!r}")
+    if name == 'resnet12':
+        return _model_from_module(ResNet12(num_classes, resnet12_widths(features), resolve_conv_impl(conv_impl),
+                                           transform))
+    raise ValueError(f"model must be 'mlp', 'cnn4' or 'resnet12', got {name!r}")
+
+
+# ----------------------------------------------------------------------------- ResNet-12
+def resnet12_widths(features: int = 64) -> tuple:
+    """The widths of the four residual blocks: 64-160-320-640 for features=64, scaled alike otherwise."""
+    return tuple(max(1, int(round(features * r))) for r in (1.0, 2.5, 5.0, 10.0))
+
+
+class ResBlock12(nn.Module):
+    """One ResNet-12 block: 3 x [3x3 conv (no bias) -> batch norm (current batch)], leaky ReLU (0.1)
+    between them, a 1x1 conv + batch norm shortcut, the sum -> leaky ReLU -> [transform] -> 2x2 max pool."""
+    features: int
+    conv_impl: str = 'patches'
+    transform: str = 'none'
+
+    @nn.compact
+    def __call__(self, x):
+        conv = conv3x3_patches if self.conv_impl == 'patches' else conv3x3_lax
+        init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
+        h = x
+        for j in range(3):
+            kernel = self.param(f'conv{j}', init, (3, 3, h.shape[-1], self.features))
+            h = BatchNormCurrent(name=f'norm{j}')(conv(h, kernel))
+            if j < 2:
+                h = jax.nn.leaky_relu(h, 0.1)
+        cin = x.shape[-1]
+        short = self.param('shortcut', init, (1, 1, cin, self.features))
+        s = BatchNormCurrent(name='norm_shortcut')(x @ short.reshape(cin, self.features))
+        h = jax.nn.leaky_relu(h + s, 0.1)
+        h = LayerTransform(self.transform, name='transform')(h)
+        return max_pool_2x2(h)
+
+
+class ResNet12(nn.Module):
+    """The ResNet-12 of few-shot learning (TADAM, MetaOptNet): four residual blocks (``widths``, default
+    64-160-320-640), global average pooling, a linear classifier. Top-level layers ``layer_0..layer_4``
+    (the blocks of the blockIAF); batch norm on the current batch like CNN4."""
+    num_classes: int = 5
+    widths: Sequence[int] = (64, 160, 320, 640)
+    conv_impl: str = 'patches'
+    transform: str = 'none'
+
+    @nn.compact
+    def __call__(self, x):
+        for i, w in enumerate(self.widths):
+            x = ResBlock12(w, self.conv_impl, self.transform, name=f'layer_{i}')(x)
+        x = x.mean(axis=(1, 2))
+        tr = 'tnet' if self.transform == 'tnet' else 'none'
+        return Dense(self.num_classes, tr, name=f'layer_{len(self.widths)}')(x)

@@ -3,11 +3,22 @@
 Data flow: config -> (TaskSource, Geometry, Model) -> MetaLearner -> jitted meta-step -> metrics,
 results. On-device task samplers run ``train.steps_per_call`` meta-steps in one jitted ``lax.scan``
 (sampling included); host samplers feed one jitted meta-step at a time.
+
+With a workdir, ``train`` is resumable: the workdir holds the resolved config (config.json, checked by
+``prepare_workdir``: a run of another config is refused), checkpoints (md_meta.checkpoint) every
+``train.checkpoint_every`` steps and at the end, metrics.jsonl, TensorBoard events (tb/) and
+meta-validation on a fixed set of ``train.val_tasks`` 'val' tasks every ``train.eval_every`` steps.
+Rerunning after a crash continues from the last good checkpoint, bitwise identical to an uninterrupted
+run: the samplers are pure functions of (seed, step), the checkpoint holds the meta-parameters, the
+optimizer state, the step and the non-finite counter, and fused chunks never cross a multiple of
+``steps_per_call``, ``checkpoint_every`` or ``eval_every`` (so every resume point is a chunk boundary and
+the chunking is the same with or without a resume).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -16,7 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import ml_collections
+
+from md_meta import checkpoint as checkpoint_lib
 from md_meta import config as config_lib
+from md_meta import distributed
 from md_meta import evaluation, methods, tasks
 from md_meta.inner import InnerConfig
 from md_meta.meta import MetaLearner, init_meta_params, make_evaluate, meta_update
@@ -32,6 +47,10 @@ class Experiment(NamedTuple):
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite meta-updates."""
+
+
+class WorkdirMismatchError(RuntimeError):
+    """The workdir holds a run of another config."""
 
 
 def make_optimizer(meta_cfg) -> optax.GradientTransformation:
@@ -56,7 +75,8 @@ def build(config) -> Experiment:
     inner = InnerConfig(config.inner.steps, config.inner.first_order, config.inner.unroll, config.inner.remat)
     eval_steps = config.inner.eval_steps if config.inner.eval_steps > 0 else config.inner.steps
     eval_inner = InnerConfig(eval_steps, True, config.inner.unroll, False)
-    learner = MetaLearner(geometry, model, source.loss, inner, eval_inner, config.meta.task_batching)
+    learner = MetaLearner(geometry, model, source.loss, inner, eval_inner, config.meta.task_batching,
+                          config.meta.compute_dtype)
     return Experiment(config, learner, make_optimizer(config.meta), source)
 
 
@@ -71,11 +91,21 @@ def _step_key(config, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2000), step)
 
 
+def _maybe_inject_nan(cfg, batch, step):
+    """Test-only hook (train.inject_nan_at_step >= 0): NaN query inputs at the configured steps."""
+    at = cfg.train.get('inject_nan_at_step', -1)
+    if at is None or at < 0:
+        return batch
+    bad = (step >= at) & (step < at + cfg.train.get('inject_nan_count', 1))
+    return batch._replace(query_x=jnp.where(bad, jnp.nan, batch.query_x))
+
+
 def make_train_chunk(exp: Experiment, num_steps: int):
     """jit: (meta, opt_state, step0) -> (meta, opt_state, metrics stacked over ``num_steps`` meta-steps),
     sampling each step's tasks on device from fold_in(train key, step)."""
     cfg, learner, source = exp.config, exp.learner, exp.source
     train_key = tasks.split_key(cfg.seed, 'train')
+    shard = distributed.batch_constraint(cfg)  # identity with one device
 
     def chunk(meta, opt_state, step0):
         def body(carry, i):
@@ -83,12 +113,13 @@ def make_train_chunk(exp: Experiment, num_steps: int):
             step = step0 + i
             batch = source.device_sample(jax.random.fold_in(train_key, step), cfg.meta.batch_size, 'train',
                                          cfg.task.query)
+            batch = _maybe_inject_nan(cfg, shard(batch), step)
             meta, opt_state, m = meta_update(learner, exp.optimizer, meta, opt_state, batch, _step_key(cfg, step))
             return (meta, opt_state), m
         (meta, opt_state), metrics = jax.lax.scan(body, (meta, opt_state), jnp.arange(num_steps))
         return meta, opt_state, metrics
 
-    return jax.jit(chunk, donate_argnums=(0, 1))
+    return distributed.jit_step(chunk, cfg, num_args=3)  # jax.jit(chunk, donate_argnums=(0, 1)) on one device
 
 
 def make_host_step(exp: Experiment):
@@ -97,21 +128,24 @@ def make_host_step(exp: Experiment):
     cfg = exp.config
 
     def step_fn(meta, opt_state, batch, step):
+        batch = _maybe_inject_nan(cfg, batch, step)
         meta, opt_state, m = meta_update(exp.learner, exp.optimizer, meta, opt_state, batch, _step_key(cfg, step))
         return meta, opt_state, jax.tree_util.tree_map(lambda x: x[None], m)
 
-    return jax.jit(step_fn, donate_argnums=(0, 1))
+    return distributed.jit_step(step_fn, cfg, num_args=4, batch_argnum=2)  # plain jit on one device
 
 
 def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None = None,
-             query: int | None = None, seed_offset: int = 0) -> dict:
+             query: int | None = None, seed_offset: int = 0, eval_fn: Callable | None = None) -> dict:
     """Adapts to ``num_tasks`` new tasks of ``split``; returns summaries (mean, 95% CI) of the query
-    metrics and the mean inner-loop curves (support loss and gradient norm at k = 0..K)."""
+    metrics and the mean inner-loop curves (support loss and gradient norm at k = 0..K). The tasks are a
+    fixed set for a given (seed, split, seed_offset); pass ``eval_fn = make_evaluate(exp.learner)`` to
+    reuse one compiled evaluator across calls."""
     cfg = exp.config
     n = num_tasks or cfg.eval.num_tasks
     q = query or (cfg.eval.query if cfg.eval.query > 0 else cfg.task.query)
     bs = min(cfg.eval.batch_size, n)
-    eval_fn = make_evaluate(exp.learner)
+    eval_fn = eval_fn or make_evaluate(exp.learner)
     per_task, curves = {}, {}
     for i in range(-(-n // bs)):
         batch = exp.source.sample(10_000_000 * (1 + seed_offset) + i, bs, split, q)
@@ -125,57 +159,287 @@ def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None =
     return {'split': split, 'num_tasks': n, 'metrics': evaluation.summarize(per_task), 'curves': curves}
 
 
+# ----------------------------------------------------------------------------- workdir and config
+# Fields that do not change the training computation: a rerun may change them (e.g. more meta.steps to
+# continue a run, another final evaluation). Every other field must match the run in the workdir.
+NON_COMPUTE_FIELDS = ('meta.steps', 'eval.', 'train.keep', 'train.max_nonfinite', 'train.log_every',
+                      'train.tensorboard', 'task.data_dir', 'task.source',
+                      'dist.')  # topology: a run may resume on other devices/processes
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = v
+    return out
+
+
+def config_from_dict(d: dict) -> ml_collections.ConfigDict:
+    """The schema's defaults (config.base_config) updated with ``d`` (e.g. a workdir's config.json);
+    JSON lists become tuples where the schema has tuples; fields unknown to the schema are kept."""
+    def update(node, d):
+        for k, v in d.items():
+            if isinstance(v, dict) and k in node and isinstance(node[k], ml_collections.ConfigDict):
+                update(node[k], v)
+            elif isinstance(v, dict):
+                node[k] = ml_collections.ConfigDict(v)
+            else:
+                if isinstance(v, list) and k in node and isinstance(node[k], tuple):
+                    v = tuple(v)
+                if k in node and node[k] is not None and v is not None:
+                    try:
+                        node[k] = v
+                    except TypeError:
+                        node[k] = type(node[k])(v)
+                else:
+                    with node.ignore_type():
+                        node[k] = v
+    c = config_lib.base_config()
+    update(c, d)
+    return c
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, 'config.json')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path} not found: {workdir} is not a md-meta workdir')
+    with open(path) as f:
+        return config_from_dict(json.load(f))
+
+
+def config_differences(stored, config) -> list:
+    """Dotted names of the computation-relevant fields where two configs differ."""
+    a = _flatten(json.loads(stored.to_json()))
+    b = _flatten(json.loads(config.to_json()))
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if any(k == f or (f.endswith('.') and k.startswith(f)) for f in NON_COMPUTE_FIELDS):
+            continue
+        if a.get(k, None) != b.get(k, None):
+            out.append(k)
+    return out
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_workdir(config, workdir: str) -> None:
+    """Creates the workdir and writes config.json; refuses (WorkdirMismatchError) a workdir holding a run
+    of a config that differs in a field that changes the computation (all but NON_COMPUTE_FIELDS)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, 'config.json')
+    if os.path.exists(path):
+        try:
+            stored = load_config(workdir)
+        except Exception as e:  # noqa: BLE001
+            raise WorkdirMismatchError(f'{path} is unreadable ({e}); refusing to overwrite the run in {workdir}')
+        diff = config_differences(stored, config)
+        if diff:
+            a = _flatten(json.loads(stored.to_json()))
+            b = _flatten(json.loads(config.to_json()))
+            shown = ', '.join(f'{k}: {a.get(k)!r} in the workdir, {b.get(k)!r} now' for k in diff[:5])
+            more = f' (and {len(diff) - 5} more)' if len(diff) > 5 else ''
+            raise WorkdirMismatchError(
+                f'{workdir} holds a run of another config ({shown}{more}); refusing to overwrite it. '
+                'Use another --workdir, or delete this one to start over.')
+    elif checkpoint_lib.Checkpointer(workdir).steps():
+        raise WorkdirMismatchError(f'{workdir} holds checkpoints but no config.json; refusing to use it')
+    _write_atomic(path, config.to_json(indent=2) + '\n')
+
+
+def load_run(workdir: str, which: str = 'best', warn: Callable = None):
+    """(exp, meta, step) from a workdir's config.json and its best (or 'last') good checkpoint."""
+    if which not in ('best', 'last'):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    exp = build(load_config(workdir))
+    template = init_state(exp)
+    found = checkpoint_lib.Checkpointer(workdir, warn=warn).restore_latest(
+        {'meta': template[0], 'opt_state': template[1]}, which=which)
+    if found is None:
+        raise FileNotFoundError(f'no readable checkpoint in {os.path.join(workdir, "checkpoints")}')
+    step, state, _ = found
+    return exp, state['meta'], step
+
+
+# ----------------------------------------------------------------------------- training loop
 def _fmt_time(s: float) -> str:
+    if not np.isfinite(s):
+        return '?'
     s = int(s)
     return f'{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}'
 
 
-def train(exp: Experiment, workdir: str | None = None, log: Callable = print, state=None):
-    """Runs config.meta.steps meta-steps with progress and ETA; returns (meta, opt_state, history)."""
+def chunk_end(cfg, step: int, total: int, fused: bool) -> int:
+    """The end of the chunk starting at ``step``: the next multiple of steps_per_call (fused samplers; 1
+    otherwise), checkpoint_every or eval_every, or ``total``. A pure function of ``step``, so a resumed run
+    (which starts at a checkpoint, itself a chunk end) is chunked like an uninterrupted one."""
+    ends = [total]
+    for every in (cfg.train.steps_per_call if fused else 1, cfg.train.get('checkpoint_every', 0),
+                  cfg.train.get('eval_every', 0)):
+        if every and every > 0:
+            ends.append((step // every + 1) * every)
+    return min(ends)
+
+
+class _Writers:
+    """metrics.jsonl (+ TensorBoard events in tb/) of a workdir; on resume, records after the resume step
+    are dropped from the JSON-lines log and TensorBoard is told to purge them."""
+
+    def __init__(self, workdir: str | None, start_step: int, tensorboard: bool):
+        self.file, self.tb = None, None
+        if not workdir:
+            return
+        path = os.path.join(workdir, 'metrics.jsonl')
+        if os.path.exists(path):
+            kept = []
+            with open(path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)['step'] <= start_step:
+                            kept.append(line if line.endswith('\n') else line + '\n')
+                    except (ValueError, KeyError):
+                        pass  # a line cut by a kill
+            _write_atomic(path, ''.join(kept))
+        self.file = open(path, 'a')
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start_step,
+                                        flush_secs=30)
+            except ImportError:
+                print('warning: tensorboardX is not installed; no TensorBoard events', file=sys.stderr)
+
+    def write(self, rec: dict, prefix: str = 'train/') -> None:
+        if self.file:
+            self.file.write(json.dumps(rec) + '\n')
+            self.file.flush()
+        if self.tb:
+            for k, v in rec.items():
+                if k != 'step' and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k if '/' in k else prefix + k, v, rec['step'])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def train(exp: Experiment, workdir: str | None = None, log: Callable = print, state=None, resume: bool = True):
+    """Runs up to config.meta.steps meta-steps with progress, rate and ETA; returns (meta, opt_state,
+    history). With a workdir (see the module docstring) it checkpoints, meta-validates, writes metrics and,
+    unless ``state`` is given or ``resume`` is False, resumes from the last good checkpoint there."""
     cfg = exp.config
-    meta, opt_state = state if state is not None else init_state(exp)
+    distributed.validate(cfg)
     total = cfg.meta.steps
-    history = []
-    metrics_file = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if workdir else None
     fused = exp.source.device_sample is not None
-    chunk = min(cfg.train.steps_per_call if fused else 1, cfg.train.log_every)
+    ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.train.get('keep', 3),
+                                       warn=lambda s: log(s)) if workdir else None
+    step, consecutive_bad, skipped_total = 0, 0, 0
+    if state is not None:
+        meta, opt_state = state
+    else:
+        meta, opt_state = init_state(exp)
+        if ckpt and resume:
+            found = ckpt.restore_latest({'meta': meta, 'opt_state': opt_state})
+            if found is not None:
+                step, restored, record = found
+                meta, opt_state = restored['meta'], restored['opt_state']
+                consecutive_bad = int(record.get('consecutive_nonfinite', 0))
+                skipped_total = int(record.get('skipped_total', 0))
+                log(f'resuming from {ckpt.path(step)} (step {step}/{total})')
+    meta, opt_state = distributed.replicate((meta, opt_state), cfg)  # no-op on one device
+    writers = _Writers(workdir if distributed.is_main_process() else None, step, cfg.train.get('tensorboard', True))
+    ckpt_every, eval_every = cfg.train.get('checkpoint_every', 0), cfg.train.get('eval_every', 0)
+    eval_fn = make_evaluate(exp.learner) if eval_every and workdir is not None else None
+    history, window, pending, last_val = [], [], [], None
+    spent = {'checkpoints': 0.0, 'meta-validation': 0.0, 'logging': 0.0}   # harness overhead, seconds
     chunk_fns = {}
     host_step = None if fused else make_host_step(exp)
-    step, t0, consecutive_bad, last_log = 0, time.time(), 0, 0
-    compile_t = None
-    while step < total:
-        n = min(chunk, total - step)
-        if fused:
-            if n not in chunk_fns:
-                chunk_fns[n] = make_train_chunk(exp, n)
-            meta, opt_state, m = chunk_fns[n](meta, opt_state, jnp.asarray(step, jnp.int32))
-        else:
-            batch = exp.source.sample(step, cfg.meta.batch_size, 'train', cfg.task.query)
-            meta, opt_state, m = host_step(meta, opt_state, batch, jnp.asarray(step, jnp.int32))
-        m = jax.device_get(m)
-        for s in m['skipped']:
-            consecutive_bad = consecutive_bad + 1 if s else 0
-            if consecutive_bad >= cfg.train.max_nonfinite:
-                raise NonFiniteError(f'method {cfg.method}: {consecutive_bad} consecutive non-finite meta-updates '
-                                     f'up to step {step + 1}; parameters were left at their last finite value')
-            step += 1
-        if compile_t is None:
-            compile_t = time.time() - t0
-            t0, done0 = time.time(), step
-        if step - last_log >= cfg.train.log_every or step == total:
-            last_log = step
-            rec = {'step': step, **{k: float(np.mean(v)) for k, v in m.items()}}
-            history.append(rec)
-            if metrics_file:
-                metrics_file.write(json.dumps(rec) + '\n')
-                metrics_file.flush()
-            rate = (step - done0) / max(time.time() - t0, 1e-9)
-            eta = (total - step) / rate if rate > 0 else float('nan')
-            log(f'[{cfg.method}] step {step}/{total} ({100 * step / total:.0f}%) meta-loss {rec["meta_loss"]:.4f} '
-                f'{rate:.1f} steps/s ETA {_fmt_time(eta)}')
-    if metrics_file:
-        metrics_file.close()
-    return meta, opt_state, history
+    start_step, t0, done0, compile_t = step, time.time(), step, None
+    try:
+        while step < total:
+            end = chunk_end(cfg, step, total, fused)
+            n = end - step
+            if fused:
+                if n not in chunk_fns:
+                    chunk_fns[n] = make_train_chunk(exp, n)
+                meta, opt_state, m = chunk_fns[n](meta, opt_state, distributed.step_scalar(step, cfg))
+            else:
+                batch = distributed.host_batch(exp.source, step, cfg.meta.batch_size, 'train', cfg.task.query, cfg)
+                meta, opt_state, m = host_step(meta, opt_state, batch, distributed.step_scalar(step, cfg))
+            m = jax.device_get(m)
+            for i in range(n):
+                step += 1
+                s = int(m['skipped'][i])
+                skipped_total += s
+                consecutive_bad = consecutive_bad + 1 if s else 0
+                window.append({k: v[i] for k, v in m.items()})
+                if consecutive_bad >= cfg.train.max_nonfinite:
+                    raise NonFiniteError(
+                        f'method {cfg.method}: {consecutive_bad} consecutive non-finite meta-updates up to step '
+                        f'{step} (first at step {step - consecutive_bad + 1}); training stopped, the parameters '
+                        'are at their last finite value' + (f' (last checkpoint in {ckpt.directory})' if ckpt
+                                                            else ''))
+                if step % cfg.train.log_every == 0 or step == total:
+                    rec = {'step': step, **{k: float(np.mean([w[k] for w in window])) for k in window[0]}}
+                    rec['skipped'] = int(sum(w['skipped'] for w in window))
+                    rec['skipped_total'] = skipped_total
+                    window = []
+                    history.append(rec)
+                    t_log = time.time()
+                    writers.write(rec)
+                    spent['logging'] += time.time() - t_log
+                    pending.append(rec)
+            if compile_t is None:
+                compile_t = time.time() - t0
+                t0, done0 = time.time(), step
+            at_ckpt = ckpt is not None and ((ckpt_every and step % ckpt_every == 0) or step == total)
+            if eval_fn is not None and (step % eval_every == 0 or at_ckpt):
+                t_val = time.time()
+                r = evaluate(exp, distributed.to_local(meta), 'val', num_tasks=cfg.train.get('val_tasks', 100), eval_fn=eval_fn)
+                last_val = {k: v['mean'] for k, v in r['metrics'].items()}
+                writers.write({'step': step, **{f'val/{k}': v for k, v in last_val.items()},
+                               **{f'val/{k}_ci': v['ci'] for k, v in r['metrics'].items()}})
+                spent['meta-validation'] += time.time() - t_val
+            if at_ckpt:  # every process calls orbax's save; only process 0 writes files
+                record = {'consecutive_nonfinite': consecutive_bad, 'skipped_total': skipped_total,
+                          'val': last_val if eval_fn is not None else None, 'method': cfg.method}
+                t_ck = time.time()
+                try:
+                    ckpt.save(step, {'meta': meta, 'opt_state': opt_state}, record)
+                except checkpoint_lib.NonFiniteCheckpointError as e:
+                    log(f'warning: {e}; keeping the previous checkpoint')
+                spent['checkpoints'] += time.time() - t_ck
+            t_log = time.time()
+            rate = (step - done0) / max(time.time() - t0, 1e-9) if step > done0 else 0.0
+            for rec in pending:  # the progress lines of this chunk
+                rate_s = f' {rate:.1f} steps/s ETA {_fmt_time((total - rec["step"]) / rate)}' if rate > 0 else ''
+                val_s = '' if last_val is None else ' val ' + ' '.join(f'{k} {v:.4f}' for k, v in last_val.items())
+                skip_s = f' skipped {rec["skipped_total"]}' if rec['skipped_total'] else ''
+                log(f'[{cfg.method}] step {rec["step"]}/{total} ({100 * rec["step"] / total:.0f}%) meta-loss '
+                    f'{rec["meta_loss"]:.4f}{val_s}{skip_s}{rate_s}')
+            pending = []
+            spent['logging'] += time.time() - t_log
+    finally:
+        writers.close()
+    if compile_t is not None and step > start_step:
+        wall = time.time() - t0 + compile_t
+        over = sum(spent.values())
+        log(f'[{cfg.method}] {step - start_step} meta-steps in {wall:.1f} s (first chunk incl. compilation '
+            f'{compile_t:.1f} s); harness overhead {over:.2f} s = {100 * over / wall:.1f}% ('
+            + ', '.join(f'{k} {v:.2f} s' for k, v in spent.items()) + ')')
+    train.last_overhead = dict(spent, wall=time.time() - t0 + (compile_t or 0.0))
+    return distributed.to_local(meta), distributed.to_local(opt_state), history
 
 
 def result_table(rows: list) -> str:

@@ -8,6 +8,13 @@ from md_meta.geometry import Geometry
 # name -> module in md_meta.methods exposing make(config) -> Geometry
 _MODULES = {
     'maml': 'maml',
+    'metasgd': 'metasgd',
+    'tnet': 'tnet',
+    'mtnet': 'mtnet',
+    'warpgrad': 'warpgrad',
+    'metacurvature': 'metacurvature',
+    'metakfo': 'metakfo',
+    'ecml': 'ecml',
     'md': 'md',
 }
 

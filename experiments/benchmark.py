@@ -1,0 +1,342 @@
+r"""Meta-step benchmark: time, FLOPs, throughput and memory of the trainer's own jitted meta-step.
+
+    python -m experiments.benchmark --out_dir=/tmp/bench                 # table for every method, shapes a,b,c
+    python -m experiments.benchmark --quick --out_dir=/tmp/bench         # fewer repeats, no curves
+    python -m experiments.benchmark --methods=maml,md --shapes=a --curves=K,tasks --curve_shape=a
+
+For every method in ``md_meta.methods.names()`` (or ``--methods``) and every shape
+  (a) Omniglot 28x28x1, CNN4, 5-way 1-shot 15 query, 4 tasks, K=5, second order;
+  (b) miniImageNet 84x84x3, same;
+  (c) Omniglot 28x28x1, 32 tasks, K=1;
+it builds the experiment with ``md_meta.training.build`` (a ``base_config()`` config) and times
+``md_meta.training.make_host_step`` -- the jitted meta-step the trainer runs -- on random episodes of
+the right shapes (no dataset needed). Reported: compile time, median / min seconds per meta-step after
+warm-up (``block_until_ready``), XLA's FLOP count (``cost_analysis`` of the compiled step; inner loops
+that remain ``while`` loops are counted once by XLA, so FLOPs are taken from a fully unrolled lowering
+of the same step), achieved GFLOP/s and % of ``--peak_gflops``, compiled memory (arguments + outputs +
+temporaries - aliased) and the process's max RSS, and host episode-sampling time when
+``md_meta.tasks.images`` and its data are available. Writes ``results.md``, ``results.json`` and, with
+``--curves``, time/memory against K (1..50) and tasks per batch (1..64) as PNGs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from md_meta import config as config_lib
+from md_meta import methods, tasks, training
+from md_meta.inner import resolve_unroll
+from md_meta.meta import Task
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('methods', [], 'methods to benchmark (default: every registered method)')
+flags.DEFINE_list('shapes', ['a', 'b', 'c'], 'shapes to benchmark: a, b, c')
+flags.DEFINE_integer('repeats', 5, 'timed meta-steps per configuration (after one warm-up step)')
+flags.DEFINE_bool('quick', False, 'quick mode: 2 repeats, short curves')
+flags.DEFINE_string('out_dir', 'benchmark_results', 'where results.md/json and the PNGs go')
+flags.DEFINE_float('peak_gflops', 157.0, 'machine fp32 peak for the % column (2 Zen3 cores: 157)')
+flags.DEFINE_list('curves', [], "scaling curves to run: 'K' (inner steps 1..50), 'tasks' (1..64)")
+flags.DEFINE_list('curve_methods', ['maml', 'md'], 'methods for the scaling curves')
+flags.DEFINE_string('curve_shape', 'a', 'base shape of the scaling curves')
+flags.DEFINE_list('curve_K', ['1', '2', '5', '10', '20', '50'], 'K values of the K curve')
+flags.DEFINE_list('curve_tasks', ['1', '4', '16', '32', '64'], 'task counts of the tasks curve')
+flags.DEFINE_bool('curve_remat', True, 'also run the K curve with inner.remat=True')
+flags.DEFINE_list('set', [], 'config overrides for every run, e.g. inner.unroll=1,meta.task_batching=unroll')
+flags.DEFINE_string('data_dir', '', 'task.data_dir for the host episode-sampling time (skipped without data)')
+flags.DEFINE_bool('flops', True, 'count FLOPs (compiles a fully unrolled copy of the step when needed)')
+
+SHAPES = {
+    'a': dict(task='omniglot', size=28, channels=1, tasks=4, K=5),
+    'b': dict(task='miniimagenet', size=84, channels=3, tasks=4, K=5),
+    'c': dict(task='omniglot', size=28, channels=1, tasks=32, K=1),
+}
+WAYS, SHOTS, QUERY = 5, 1, 15
+
+
+def parse_value(s):
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return {'true': True, 'false': False}.get(s.lower(), s)
+
+
+def make_config(method: str, shape: str, K=None, num_tasks=None, overrides=()):
+    s = SHAPES[shape]
+    c = config_lib.base_config()
+    c.method = method
+    c.task.name = s['task']
+    c.task.ways, c.task.shots, c.task.query = WAYS, SHOTS, QUERY
+    c.model.name = 'cnn4'
+    c.inner.steps = K or s['K']
+    c.inner.step_size = 0.4 if s['task'] == 'omniglot' else 0.01
+    c.inner.first_order = False
+    c.meta.batch_size = num_tasks or s['tasks']
+    for item in overrides:
+        key, value = item.split('=', 1)
+        node = c
+        parts = key.split('.')
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = parse_value(value)
+    return c
+
+
+def synthetic_source(config) -> tasks.TaskSource:
+    """Random episodes of the config's shapes (labels 0..N-1, each class equally often)."""
+    s = 28 if config.task.name == 'omniglot' else 84
+    ch = 1 if config.task.name == 'omniglot' else 3
+    n = config.task.ways
+
+    def sample(step, num_tasks, split, query):
+        rng = np.random.default_rng(step)
+        ns, nq = n * config.task.shots, n * query
+        return Task(rng.standard_normal((num_tasks, ns, s, s, ch), np.float32),
+                    np.tile(np.arange(n, dtype=np.int32).repeat(config.task.shots), (num_tasks, 1)),
+                    rng.standard_normal((num_tasks, nq, s, s, ch), np.float32),
+                    np.tile(np.arange(n, dtype=np.int32).repeat(query), (num_tasks, 1)))
+
+    return tasks.TaskSource(config.task.name, 'xent', np.zeros((n * config.task.shots, s, s, ch), np.float32),
+                            sample, None, n)
+
+
+def build(config):
+    """``training.build`` with the task source replaced by random episodes of the same shapes."""
+    original = tasks.make_source
+    tasks.make_source = synthetic_source
+    try:
+        exp = training.build(config)
+    finally:
+        tasks.make_source = original
+    dtype = config.meta.get('compute_dtype', 'float32')
+    if getattr(exp.learner, 'compute_dtype', 'float32') != dtype:  # in case build does not pass it yet
+        exp = exp._replace(learner=exp.learner._replace(compute_dtype=dtype))
+    return exp
+
+
+def _cost(compiled) -> float:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    return float((ca or {}).get('flops', float('nan')))
+
+
+def _memory(compiled) -> dict:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 -- not every backend implements it
+        return {}
+    if m is None:
+        return {}
+    out = {k: int(getattr(m, f'{k}_size_in_bytes', 0)) for k in ('argument', 'output', 'temp', 'alias')}
+    out['peak'] = out['argument'] + out['output'] + out['temp'] - out['alias']
+    return out
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def measure(config, repeats: int, count_flops: bool = True) -> dict:
+    """Compile and time the trainer's meta-step for ``config``."""
+    exp = build(config)
+    meta, opt_state = training.init_state(exp)
+    batch = jax.tree_util.tree_map(jnp.asarray, exp.source.sample(0, config.meta.batch_size, 'train',
+                                                                  config.task.query))
+    step_fn = training.make_host_step(exp)
+    step0 = jnp.asarray(0, jnp.int32)
+    t = time.perf_counter()
+    compiled = step_fn.lower(meta, opt_state, batch, step0).compile()
+    compile_s = time.perf_counter() - t
+    flops = _cost(compiled)
+    learner = exp.learner
+    unroll = resolve_unroll(learner.inner.unroll, learner.inner.steps)
+    if count_flops and unroll < learner.inner.steps:
+        # XLA counts a while loop's body once: count the FLOPs of the same step fully unrolled.
+        c2 = config.copy_and_resolve_references()
+        c2.inner.unroll = c2.inner.steps
+        e2 = build(c2)
+        flops = _cost(training.make_host_step(e2).lower(meta, opt_state, batch, step0).compile())
+    mem = _memory(compiled)
+    meta, opt_state, m = compiled(meta, opt_state, batch, step0)  # warm-up
+    jax.block_until_ready((meta, opt_state, m))
+    times = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        meta, opt_state, m = compiled(meta, opt_state, batch, jnp.asarray(i + 1, jnp.int32))
+        jax.block_until_ready((meta, opt_state, m))
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return dict(compile_s=compile_s, median_s=med, min_s=min(times), times=times, flops=flops,
+                gflops_per_s=flops / med / 1e9 if flops == flops else float('nan'), memory=mem,
+                max_rss_mb=max_rss_mb(), inner_unroll=unroll,
+                task_batching=learner.task_batching, finite=bool(np.isfinite(float(m['meta_loss'][0]))))
+
+
+def host_sampling_time(config, repeats: int = 3):
+    """Seconds to sample one batch of episodes on the host with md_meta.tasks.images (None if absent)."""
+    try:
+        from md_meta.tasks import images  # noqa: F401
+        config = config.copy_and_resolve_references()
+        config.task.data_dir = FLAGS.data_dir or config.task.data_dir
+        source = tasks.make_source(config)
+    except Exception as e:  # noqa: BLE001 -- module or data absent
+        return None, f'{type(e).__name__}: {str(e)[:80]}'
+    ts = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        b = source.sample(i, config.meta.batch_size, 'train', config.task.query)
+        jax.block_until_ready(b)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), None
+
+
+def fmt_mb(b):
+    return f'{b / 2**20:.0f}' if b else '?'
+
+
+def table(rows, peak):
+    lines = ['| method | shape | tasks | K | compile s | median s/step | min s/step | GFLOP/step | GFLOP/s | '
+             '% peak | compiled MiB | max RSS MiB | host sample s |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    for r in rows:
+        host = '-' if r.get('host_sample_s') is None else f"{r['host_sample_s']:.3f}"
+        lines.append(
+            f"| {r['method']} | {r['shape']} | {r['tasks']} | {r['K']} | {r['compile_s']:.1f} | {r['median_s']:.3f} | "
+            f"{r['min_s']:.3f} | {r['flops'] / 1e9:.2f} | {r['gflops_per_s']:.1f} | "
+            f"{100 * r['gflops_per_s'] / peak:.0f} | {fmt_mb(r['memory'].get('peak', 0))} | {r['max_rss_mb']:.0f} | {host} |")
+    return '\n'.join(lines)
+
+
+def plot_curve(points, x_key, path, title):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('matplotlib not installed: no plot', file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for label in sorted({p['label'] for p in points}):
+        ps = sorted((p for p in points if p['label'] == label), key=lambda p: p[x_key])
+        xs = [p[x_key] for p in ps]
+        axes[0].plot(xs, [p['median_s'] for p in ps], 'o-', label=label)
+        axes[1].plot(xs, [p['memory'].get('peak', 0) / 2**20 for p in ps], 'o-', label=label)
+    axes[0].set_ylabel('s / meta-step (median)')
+    axes[1].set_ylabel('compiled peak memory (MiB)')
+    for ax in axes:
+        ax.set_xlabel(x_key)
+        ax.set_xscale('log')
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    repeats = 2 if FLAGS.quick else FLAGS.repeats
+    method_list = FLAGS.methods or list(methods.names())
+    print(f'jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()} '
+          f'cpus {os.cpu_count()} load {os.getloadavg()}', flush=True)
+    results = {'jax': jax.__version__, 'backend': jax.default_backend(), 'device': str(jax.devices()[0]),
+               'loadavg_start': os.getloadavg(), 'argv': sys.argv, 'peak_gflops': FLAGS.peak_gflops,
+               'rows': [], 'curves': {}}
+    out_json = os.path.join(FLAGS.out_dir, 'results.json')
+
+    def save():
+        results['loadavg_end'] = os.getloadavg()
+        with open(out_json, 'w') as f:
+            json.dump(results, f, indent=1)
+
+    host_cache = {}
+    for shape in FLAGS.shapes:
+        for method in method_list:
+            cfg = make_config(method, shape, overrides=FLAGS.set)
+            try:
+                r = measure(cfg, repeats, FLAGS.flops)
+            except Exception as e:  # noqa: BLE001 -- a method that cannot run this shape
+                print(f'{method} ({shape}): FAILED {type(e).__name__}: {e}', flush=True)
+                results['rows'].append({'method': method, 'shape': shape, 'error': f'{type(e).__name__}: {e}'})
+                continue
+            if shape not in host_cache:
+                host_cache[shape] = host_sampling_time(cfg)
+            r.update(method=method, shape=shape, tasks=cfg.meta.batch_size, K=cfg.inner.steps,
+                     host_sample_s=host_cache[shape][0], host_sample_note=host_cache[shape][1])
+            results['rows'].append(r)
+            print(f"{method} ({shape}): compile {r['compile_s']:.1f}s median {r['median_s']:.3f}s min "
+                  f"{r['min_s']:.3f}s {r['flops'] / 1e9:.2f} GFLOP {r['gflops_per_s']:.1f} GFLOP/s "
+                  f"mem {fmt_mb(r['memory'].get('peak', 0))} MiB", flush=True)
+            save()
+    ok_rows = [r for r in results['rows'] if 'error' not in r]
+    md = [f"# md-meta benchmark\n\n`{' '.join(sys.argv)}`\n\njax {jax.__version__}, backend "
+          f"{results['backend']}, load average at start {results['loadavg_start']}\n", table(ok_rows, FLAGS.peak_gflops)]
+    # MD / MAML ratios within this run
+    by = {(r['method'], r['shape']): r for r in ok_rows}
+    ratios = [f"- shape ({s}): {m} / maml = {by[(m, s)]['median_s'] / by[('maml', s)]['median_s']:.2f}"
+              for s in FLAGS.shapes for m in method_list if m != 'maml' and (m, s) in by and ('maml', s) in by]
+    if ratios:
+        md.append('\nMedian time relative to MAML (same run):\n\n' + '\n'.join(ratios))
+
+    quick = FLAGS.quick
+    for curve in FLAGS.curves:
+        points = []
+        if curve == 'K':
+            values = [int(v) for v in FLAGS.curve_K]
+            if quick:
+                values = [v for v in values if v <= 10]
+            variants = [('', [])] + ([(' remat', ['inner.remat=true'])] if FLAGS.curve_remat else [])
+        elif curve == 'tasks':
+            values = [int(v) for v in FLAGS.curve_tasks]
+            if quick:
+                values = [v for v in values if v <= 16]
+            variants = [('', [])]
+        else:
+            raise app.UsageError(f'unknown curve {curve!r}')
+        for method in FLAGS.curve_methods:
+            for suffix, extra in variants:
+                for v in values:
+                    kw = {'K': v} if curve == 'K' else {'num_tasks': v}
+                    cfg = make_config(method, FLAGS.curve_shape, overrides=list(FLAGS.set) + extra, **kw)
+                    try:
+                        r = measure(cfg, max(1, repeats // 2), count_flops=False)
+                    except Exception as e:  # noqa: BLE001
+                        print(f'curve {curve} {method}{suffix} {v}: FAILED {e}', flush=True)
+                        continue
+                    r.update(label=method + suffix, K=cfg.inner.steps, tasks=cfg.meta.batch_size)
+                    points.append(r)
+                    print(f"curve {curve} {method}{suffix} {v}: median {r['median_s']:.3f}s compiled mem "
+                          f"{fmt_mb(r['memory'].get('peak', 0))} MiB compile {r['compile_s']:.1f}s", flush=True)
+                    results['curves'][curve] = points
+                    save()
+        x_key = 'K' if curve == 'K' else 'tasks'
+        png = os.path.join(FLAGS.out_dir, f'scaling_{curve}.png')
+        plot_curve(points, x_key, png, f'shape ({FLAGS.curve_shape}): time and memory vs {x_key}')
+        lines = [f'\n## Scaling with {x_key} (shape {FLAGS.curve_shape})\n', f'![]({os.path.basename(png)})\n',
+                 f'| method | {x_key} | median s/step | compiled MiB | compile s |', '| --- | --- | --- | --- | --- |']
+        lines += [f"| {p['label']} | {p[x_key]} | {p['median_s']:.3f} | {fmt_mb(p['memory'].get('peak', 0))} | "
+                  f"{p['compile_s']:.1f} |" for p in points]
+        md.append('\n'.join(lines))
+    save()
+    md.append(f"\nload average at end {results['loadavg_end']}\n")
+    with open(os.path.join(FLAGS.out_dir, 'results.md'), 'w') as f:
+        f.write('\n'.join(md) + '\n')
+    print('\n'.join(md))
+
+
+if __name__ == '__main__':
+    app.run(main)

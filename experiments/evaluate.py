@@ -1,0 +1,98 @@
+"""Evaluate a trained run on new test tasks: mean +- 1.96 std / sqrt(N) of query accuracy and loss.
+
+    python -m experiments.evaluate --workdir=runs/omniglot-md [--num_tasks=1000] [--checkpoint=best|last]
+                                   [--lake_runs=DIR]
+
+Loads <workdir>/config.json and the best (by meta-validation; 'last' for the newest) good checkpoint,
+adapts to --num_tasks new tasks of the 'test' split with the evaluation inner loop and writes
+<workdir>/evaluation.json: per-metric {'mean', 'ci', 'n'}, the mean inner-loop curves (support loss and
+gradient norm at k = 0..K, as in Fig. 1), the checkpoint step and the settings. --lake_runs runs Lake's
+20-way one-shot Omniglot evaluation (md_meta.data.lake) on the runs in DIR as well.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run (experiments.train).')
+_NUM_TASKS = flags.DEFINE_integer('num_tasks', 1000, 'Number of new test tasks (the paper: 1000).')
+_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'last'],
+                                'Which checkpoint: best by meta-validation, or the last one.')
+_BATCH = flags.DEFINE_integer('batch_size', 0, 'Tasks per jitted evaluation call (0: config.eval.batch_size).')
+_SEED_OFFSET = flags.DEFINE_integer('seed_offset', 0, 'Picks another fixed set of test tasks.')
+_LAKE = flags.DEFINE_string('lake_runs', '', "Directory of Lake's one-shot runs (run01..run20) to evaluate too.")
+
+
+def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', batch_size: int = 0,
+                     seed_offset: int = 0, lake_runs: str = '', log=print) -> dict:
+    """Evaluates a workdir's checkpoint; returns the record also written to <workdir>/evaluation.json."""
+    from md_meta import training
+    exp, meta, step = training.load_run(workdir, which, warn=log)
+    if batch_size:
+        exp.config.eval.batch_size = batch_size
+    t0 = time.time()
+    result = training.evaluate(exp, meta, 'test', num_tasks=num_tasks, seed_offset=seed_offset)
+    cfg = exp.config
+    record = {'method': cfg.method, 'task': cfg.task.name, 'ways': cfg.task.ways, 'shots': cfg.task.shots,
+              'checkpoint': which, 'step': step, 'seed': cfg.seed, 'seed_offset': seed_offset,
+              'eval_inner_steps': exp.learner.eval_inner.steps, **result,
+              'seconds': time.time() - t0}
+    if lake_runs:
+        record['lake'] = _lake(exp, meta, lake_runs)
+    tmp = os.path.join(workdir, f'evaluation.json.tmp{os.getpid()}')
+    with open(tmp, 'w') as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, 'evaluation.json'))
+    return record
+
+
+def _lake(exp, meta, runs_dir: str):
+    """Lake's 20-way one-shot runs: md_meta.data.lake (imported lazily; needs a 20-way run)."""
+    try:
+        from md_meta.data import lake
+    except ImportError as e:
+        raise SystemExit(f'error: --lake_runs needs md_meta.data.lake, which is not available ({e})')
+    size = int(exp.source.example_x.shape[1]) if np.ndim(exp.source.example_x) == 4 else 28
+    try:
+        return lake.evaluate_runs(runs_dir, lake.model_classifier(exp, meta), size=size)
+    except (ValueError, OSError) as e:   # DataError is a ValueError/OSError subclass or reported as such
+        raise SystemExit(f'error: --lake_runs={runs_dir}: {e}')
+
+
+def format_record(r: dict) -> str:
+    lines = [f"{r['method']} on {r['task']} ({r['shots']}-shot), checkpoint {r['checkpoint']} at step {r['step']}, "
+             f"{r['num_tasks']} test tasks:"]
+    for name, s in r['metrics'].items():
+        scale, unit = (100.0, '%') if name == 'accuracy' else (1.0, '')
+        lines.append(f"  {name}: {scale * s['mean']:.4f}{unit} +- {scale * s['ci']:.4f}{unit} (95% CI, n={s['n']})")
+    if 'lake' in r:
+        lk = r['lake']
+        lines.append(f"  Lake one-shot runs: mean error {lk['mean_error']:.2f}% over {lk['num_runs']} runs")
+    return '\n'.join(lines)
+
+
+def main(argv):
+    del argv
+    if not _WORKDIR.value:
+        print('error: --workdir is required', file=sys.stderr)
+        sys.exit(2)
+    if _NUM_TASKS.value <= 0:
+        print(f'error: --num_tasks must be positive, got {_NUM_TASKS.value}', file=sys.stderr)
+        sys.exit(2)
+    try:
+        r = evaluate_workdir(_WORKDIR.value, _NUM_TASKS.value, _CHECKPOINT.value, _BATCH.value,
+                             _SEED_OFFSET.value, _LAKE.value, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except FileNotFoundError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    print(format_record(r))
+    print(f"wrote {os.path.join(_WORKDIR.value, 'evaluation.json')}")
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,182 @@
+"""Checkpoints of a training run in ``<workdir>/checkpoints/ckpt_<step>`` (orbax, written atomically:
+orbax writes to a temporary directory and renames it when complete, so a kill -9 mid-write leaves no
+``ckpt_<step>`` behind, only a temporary directory that is ignored and later removed).
+
+Each checkpoint holds the training state pytree ({'meta', 'opt_state'}) and a small JSON record
+({'step', 'consecutive_nonfinite', 'skipped_total', 'val': {metric: mean}}). Retention keeps the last
+``keep`` checkpoints plus the best one by meta-validation (accuracy if present, else loss). A
+checkpoint is never written with a non-finite leaf (``NonFiniteCheckpointError``), and ``restore_latest``
+reports an unreadable or truncated checkpoint with its path, sets it aside as ``*.corrupt`` and falls
+back to the previous good one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+_NAME = re.compile(r'^ckpt_(\d+)$')
+
+
+class NonFiniteCheckpointError(ValueError):
+    """Refused to write a checkpoint holding NaN or inf."""
+
+
+def all_finite(tree) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(tree)
+               if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+def val_score(val: Optional[dict]) -> Optional[float]:
+    """Higher is better: accuracy if recorded, else -loss; None without a meta-validation record."""
+    if not val:
+        return None
+    if 'accuracy' in val:
+        return float(val['accuracy'])
+    if 'loss' in val:
+        return -float(val['loss'])
+    return None
+
+
+class Checkpointer:
+    """Saves, lists, prunes and restores the checkpoints of one workdir."""
+
+    def __init__(self, workdir: str, keep: int = 3, warn: Callable[[str], Any] = None):
+        self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+        self.keep = keep
+        self.warn = warn or (lambda s: print(s, file=sys.stderr, flush=True))
+        self._ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        self._records: dict = {}
+
+    # ----------------------------------------------------------------- listing
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, f'ckpt_{step:09d}')
+
+    def steps(self) -> list:
+        if not os.path.isdir(self.directory):
+            return []
+        out = []
+        for name in os.listdir(self.directory):
+            m = _NAME.match(name)
+            if m and os.path.isdir(os.path.join(self.directory, name)):
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def record(self, step: int) -> Optional[dict]:
+        """The JSON record of a checkpoint (None if unreadable)."""
+        if step not in self._records:
+            try:
+                r = self._ckptr.restore(self.path(step), args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+                self._records[step] = dict(r['record'])
+            except Exception:  # noqa: BLE001 - any unreadable record
+                return None
+        return self._records[step]
+
+    def best_step(self) -> Optional[int]:
+        best, best_score = None, None
+        for s in self.steps():
+            r = self.record(s)
+            score = val_score(r.get('val')) if r else None
+            if score is not None and (best_score is None or score > best_score):
+                best, best_score = s, score
+        return best
+
+    # ----------------------------------------------------------------- saving
+    def save(self, step: int, state: Any, record: dict) -> str:
+        """Writes ckpt_<step> (replacing one left by an earlier attempt) and prunes old ones."""
+        state = jax.device_get(state)
+        if not all_finite(state):
+            raise NonFiniteCheckpointError(f'refusing to write checkpoint {self.path(step)}: the state holds '
+                                           'NaN or inf')
+        os.makedirs(self.directory, exist_ok=True)
+        self._remove_temporaries()
+        path = self.path(step)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        record = dict(record, step=int(step))
+        self._ckptr.save(path, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       record=ocp.args.JsonSave(record)))
+        self._records[step] = record
+        self.prune()
+        return path
+
+    def prune(self) -> None:
+        steps = self.steps()
+        keep = set(steps[-self.keep:])
+        best = self.best_step()
+        if best is not None:
+            keep.add(best)
+        for s in steps:
+            if s not in keep:
+                shutil.rmtree(self.path(s), ignore_errors=True)
+                self._records.pop(s, None)
+
+    def _remove_temporaries(self) -> None:
+        for name in os.listdir(self.directory):
+            if 'orbax-checkpoint-tmp' in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    # ----------------------------------------------------------------- restoring
+    def restore(self, step: int, template: Any):
+        """(state, record) of ckpt_<step>; ``template`` gives the pytree structure, shapes and dtypes.
+        Raises on an unreadable, truncated, mismatched or non-finite checkpoint."""
+        path = self.path(step)
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                                          template)
+        r = self._ckptr.restore(path, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                              record=ocp.args.JsonRestore()))
+        record = dict(r['record'])
+        leaves, treedef = jax.tree_util.tree_flatten(abstract)
+        got = jax.tree_util.tree_leaves(r['state'])
+        if len(got) != len(leaves):
+            raise ValueError(f'it holds {len(got)} arrays, the model has {len(leaves)}')
+        # orbax restores named tuples (optax states) as tuples: put the template's structure back
+        state = jax.tree_util.tree_unflatten(treedef, got)
+        for a, b in zip(got, leaves):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise ValueError(f'leaf {a.shape} {a.dtype} does not match the model ({b.shape} {b.dtype})')
+        if not all_finite(state):
+            raise ValueError('the checkpoint holds NaN or inf')
+        if int(record.get('step', -1)) != step:
+            raise ValueError(f"its record names step {record.get('step')}")
+        return state, record
+
+    def restore_latest(self, template: Any, which: str = 'last'):
+        """(step, state, record) of the newest good checkpoint (``which='best'``: the best one first),
+        or None if there is none. Bad ones are reported with their path and set aside as ``*.corrupt``."""
+        order = sorted(self.steps(), reverse=True)
+        if which == 'best':
+            best = self.best_step()
+            if best is not None:
+                order = [best] + [s for s in order if s != best]
+        for step in order:
+            try:
+                state, record = self.restore(step, template)
+            except Exception as e:  # noqa: BLE001 - report and fall back to the previous one
+                path = self.path(step)
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                self.warn(f'warning: checkpoint {path} is unreadable or truncated ({type(e).__name__}: '
+                          f'{msg[:300]}); setting it aside as {os.path.basename(path)}.corrupt and using the '
+                          'previous one')
+                self._set_aside(path)
+                self._records.pop(step, None)
+                continue
+            return step, state, record
+        return None
+
+    def _set_aside(self, path: str) -> None:
+        if jax.process_index() != 0:
+            return  # multi-process runs (md_meta.distributed): only process 0 changes the workdir
+        dest = path + '.corrupt'
+        if os.path.exists(dest):
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            os.replace(path, dest)
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)

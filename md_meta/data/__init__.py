@@ -1,0 +1,93 @@
+"""Few-shot image data: Omniglot and miniImageNet loaders, the episode sampler and the Omniglot
+one-shot (Lake et al. 2015) evaluator.
+
+    omniglot.load_splits(data_dir, protocol, source)  -> {split: ClassPool}   (28x28x1 uint8)
+    miniimagenet.load_splits(data_dir)                -> {split: ClassPool}   (84x84x3 uint8)
+    episodes.EpisodeSampler(pools, ways, shots, seed) -> sample(step, num_tasks, split, query) -> Task
+    lake.evaluate_runs(root, classify) / lake.build_runs(pool, root)
+
+Every problem with the data (missing path, wrong layout, unreadable image, a split too small for the
+requested episodes) raises ``DataError`` (a ``ConfigError``, so the trainer reports it in one line and
+exits before training) whose message names the path, what was expected and where to get the data.
+Decoded arrays are cached as .npz under the data directory (when it is writable and not inside the
+project's repository) or under ``~/.cache/md_meta``; ``$MD_META_CACHE`` overrides both.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from md_meta.config import ConfigError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class DataError(ConfigError):
+    """The data named by the config is missing, malformed or too small; the message names the path."""
+
+
+def _inside(path: str, root: str) -> bool:
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root + os.sep)
+
+
+def _writable(d: str) -> bool:
+    """A folder we may write: os.access, and (since root passes os.access everywhere) a write bit in its
+    mode, so that a read-only data folder (e.g. ../shared/data) is never written."""
+    try:
+        return os.path.isdir(d) and os.access(d, os.W_OK) and bool(os.stat(d).st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def cache_path(data_dir: str, name: str, fingerprint: str) -> str:
+    """Where to cache a decoded array: $MD_META_CACHE when set, else <data_dir>/.md_meta_cache when
+    writable and outside the repository, else ~/.cache/md_meta ('' when none is writable). The file name carries a fingerprint of the sources."""
+    fname = f'{name}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:16]}.npz'
+    env = os.environ.get('MD_META_CACHE')
+    candidates = [env] if env else []   # when set, the only cache location
+    if not env and data_dir and _writable(data_dir) and not _inside(data_dir, REPO_ROOT):
+        candidates.append(os.path.join(data_dir, '.md_meta_cache'))
+    if not env:
+        candidates.append(os.path.join(os.path.expanduser('~'), '.cache', 'md_meta'))
+    for d in candidates:
+        if _inside(d, REPO_ROOT):
+            continue
+        existing = os.path.join(d, fname)
+        if os.path.exists(existing):
+            return existing
+    for d in candidates:
+        if _inside(d, REPO_ROOT):
+            continue
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError:
+            continue
+        if _writable(d):
+            return os.path.join(d, fname)
+    return ''
+
+
+def file_fingerprint(paths) -> str:
+    parts = []
+    for p in sorted(paths):
+        st = os.stat(p)
+        parts.append(f'{os.path.abspath(p)}:{st.st_size}:{int(st.st_mtime)}')
+    return '|'.join(parts)
+
+
+def save_npz(path: str, **arrays) -> None:
+    """Atomic np.savez (a partial file is never left under the final name); failures are ignored (the
+    cache is an optimisation)."""
+    import numpy as np
+    if not path:
+        return
+    tmp = f'{path}.tmp{os.getpid()}.npz'
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass

@@ -1,0 +1,44 @@
+"""Few-shot image classification tasks (Omniglot, miniImageNet) as a host ``TaskSource``.
+
+N-way K-shot episodes (config.task.ways / shots; config.task.query query images per class at
+meta-train, config.eval.query at meta-val/test) from md_meta.data, class-disjoint splits, sampled on
+the host deterministically from (config.seed, split, step) and prefetched on a background thread
+(``sample.close()`` stops it). Inputs are float32 NHWC in [0, 1]; labels int32, permuted per task.
+Every data problem raises md_meta.data.DataError here, before any training starts.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from md_meta.data import DataError
+from md_meta.data.episodes import EpisodeSampler, Prefetcher
+
+PREFETCH_DEPTH = 2
+
+
+def load_pools(config):
+    t = config.task
+    if t.name == 'omniglot':
+        from md_meta.data import omniglot
+        return omniglot.load_splits(t.data_dir, t.split, t.source)
+    if t.name == 'miniimagenet':
+        from md_meta.data import miniimagenet
+        return miniimagenet.load_splits(t.data_dir)
+    raise DataError(f'config.task.name: not an image task: {t.name!r}')
+
+
+def make_source(config, pools=None, prefetch: int = PREFETCH_DEPTH):
+    from md_meta.tasks import TaskSource
+    t = config.task
+    pools = pools if pools is not None else load_pools(config)
+    sampler = EpisodeSampler(pools, t.ways, t.shots, config.seed)
+    eval_query = config.eval.query if config.eval.query > 0 else t.query
+    hint = f'(config.task.data_dir={t.data_dir!r})'
+    sampler.check('train', t.query, hint)
+    for split in ('val', 'test'):
+        sampler.check(split, eval_query, hint)
+    sample = Prefetcher(sampler.sample, prefetch)
+    shape = pools['train'].images.shape[1:]
+    example_x = np.zeros((t.ways * t.shots,) + shape, np.float32)
+    source = TaskSource(t.name, 'xent', example_x, sample, None, t.ways)
+    return source

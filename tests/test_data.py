@@ -1,0 +1,542 @@
+"""Few-shot image data (issue 4): Omniglot and miniImageNet loaders, the episode sampler, the Omniglot
+one-shot evaluator, ResNet-12 and the image configs. Runs on data generated here and on
+../shared/data/omniglot/*.zip (read-only)."""
+import importlib
+import io
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import OMNIGLOT_DIR, ROOT
+from md_meta.data import DataError, episodes, lake, miniimagenet, omniglot
+
+needs_shared = pytest.mark.skipif(not os.path.isfile(os.path.join(OMNIGLOT_DIR, 'images_background_small1.zip')),
+                                  reason='../shared/data/omniglot not present')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def cache_dir(tmp_path_factory):
+    """Decoded-array caches go to a temporary folder, never into the repository."""
+    d = str(tmp_path_factory.mktemp('cache'))
+    old = os.environ.get('MD_META_CACHE')
+    os.environ['MD_META_CACHE'] = d
+    yield d
+    if old is None:
+        os.environ.pop('MD_META_CACHE', None)
+    else:
+        os.environ['MD_META_CACHE'] = old
+
+
+@pytest.fixture(scope='module')
+def shared_chars():
+    return omniglot.load_characters(OMNIGLOT_DIR, 'minimal', 'zip')
+
+
+@pytest.fixture(scope='module')
+def shared_pools(shared_chars):
+    return omniglot.load_splits(OMNIGLOT_DIR, 'minimal', 'zip')
+
+
+# ----------------------------------------------------------------------------- generated data
+def _png(rng, size=105, mode='1'):
+    from PIL import Image
+    im = Image.fromarray(np.where(rng.random((size, size)) < 0.9, 255, 0).astype(np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def make_omniglot_folder(root, sets, seed=0, drawers=20):
+    """sets: {set name: {alphabet: num characters}} as extracted folders; returns {(alpha, char): bytes[]}."""
+    rng = np.random.default_rng(seed)
+    for name, alphabets in sets.items():
+        for alpha, n in alphabets.items():
+            for c in range(1, n + 1):
+                d = os.path.join(root, name, alpha, f'character{c:02d}')
+                os.makedirs(d, exist_ok=True)
+                for j in range(1, drawers + 1):
+                    # same bytes for the same (alphabet, character, drawer) in every set
+                    r = np.random.default_rng([seed, sum(map(ord, alpha)), c, j])
+                    with open(os.path.join(d, f'{1000 + c:04d}_{j:02d}.png'), 'wb') as f:
+                        f.write(_png(r))
+    return root
+
+
+def zip_folder(folder, name, out_dir):
+    path = os.path.join(out_dir, name + '.zip')
+    with zipfile.ZipFile(path, 'w') as z:
+        for root, _, files in os.walk(os.path.join(folder, name)):
+            for f in sorted(files):
+                full = os.path.join(root, f)
+                z.write(full, os.path.relpath(full, folder))
+    return path
+
+
+def make_mini(root, layout, classes=(('train', 6), ('val', 5), ('test', 5)), per=4, size=84, seed=0):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    for split, n in classes:
+        if layout == 'pickle':
+            x = rng.integers(0, 256, (n * per, size, size, 3), np.uint8)
+            cd = {f'n{split}{c:03d}': list(range(c * per, (c + 1) * per)) for c in range(n)}
+            with open(os.path.join(root, f'mini-imagenet-cache-{split}.pkl'), 'wb') as f:
+                pickle.dump({'image_data': x, 'class_dict': cd}, f)
+        else:
+            os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+            lines = ['filename,label']
+            for c in range(n):
+                for j in range(per):
+                    fn = f'n{split}{c:03d}{j:04d}.png'
+                    Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8)).save(
+                        os.path.join(root, 'images', fn))
+                    lines.append(f'{fn},n{split}{c:03d}')
+            with open(os.path.join(root, f'{split}.csv'), 'w') as f:
+                f.write('\n'.join(lines) + '\n')
+    return root
+
+
+def image_config(task, data_dir, **kw):
+    from md_meta.config import base_config
+    c = base_config()
+    c.method = kw.pop('method', 'maml')
+    c.task.name = task
+    c.task.data_dir = data_dir
+    c.task.split = 'minimal'
+    c.task.source = 'zip'
+    c.task.ways, c.task.shots, c.task.query = kw.pop('ways', 5), kw.pop('shots', 1), kw.pop('query', 2)
+    c.eval.query = kw.pop('eval_query', 1)
+    c.model.name = kw.pop('model', 'cnn4')
+    c.model.features = kw.pop('features', 4)
+    c.inner.steps = 1
+    c.meta.batch_size = 2
+    c.meta.steps = 2
+    c.eval.num_tasks, c.eval.batch_size = 4, 2
+    c.train.log_every = 1
+    assert not kw, kw
+    return c
+
+
+# ----------------------------------------------------------------------------- Omniglot, shared zips
+@needs_shared
+def test_shared_minimal_union_counts_greek_and_latin_once(shared_chars):
+    images, names = shared_chars
+    assert images.shape == (242, 20, 28, 28) and images.dtype == np.uint8
+    assert images.shape[0] * images.shape[1] == 4840
+    assert len(set(names)) == 242
+    alphabets = {n.split('/')[0] for n in names}
+    assert len(alphabets) == 8 and {'Greek', 'Latin'} <= alphabets
+    assert images.mean() < 64 and images.max() == 255  # strokes bright on a dark background
+
+
+@needs_shared
+def test_shared_minimal_splits_disjoint_and_rotated(shared_pools):
+    tr, va, te = shared_pools['train'], shared_pools['val'], shared_pools['test']
+    assert (tr.num_classes, va.num_classes, te.num_classes) == (162 * 4, 40, 40)
+    base = lambda p: {n.split('@')[0] for n in p.names}
+    assert not (base(tr) & base(va)) and not (base(tr) & base(te)) and not (base(va) & base(te))
+    assert len(base(tr) | base(va) | base(te)) == 242
+    assert tr.images.shape[1:] == (28, 28, 1) and te.images.shape[1:] == (28, 28, 1)
+    # class 4i+k is character i rotated by 90k degrees
+    i = 7
+    for k in range(1, 4):
+        assert tr.names[4 * i + k] == f'{tr.names[4 * i]}@rot{90 * k}'
+        np.testing.assert_array_equal(tr.class_images(4 * i + k), np.rot90(tr.class_images(4 * i), k, axes=(1, 2)))
+    assert not any('@rot' in n for n in va.names + te.names)
+
+
+@needs_shared
+def test_cache_is_reused_and_outside_repo(shared_chars, cache_dir):
+    files = [f for f in os.listdir(cache_dir) if f.startswith('omniglot-minimal')]
+    assert files, 'the decoded array is cached'
+    again = omniglot.load_characters(OMNIGLOT_DIR, 'minimal', 'zip')
+    np.testing.assert_array_equal(again[0], shared_chars[0])
+    assert not any('.npz' in f for _, _, fs in os.walk(os.path.join(ROOT, 'md_meta')) for f in fs)
+
+
+def test_cache_never_written_into_read_only_or_repo_folders(tmp_path, monkeypatch):
+    from md_meta.data import cache_path
+    monkeypatch.delenv('MD_META_CACHE', raising=False)
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    ro = tmp_path / 'ro'
+    ro.mkdir()
+    os.chmod(ro, 0o555)  # like ../shared/data (root passes os.access: the mode bits decide)
+    try:
+        assert cache_path(str(ro), 'x', 'y').startswith(str(tmp_path / 'home' / '.cache' / 'md_meta'))
+        assert cache_path(os.path.join(ROOT, 'tests'), 'x', 'y').startswith(str(tmp_path / 'home'))
+        rw = tmp_path / 'rw'
+        rw.mkdir()
+        assert cache_path(str(rw), 'x', 'y').startswith(str(rw / '.md_meta_cache'))
+    finally:
+        os.chmod(ro, 0o755)
+    assert os.listdir(ro) == []
+
+
+def test_maml_protocol_split():
+    names = [f'a{i:04d}' for i in range(1623)]
+    s = omniglot.split_characters(names, 'maml')
+    assert [len(s[k]) for k in ('train', 'val', 'test')] == [1100, 100, 423]
+    assert len(set(np.concatenate(list(s.values())))) == 1623
+    s2 = omniglot.split_characters(names, 'maml')
+    assert all(np.array_equal(s[k], s2[k]) for k in s)
+    with pytest.raises(DataError, match='1623'):
+        omniglot.split_characters(names[:500], 'maml')
+
+
+# ----------------------------------------------------------------------------- Omniglot, generated folders
+@pytest.fixture(scope='module')
+def fake_omniglot(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('omni'))
+    make_omniglot_folder(root, {'images_background_small1': {'Alpha': 6, 'Shared': 4},
+                                'images_background_small2': {'Beta': 5, 'Shared': 4}})
+    return root
+
+
+def test_fake_folders_and_zips_dedup(fake_omniglot, tmp_path):
+    images, names = omniglot.load_characters(fake_omniglot, 'minimal', 'zip')
+    assert images.shape == (15, 20, 28, 28) and len(set(names)) == 15
+    zdir = tmp_path / 'zips'
+    zdir.mkdir()
+    for n in omniglot.PROTOCOLS['minimal']:
+        zip_folder(fake_omniglot, n, str(zdir))
+    zimages, znames = omniglot.load_characters(str(zdir), 'minimal', 'zip')
+    assert znames == names
+    np.testing.assert_array_equal(zimages, images)
+
+
+def test_omniglot_errors_name_the_path(fake_omniglot, tmp_path):
+    missing = str(tmp_path / 'nowhere')
+    with pytest.raises(DataError, match='nowhere.*github.com/brendenlake/omniglot'):
+        omniglot.load_characters(missing, 'minimal', 'zip')
+    with pytest.raises(DataError, match='images_background_small2'):
+        d = tmp_path / 'half'
+        make_omniglot_folder(str(d), {'images_background_small1': {'A': 1}}, drawers=20)
+        omniglot.load_characters(str(d), 'minimal', 'zip')
+    # a character with 19 drawers
+    d = tmp_path / 'short'
+    make_omniglot_folder(str(d), {'images_background_small1': {'A': 2}, 'images_background_small2': {'B': 2}})
+    os.remove(os.path.join(d, 'images_background_small2', 'B', 'character02', '1002_20.png'))
+    with pytest.raises(DataError, match='B/character02 has 19 images, expected 20'):
+        omniglot.load_characters(str(d), 'minimal', 'zip')
+    # an unreadable image
+    d = tmp_path / 'bad'
+    make_omniglot_folder(str(d), {'images_background_small1': {'A': 2}, 'images_background_small2': {'B': 2}})
+    bad = os.path.join(d, 'images_background_small1', 'A', 'character01', '1001_03.png')
+    with open(bad, 'wb') as f:
+        f.write(b'not a png')
+    with pytest.raises(DataError, match='1001_03.png: unreadable image'):
+        omniglot.load_characters(str(d), 'minimal', 'zip')
+    # a wrong layout (an image one level too high)
+    d = tmp_path / 'layout'
+    make_omniglot_folder(str(d), {'images_background_small1': {'A': 1}, 'images_background_small2': {'B': 1}})
+    with open(os.path.join(d, 'images_background_small1', 'A', 'stray.png'), 'wb') as f:
+        f.write(b'x')
+    with pytest.raises(DataError, match='stray.png: unexpected file'):
+        omniglot.load_characters(str(d), 'minimal', 'zip')
+
+
+# ----------------------------------------------------------------------------- episodes
+def _toy_pools(classes=(12, 6, 6), per=7, hw=(4, 4, 1)):
+    rng = np.random.default_rng(0)
+    pools = {}
+    for s, n in zip(('train', 'val', 'test'), classes):
+        # every image stores its (class, index) so that tests can read where it came from
+        x = np.zeros((n, per) + hw, np.uint8)
+        x[..., 0, 0, 0] = np.arange(n)[:, None]
+        x[..., 0, 1, 0] = np.arange(per)[None, :]
+        x[..., 1:, :, :] = rng.integers(0, 256, (n, per, hw[0] - 1) + hw[1:])
+        pools[s] = episodes.pool_from_classes(x, [f'{s}{i}' for i in range(n)], f'/toy/{s}')
+    return pools
+
+
+def test_sampler_shapes_labels_and_classes():
+    pools = _toy_pools()
+    smp = episodes.EpisodeSampler(pools, ways=5, shots=2, seed=3)
+    t = smp.sample(0, 8, 'train', 3)
+    assert t.support_x.shape == (8, 10, 4, 4, 1) and t.support_x.dtype == np.float32
+    assert t.query_x.shape == (8, 15, 4, 4, 1)
+    assert t.support_y.shape == (8, 10) and t.support_y.dtype == np.int32 and t.query_y.shape == (8, 15)
+    assert 0.0 <= t.support_x.min() and t.support_x.max() <= 1.0
+    cls_of = lambda x: np.rint(x[..., 0, 0, 0] * 255).astype(int)
+    idx_of = lambda x: np.rint(x[..., 0, 1, 0] * 255).astype(int)
+    perms = set()
+    for i in range(8):
+        assert sorted(t.support_y[i]) == sorted(np.repeat(np.arange(5), 2))
+        assert sorted(t.query_y[i]) == sorted(np.repeat(np.arange(5), 3))
+        # one class per label, shared by support and query; distinct images within a class
+        mapping = {}
+        for x, y in zip(np.concatenate([t.support_x[i], t.query_x[i]]), np.concatenate([t.support_y[i], t.query_y[i]])):
+            assert mapping.setdefault(int(y), cls_of(x)) == cls_of(x)
+        assert len(set(mapping.values())) == 5
+        ims = [(cls_of(x), idx_of(x)) for x in np.concatenate([t.support_x[i], t.query_x[i]])]
+        assert len(set(ims)) == 25
+        perms.add(tuple(mapping[k] for k in range(5)))
+    assert len(perms) > 1, 'labels are assigned afresh per task'
+    # the label of a class position is a permutation: label sequences differ across tasks
+    _, labels, _ = smp.indices(0, 50, 'train', 3)
+    assert len({tuple(l) for l in labels}) > 10
+
+
+def test_sampler_determinism_and_splits():
+    pools = _toy_pools()
+    a = episodes.EpisodeSampler(pools, 5, 1, seed=0)
+    b = episodes.EpisodeSampler(pools, 5, 1, seed=0)
+    c = episodes.EpisodeSampler(pools, 5, 1, seed=1)
+    eq = lambda u, v: all(np.array_equal(x, y) for x, y in zip(u, v))
+    assert eq(a.sample(5, 4, 'train', 2), b.sample(5, 4, 'train', 2))
+    assert not eq(a.sample(5, 4, 'train', 2), a.sample(6, 4, 'train', 2))
+    assert not eq(a.sample(5, 4, 'train', 2), c.sample(5, 4, 'train', 2))
+    # class-disjoint: each split samples only its own classes
+    for split in ('train', 'val', 'test'):
+        _, _, classes = a.indices(0, 20, split, 1)
+        assert classes.max() < pools[split].num_classes
+        t = a.sample(0, 20, split, 1)
+        assert np.all(np.rint(t.support_x[..., 0, 0, 0] * 255) < pools[split].num_classes)
+
+
+def test_prefetcher_matches_direct_sampling():
+    pools = _toy_pools()
+    smp = episodes.EpisodeSampler(pools, 5, 1, seed=0)
+    pf = episodes.Prefetcher(smp.sample, depth=2)
+    try:
+        for step in (0, 1, 2, 3, 10, 4, 4, 11):
+            for split in ('train', 'val'):
+                got, want = pf(step, 3, split, 2), smp.sample(step, 3, split, 2)
+                assert all(np.array_equal(x, y) for x, y in zip(got, want))
+    finally:
+        pf.close()
+
+
+def test_too_small_splits_are_reported():
+    pools = _toy_pools(classes=(12, 4, 6), per=7)
+    smp = episodes.EpisodeSampler(pools, 5, 1)
+    with pytest.raises(DataError, match=r"/toy/val: the 'val' split has 4 classes, fewer than the 5"):
+        smp.check('val', 1)
+    smp = episodes.EpisodeSampler(pools, 5, 2)
+    with pytest.raises(DataError, match=r'/toy/train: class .* has 7 images, fewer than the 8 needed for 2-shot \+ 6-query'):
+        smp.check('train', 6)
+    smp.check('train', 5)
+
+
+# ----------------------------------------------------------------------------- miniImageNet
+@pytest.mark.parametrize('layout', ['pickle', 'csv'])
+def test_miniimagenet_layouts(tmp_path, layout):
+    root = make_mini(str(tmp_path / layout), layout)
+    assert miniimagenet.detect_layout(root) == layout
+    pools = miniimagenet.load_splits(root)
+    assert [pools[s].num_classes for s in ('train', 'val', 'test')] == [6, 5, 5]
+    assert pools['train'].images.shape == (24, 84, 84, 3) and pools['train'].images.dtype == np.uint8
+    from md_meta.tasks import images
+    cfg = image_config('miniimagenet', root, ways=5, shots=1, query=3, eval_query=1)
+    src = images.make_source(cfg)
+    try:
+        t = src.sample(0, 2, 'train', 3)
+        assert t.support_x.shape == (2, 5, 84, 84, 3) and t.query_x.shape == (2, 15, 84, 84, 3)
+        assert src.example_x.shape == (5, 84, 84, 3) and src.loss == 'xent' and src.out_dim == 5
+    finally:
+        src.sample.close()
+
+
+def test_miniimagenet_pickle_and_csv_agree(tmp_path):
+    from PIL import Image
+    root = make_mini(str(tmp_path / 'p'), 'pickle')
+    pk = miniimagenet.load_splits(root)
+    # write the same images as PNGs + CSVs
+    croot = str(tmp_path / 'c')
+    os.makedirs(os.path.join(croot, 'images'))
+    for s in ('train', 'val', 'test'):
+        lines = ['filename,label']
+        for c, n in enumerate(pk[s].names):
+            for j, im in enumerate(pk[s].class_images(c)):
+                Image.fromarray(im).save(os.path.join(croot, 'images', f'{n}_{j}.png'))
+                lines.append(f'{n}_{j}.png,{n}')
+        with open(os.path.join(croot, f'{s}.csv'), 'w') as f:
+            f.write('\n'.join(lines) + '\n')
+    cs = miniimagenet.load_splits(croot)
+    for s in pk:
+        assert pk[s].names == cs[s].names
+        np.testing.assert_array_equal(pk[s].images, cs[s].images)
+
+
+def test_miniimagenet_errors(tmp_path):
+    with pytest.raises(DataError, match='nope: no such directory.*images/.*mini-imagenet-cache'):
+        miniimagenet.load_splits(str(tmp_path / 'nope'))
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    with pytest.raises(DataError, match='neither miniImageNet layout'):
+        miniimagenet.load_splits(str(empty))
+    root = make_mini(str(tmp_path / 'c'), 'csv')
+    os.remove(os.path.join(root, 'test.csv'))
+    with pytest.raises(DataError, match='test.csv: not found'):
+        miniimagenet.load_splits(root)
+    root = make_mini(str(tmp_path / 'h'), 'csv')
+    with open(os.path.join(root, 'val.csv'), 'w') as f:
+        f.write('file,class\nx.png,a\n')
+    with pytest.raises(DataError, match='val.csv: expected the header "filename,label"'):
+        miniimagenet.load_splits(root)
+    root = make_mini(str(tmp_path / 'u'), 'csv')
+    with open(os.path.join(root, 'images', 'ntrain0020001.png'), 'wb') as f:
+        f.write(b'garbage')
+    with pytest.raises(DataError, match='ntrain0020001.png: unreadable image'):
+        miniimagenet.load_splits(root)
+    root = make_mini(str(tmp_path / 'm'), 'csv')
+    os.remove(os.path.join(root, 'images', 'nval0010002.png'))
+    with pytest.raises(DataError, match='nval0010002.png: listed in .*val.csv but not found'):
+        miniimagenet.load_splits(root)
+    root = make_mini(str(tmp_path / 'k'), 'pickle')
+    with open(os.path.join(root, 'mini-imagenet-cache-val.pkl'), 'wb') as f:
+        pickle.dump({'images': 1}, f)
+    with pytest.raises(DataError, match='cache-val.pkl: expected a dict with keys image_data and class_dict'):
+        miniimagenet.load_splits(root)
+    root = make_mini(str(tmp_path / 'd'), 'pickle', classes=(('train', 6), ('val', 5), ('test', 5)))
+    with open(os.path.join(root, 'mini-imagenet-cache-test.pkl'), 'rb') as f:
+        d = pickle.load(f)
+    d['class_dict']['ntrain000'] = d['class_dict'].pop('ntest000')
+    with open(os.path.join(root, 'mini-imagenet-cache-test.pkl'), 'wb') as f:
+        pickle.dump(d, f)
+    with pytest.raises(DataError, match="'ntrain000' is in both the 'train' and 'test' splits"):
+        miniimagenet.load_splits(root)
+
+
+def test_split_too_small_stops_build_before_training(tmp_path):
+    from md_meta import training
+    root = make_mini(str(tmp_path / 'p'), 'pickle')
+    cfg = image_config('miniimagenet', root, ways=5, shots=1, query=15)
+    with pytest.raises(DataError, match=r"cache-train.pkl: class .* has 4 images, fewer than the 16 needed"):
+        training.build(cfg)
+    cfg = image_config('miniimagenet', str(tmp_path / 'missing'))
+    with pytest.raises(DataError, match='missing: no such directory'):
+        training.build(cfg)
+
+
+def test_tfds_builder_without_tensorflow(tmp_path):
+    pytest.importorskip('importlib_resources')  # tfds needs it to locate a builder's code
+    tfds = pytest.importorskip('tensorflow_datasets')
+    from md_meta.data.tfds_miniimagenet import MdMetaMiniImagenet
+    root = make_mini(str(tmp_path / 'p'), 'pickle', classes=(('train', 2), ('val', 1), ('test', 1)), per=2)
+    b = MdMetaMiniImagenet(data_dir=str(tmp_path / 'tfds'), file_format='array_record')
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
+    ds = b.as_data_source('train')
+    assert len(ds) == 4
+    ex = ds[0]
+    assert ex['image'].shape == (84, 84, 3) and ex['image'].dtype == np.uint8
+    pool = miniimagenet.load_split_pickle(root, 'train')
+    found = [e['image'] for e in (ds[i] for i in range(4))]
+    assert any(np.array_equal(f, pool.images[0]) for f in found)
+
+
+# ----------------------------------------------------------------------------- the trainer and the networks
+def test_resnet12_layers_and_shapes():
+    """Structure by eval_shape (no compilation: a numeric run costs ~40 s of XLA:CPU compile on 2 cores)."""
+    import jax
+    import jax.numpy as jnp
+    from md_meta import blockiaf
+    from md_meta.networks import make_model, resnet12_widths
+    assert resnet12_widths(64) == (64, 160, 320, 640) and resnet12_widths(32) == (32, 80, 160, 320)
+    for shape in ((5, 84, 84, 3), (5, 28, 28, 1)):
+        m = make_model('resnet12', num_classes=5, features=64)
+        v = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.ones(shape))
+        assert blockiaf.default_blocks(v['params']) == tuple(f'layer_{i}' for i in range(5))
+        assert v['params']['layer_3']['conv2'].shape == (3, 3, 640, 640)
+        assert v['params']['layer_4']['dense']['kernel'].shape == (640, 5)
+        assert jax.eval_shape(m.apply, v, jnp.ones(shape)).shape == (5, 5)
+        if shape[-1] == 3:
+            assert sum(x.size for x in jax.tree_util.tree_leaves(v)) == 12427525  # the usual ~12.4M
+
+
+@pytest.mark.parametrize('name', ['omniglot', 'omniglot_minimal', 'miniimagenet'])
+def test_configs_validate_for_every_method(name):
+    from md_meta import config as config_lib, methods
+    mod = importlib.import_module(f'experiments.configs.{name}')
+    for method in methods.names():
+        c = mod.get_config()
+        c.method = method
+        config_lib.validate(c)
+        c.model.name = 'resnet12'
+        config_lib.validate(c)
+    c = mod.get_config()
+    assert (c.task.ways, c.task.shots, c.task.query, c.meta.batch_size) == (5, 1, 15, 4)
+    if name == 'omniglot':
+        assert (c.inner.steps, c.inner.step_size, c.meta.optimizer, c.meta.lr, c.meta.steps, c.task.split) == \
+            (5, 0.01, 'adam', 1e-3, 60000, 'maml')
+    if name == 'miniimagenet':
+        assert (c.meta.optimizer, c.meta.lr_decay_every, c.meta.weight_decay) == ('sgd_nesterov', 20000, 1e-4)
+
+
+# ----------------------------------------------------------------------------- Lake's one-shot runs
+def _nn_classify(sx, sy, qx):
+    d = ((qx[:, None] - sx[None]) ** 2).reshape(len(qx), len(sx), -1).sum(-1)
+    return sy[np.argmin(d, 1)]
+
+
+@needs_shared
+def test_lake_runs_built_from_held_out_characters(shared_pools, tmp_path):
+    test_pool = shared_pools['test']
+    same = lake.build_runs(test_pool, str(tmp_path / 'same'), num_runs=3, same_drawer=True)
+    assert [os.path.basename(r) for r in same] == ['run01', 'run02', 'run03']
+    r = os.path.join(tmp_path, 'same', 'run02')
+    assert len(os.listdir(os.path.join(r, 'training'))) == 20 and len(os.listdir(os.path.join(r, 'test'))) == 20
+    with open(os.path.join(r, 'class_labels.txt')) as f:
+        first = f.readline().split()
+    assert first[0] == 'run02/test/item01.png' and first[1].startswith('run02/training/class')
+    res = lake.evaluate_runs(str(tmp_path / 'same'), _nn_classify)
+    assert res['num_runs'] == 3 and res['mean_error'] == 0.0  # a perfect classifier scores 0 %
+
+    def five_wrong(sx, sy, qx):
+        p = _nn_classify(sx, sy, qx).copy()
+        p[:5] = (p[:5] + 1) % 20
+        return p
+    res = lake.evaluate_runs(str(tmp_path / 'same'), five_wrong)
+    assert res['runs'] == {'run01': 25.0, 'run02': 25.0, 'run03': 25.0} and res['mean_error'] == 25.0
+    # different drawers: held-out characters, a harder task; an error in [0, 100]
+    lake.build_runs(test_pool, str(tmp_path / 'diff'), num_runs=2, seed=1)
+    res = lake.evaluate_runs(str(tmp_path / 'diff'), _nn_classify)
+    assert 0.0 <= res['mean_error'] < 95.0
+    # the runs only use held-out (test-split) characters
+    assert not set(test_pool.names) & {n.split('@')[0] for n in shared_pools['train'].names}
+
+
+@needs_shared
+def test_lake_layout_errors(shared_pools, tmp_path):
+    root = str(tmp_path / 'runs')
+    lake.build_runs(shared_pools['test'], root, num_runs=1)
+    labels = os.path.join(root, 'run01', 'class_labels.txt')
+    text = open(labels).read()
+    with open(labels, 'w') as f:
+        f.write(text.replace('run01/training/class03.png', 'run01/training/class99.png', 1))
+    with pytest.raises(DataError, match='class_labels.txt, line'):
+        lake.evaluate_runs(root, _nn_classify)
+    with open(labels, 'w') as f:
+        f.write(text)
+    os.remove(os.path.join(root, 'run01', 'training', 'class07.png'))
+    with pytest.raises(DataError, match='training: expected 20 files classNN.png'):
+        lake.evaluate_runs(root, _nn_classify)
+    with pytest.raises(DataError, match='no runNN/ folders'):
+        lake.evaluate_runs(str(tmp_path), _nn_classify)
+
+
+@needs_shared
+def test_omniglot_meta_training_then_lake_runs(shared_pools, tmp_path):
+    """A 20-way 1-shot source on the shared data through the trainer (2 meta-steps), then the Omniglot
+    one-shot evaluator with the adapted tiny network on runs built from held-out characters."""
+    from md_meta import training
+    from md_meta.tasks import images
+    cfg = image_config('omniglot', OMNIGLOT_DIR, ways=20, shots=1, query=1, features=4)
+    images_load = images.load_pools
+    images.load_pools = lambda c: shared_pools
+    try:
+        exp = training.build(cfg)
+    finally:
+        images.load_pools = images_load
+    assert exp.source.example_x.shape == (20, 28, 28, 1)
+    meta, _, hist = training.train(exp, log=lambda s: None)
+    exp.source.sample.close()
+    assert len(hist) == 2 and all(np.isfinite(h['meta_loss']) for h in hist)
+    root = str(tmp_path / 'runs')
+    lake.build_runs(shared_pools['test'], root, num_runs=2)
+    res = lake.evaluate_runs(root, lake.model_classifier(exp, meta))
+    assert res['num_runs'] == 2 and all(0.0 <= e <= 100.0 and (e / 5.0).is_integer() for e in res['runs'].values())
+    assert res['mean_error'] == np.mean(list(res['runs'].values()))

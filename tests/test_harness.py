@@ -1,0 +1,199 @@
+"""The experiment harness: resumable training (kill -9 and rerun, bitwise), checkpoints without NaN,
+the non-finite counter and stop, evaluation's confidence interval, refusing a workdir of another
+config and falling back from a truncated checkpoint."""
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from md_meta import checkpoint as checkpoint_lib
+from md_meta import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# a tiny sinusoid run for the CLI (the default config file is experiments/configs/sinusoid.py)
+TINY_FLAGS = ['--config.method=maml', '--config.task.shots=4', '--config.task.query=4',
+              '--config.model.hidden=(8,8)', '--config.meta.batch_size=3', '--config.meta.steps=300',
+              '--config.eval.num_tasks=20', '--config.eval.batch_size=10', '--config.train.log_every=5',
+              '--config.train.steps_per_call=5', '--config.train.checkpoint_every=50',
+              '--config.train.eval_every=50', '--config.train.val_tasks=10', '--config.train.keep=2']
+
+
+def _cli_cmd(workdir, extra=()):
+    return [sys.executable, '-m', 'experiments.train', *TINY_FLAGS, *extra, f'--workdir={workdir}']
+
+
+def _env():
+    return dict(os.environ, PYTHONUNBUFFERED='1', JAX_PLATFORMS='cpu')
+
+
+def _leaves_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def _last_state(workdir):
+    exp = training.build(training.load_config(workdir))
+    meta, opt = training.init_state(exp)
+    step, state, record = checkpoint_lib.Checkpointer(workdir).restore_latest({'meta': meta, 'opt_state': opt})
+    return step, state, record
+
+
+def test_kill_9_and_rerun_resumes_bitwise(tmp_path):
+    ref, run = str(tmp_path / 'ref'), str(tmp_path / 'run')
+    # the uninterrupted reference runs alongside
+    ref_p = subprocess.Popen(_cli_cmd(ref), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    target = random.Random(os.getpid()).randint(60, 200)   # after the first checkpoint (step 50)
+    p = subprocess.Popen(_cli_cmd(run), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    seen = -1
+    for line in p.stdout:
+        if line.startswith('[maml] step '):
+            seen = int(line.split()[2].split('/')[0])
+            if seen >= target:
+                p.send_signal(signal.SIGKILL)
+                break
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, f'the run ended before the kill at step {target} (last seen {seen})'
+    assert not os.path.exists(os.path.join(run, 'results.json'))
+    assert checkpoint_lib.Checkpointer(run).steps(), 'no checkpoint before the kill'
+
+    r2 = subprocess.run(_cli_cmd(run), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert 'resuming from' in r2.stdout, r2.stdout[-2000:]
+    _, ref_err = ref_p.communicate(timeout=300)
+    assert ref_p.returncode == 0, ref_err[-2000:]
+    s1, a, _ = _last_state(ref)
+    s2, b, _ = _last_state(run)
+    assert s1 == s2 == 300
+    assert _leaves_equal(a['meta'], b['meta']), 'resumed meta-parameters differ from the uninterrupted run'
+    assert _leaves_equal(a['opt_state'], b['opt_state'])
+    # the JSON-lines log holds each step once after the resume
+    steps = [json.loads(l)['step'] for l in open(os.path.join(run, 'metrics.jsonl')) if 'meta_loss' in l]
+    assert steps == list(range(5, 301, 5))
+    assert glob.glob(os.path.join(run, 'tb', 'events.out.tfevents.*'))
+    # keep=2 last + best
+    assert 2 <= len(checkpoint_lib.Checkpointer(run).steps()) <= 3
+
+
+def test_checkpoint_during_nan_updates_holds_no_nan_and_counts(tmp_path):
+    wd = str(tmp_path / 'w')
+    # updates at steps 9..12 (0-based 8..11) are non-finite; a checkpoint lands at step 10 in the middle
+    c = tiny_config('maml', **{'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 10,
+                               'train.val_tasks': 10, 'train.inject_nan_at_step': 8,
+                               'train.inject_nan_count': 4, 'train.max_nonfinite': 10})
+    training.prepare_workdir(c, wd)
+    exp = training.build(c)
+    _, _, hist = training.train(exp, wd, log=lambda s: None)
+    ck = checkpoint_lib.Checkpointer(wd)
+    meta, opt = training.init_state(exp)
+    state, record = ck.restore(10, {'meta': meta, 'opt_state': opt})
+    assert checkpoint_lib.all_finite(state)
+    assert record['consecutive_nonfinite'] == 2 and record['skipped_total'] == 2
+    assert hist[-1]['skipped_total'] == 4
+    # the skipped updates left the parameters at step 8's: same as a clean 8-step run
+    c8 = tiny_config('maml', **{'meta.steps': 8})
+    meta8, _, _ = training.train(training.build(c8), None, log=lambda s: None)
+    assert _leaves_equal(state['meta'], meta8)
+    # the writer itself refuses NaN
+    bad = jax.tree_util.tree_map(lambda x: x * jnp.nan, meta)
+    with pytest.raises(checkpoint_lib.NonFiniteCheckpointError):
+        ck.save(30, {'meta': bad, 'opt_state': opt}, {})
+    assert 30 not in ck.steps()
+
+
+def test_consecutive_nonfinite_stop_names_step_and_method(tmp_path):
+    c = tiny_config('maml', **{'meta.steps': 20, 'train.inject_nan_at_step': 3, 'train.inject_nan_count': 100,
+                               'train.max_nonfinite': 4, 'train.checkpoint_every': 5})
+    wd = str(tmp_path / 'w')
+    training.prepare_workdir(c, wd)
+    with pytest.raises(training.NonFiniteError, match=r'method maml: 4 consecutive .* up to step 7'):
+        training.train(training.build(c), wd, log=lambda s: None)
+    # the checkpoint at step 5 was written mid-streak and is finite
+    step, state, record = _last_state(wd)
+    assert step == 5 and checkpoint_lib.all_finite(state) and record['consecutive_nonfinite'] == 2
+
+
+def test_evaluate_ci_matches_hand_computation(tmp_path):
+    from experiments.evaluate import evaluate_workdir
+    # a fixed fake model: all-zero MLP (predicts 0) and no adaptation (alpha = 0): per-task loss = mean y_q^2
+    c = tiny_config('maml', **{'inner.step_size': 0.0})
+    wd = str(tmp_path / 'w')
+    training.prepare_workdir(c, wd)
+    exp = training.build(c)
+    meta, opt = training.init_state(exp)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, meta)
+    checkpoint_lib.Checkpointer(wd).save(10, {'meta': zero, 'opt_state': exp.optimizer.init(zero)}, {})
+    n = 30
+    r = evaluate_workdir(wd, num_tasks=n, which='last', log=lambda s: None)
+    # the evaluation's fixed test tasks: sample(10_000_000 + i, batch, 'test', query), batch = eval.batch_size
+    bs = c.eval.batch_size
+    ys = [np.asarray(exp.source.sample(10_000_000 + i, bs, 'test', c.task.query).query_y) for i in range(-(-n // bs))]
+    per_task = np.concatenate(ys)[:n].reshape(n, -1).astype(np.float64)
+    per_task = (per_task ** 2).mean(1)
+    mean = per_task.sum() / n
+    ci = 1.96 * np.sqrt(((per_task - mean) ** 2).sum() / n) / np.sqrt(n)
+    got = json.load(open(os.path.join(wd, 'evaluation.json')))
+    assert got == json.loads(json.dumps(r))
+    assert got['metrics']['loss']['n'] == n and got['step'] == 10
+    np.testing.assert_allclose(got['metrics']['loss']['mean'], mean, rtol=1e-5)
+    np.testing.assert_allclose(got['metrics']['loss']['ci'], ci, rtol=1e-4)
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+    from experiments.configs.sinusoid import get_config
+    wd = str(tmp_path / 'w')
+    c = get_config()
+    training.prepare_workdir(c, wd)
+    before = open(os.path.join(wd, 'config.json')).read()
+    r = subprocess.run([sys.executable, '-m', 'experiments.train', '--config.method=maml', f'--workdir={wd}'],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+    assert len(err) == 1 and 'method' in err[0] and 'refusing' in err[0], r.stderr[-2000:]
+    assert open(os.path.join(wd, 'config.json')).read() == before
+    assert not os.path.exists(os.path.join(wd, 'metrics.jsonl'))
+    # other shapes are refused too; fields that do not change the computation are not
+    c2 = get_config()
+    c2.model.hidden = (40, 20)
+    with pytest.raises(training.WorkdirMismatchError, match='model.hidden'):
+        training.prepare_workdir(c2, wd)
+    c3 = get_config()
+    c3.meta.steps, c3.eval.num_tasks, c3.train.log_every = 9000, 100, 10
+    training.prepare_workdir(c3, wd)
+
+
+def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path):
+    wd = str(tmp_path / 'w')
+    over = {'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 0}
+    c = tiny_config('maml', **over)
+    training.prepare_workdir(c, wd)
+    training.train(training.build(c), wd, log=lambda s: None)
+    ck = checkpoint_lib.Checkpointer(wd)
+    assert ck.steps() == [10, 20]
+    bad = ck.path(20)
+    for f in glob.glob(os.path.join(bad, 'state', '**', 'd', '*'), recursive=True):
+        with open(f, 'r+b') as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+    # continue to step 30 (meta.steps may change on a rerun): resumes from step 10, not 20
+    c30 = tiny_config('maml', **dict(over, **{'meta.steps': 30}))
+    training.prepare_workdir(c30, wd)
+    logs = []
+    meta, _, _ = training.train(training.build(c30), wd, log=logs.append)
+    warn = [l for l in logs if l.startswith('warning:')]
+    assert len(warn) == 1 and bad in warn[0] and 'truncated' in warn[0], logs
+    assert any(l.startswith('resuming from') and l.rstrip().endswith('(step 10/30)') or
+               ('ckpt_000000010' in l and l.startswith('resuming')) for l in logs), logs
+    assert os.path.isdir(bad + '.corrupt')
+    ref, _, _ = training.train(training.build(c30), None, log=lambda s: None)
+    assert _leaves_equal(meta, ref)
