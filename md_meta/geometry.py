@@ -2,12 +2,12 @@
 
 In the spirit of optax's ``GradientTransformation``: a named tuple of pure functions.
 
-    init(key, params, config) -> (state0, theta)   meta-learned start of the inner state, and the
+    init(key, params) -> (state0, theta)            meta-learned start of the inner state, and the
                                                    method's own meta-parameters (both are meta-learned)
     start(theta, state0, key) -> state             per-task inner state (e.g. sample MT-net's masks)
     primal(theta, state) -> phi                    task-model parameters (MD: phi = g(z); else phi = state)
     step(theta, state, grad_phi) -> state          one inner step, given grad_phi L(phi; D_trn)
-    penalty(theta, phi0, task) -> scalar           extra meta-loss term (ECML); None for most methods
+    penalty(theta, phi0, apply_support, support_y) -> scalar   extra meta-loss (ECML); None for most
 
 The shared ``lax.scan`` inner loop (``md_meta.inner.adapt``) calls only these; the meta-step,
 training, evaluation and plotting never know which method runs. ``transform`` names the network
