@@ -248,6 +248,8 @@ def plot_curve(points, x_key, path, title):
 
 def main(argv):
     del argv
+    from experiments import quiet_library_logs
+    quiet_library_logs()
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     repeats = 2 if FLAGS.quick else FLAGS.repeats
     method_list = FLAGS.methods or list(methods.names())

@@ -1,13 +1,15 @@
 """Evaluate a trained run on new test tasks: mean +- 1.96 std / sqrt(N) of query accuracy and loss.
 
     python -m experiments.evaluate --workdir=runs/omniglot-md [--num_tasks=1000] [--checkpoint=best|last]
-                                   [--lake_runs=DIR]
+                                   [--lake_runs=DIR [--lake_build=20]]
 
 Loads <workdir>/config.json and the best (by meta-validation; 'last' for the newest) good checkpoint,
 adapts to --num_tasks new tasks of the 'test' split with the evaluation inner loop and writes
 <workdir>/evaluation.json: per-metric {'mean', 'ci', 'n'}, the mean inner-loop curves (support loss and
 gradient norm at k = 0..K, as in Fig. 1), the checkpoint step and the settings. --lake_runs runs Lake's
-20-way one-shot Omniglot evaluation (md_meta.data.lake) on the runs in DIR as well.
+20-way one-shot Omniglot evaluation (md_meta.data.lake) on the runs in DIR as well (the run must be
+20-way); with --lake_build=N and no runs in DIR yet, it first writes N runs in the official layout from
+the run's held-out 'test' characters (two different drawers per character).
 """
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'last'],
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Tasks per jitted evaluation call (0: config.eval.batch_size).')
 _SEED_OFFSET = flags.DEFINE_integer('seed_offset', 0, 'Picks another fixed set of test tasks.')
 _LAKE = flags.DEFINE_string('lake_runs', '', "Directory of Lake's one-shot runs (run01..run20) to evaluate too.")
+_LAKE_BUILD = flags.DEFINE_integer('lake_build', 0, "If > 0 and --lake_runs holds no runs: build this many runs "
+                                   "there from the workdir's held-out test characters first.")
 
 
 def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', batch_size: int = 0,
-                     seed_offset: int = 0, lake_runs: str = '', log=print) -> dict:
+                     seed_offset: int = 0, lake_runs: str = '', log=print, lake_build: int = 0) -> dict:
     """Evaluates a workdir's checkpoint; returns the record also written to <workdir>/evaluation.json."""
     from md_meta import training
     exp, meta, step = training.load_run(workdir, which, warn=log)
@@ -43,7 +47,7 @@ def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', b
               'eval_inner_steps': exp.learner.eval_inner.steps, **result,
               'seconds': time.time() - t0}
     if lake_runs:
-        record['lake'] = _lake(exp, meta, lake_runs)
+        record['lake'] = _lake(exp, meta, lake_runs, lake_build, log)
     tmp = os.path.join(workdir, f'evaluation.json.tmp{os.getpid()}')
     with open(tmp, 'w') as f:
         json.dump(record, f, indent=2)
@@ -51,7 +55,7 @@ def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', b
     return record
 
 
-def _lake(exp, meta, runs_dir: str):
+def _lake(exp, meta, runs_dir: str, build: int = 0, log=print):
     """Lake's 20-way one-shot runs: md_meta.data.lake (imported lazily; needs a 20-way run)."""
     try:
         from md_meta.data import lake
@@ -59,6 +63,13 @@ def _lake(exp, meta, runs_dir: str):
         raise SystemExit(f'error: --lake_runs needs md_meta.data.lake, which is not available ({e})')
     size = int(exp.source.example_x.shape[1]) if np.ndim(exp.source.example_x) == 4 else 28
     try:
+        has_runs = os.path.isdir(runs_dir) and any(d.startswith('run') for d in os.listdir(runs_dir))
+        if build > 0 and not has_runs:
+            if exp.config.task.name != 'omniglot':
+                raise SystemExit('error: --lake_build needs an Omniglot run')
+            from md_meta.tasks import images
+            lake.build_runs(images.load_pools(exp.config)['test'], runs_dir, num_runs=build, seed=exp.config.seed)
+            log(f'built {build} one-shot runs from the held-out test characters in {runs_dir}')
         return lake.evaluate_runs(runs_dir, lake.model_classifier(exp, meta), size=size)
     except (ValueError, OSError) as e:   # DataError is a ValueError/OSError subclass or reported as such
         raise SystemExit(f'error: --lake_runs={runs_dir}: {e}')
@@ -78,6 +89,8 @@ def format_record(r: dict) -> str:
 
 def main(argv):
     del argv
+    from experiments import quiet_library_logs
+    quiet_library_logs()
     if not _WORKDIR.value:
         print('error: --workdir is required', file=sys.stderr)
         sys.exit(2)
@@ -86,7 +99,8 @@ def main(argv):
         sys.exit(2)
     try:
         r = evaluate_workdir(_WORKDIR.value, _NUM_TASKS.value, _CHECKPOINT.value, _BATCH.value,
-                             _SEED_OFFSET.value, _LAKE.value, log=lambda s: print(s, file=sys.stderr, flush=True))
+                             _SEED_OFFSET.value, _LAKE.value, log=lambda s: print(s, file=sys.stderr, flush=True),
+                             lake_build=_LAKE_BUILD.value)
     except FileNotFoundError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -4,7 +4,8 @@
                                 [--workdir=/tmp/md_meta/run]
 
 The workdir holds config.json, checkpoints/, metrics.jsonl, tb/ (TensorBoard) and, at the end,
-results.json/results.md (evaluation on config.eval.num_tasks test tasks). Rerunning the same command
+results.json/results.md (evaluation on config.eval.num_tasks test tasks, at each support size of
+config.eval.shots; default: config.task.shots). Rerunning the same command
 after a crash or kill -9 resumes from the last good checkpoint (bitwise identical to an uninterrupted
 run); a workdir holding a run of another config is refused (exit status 2). Too many consecutive
 non-finite meta-updates stop training with exit status 3.
@@ -27,6 +28,8 @@ _WORKDIR = flags.DEFINE_string('workdir', '', 'Directory for the resolved config
 
 def main(argv):
     del argv
+    from experiments import quiet_library_logs
+    quiet_library_logs()
     config = _CONFIG.value
     from md_meta import training
     from md_meta import distributed
@@ -56,14 +59,15 @@ def main(argv):
         print(f'error: {e}', file=sys.stderr)
         sys.exit(3)
     train_s = time.time() - t0
-    result = training.evaluate(exp, meta, 'test')
-    row = {'method': config.method, 'shots': config.task.shots, **result, 'train_seconds': train_s,
-           'total_seconds': time.time() - t0}
+    rows = [{'method': config.method, **training.evaluate(exp, meta, 'test', shots=shots)}
+            for shots in (tuple(config.eval.shots) or (config.task.shots,))]
+    getattr(exp.source.sample, 'close', lambda: None)()  # stops a host sampler's prefetch thread
     if not lead:
         return
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
-        json.dump(row, f, indent=2)
-    table = training.result_table([row])
+        json.dump({'method': config.method, 'train_shots': config.task.shots, 'results': rows,
+                   'train_seconds': train_s, 'total_seconds': time.time() - t0}, f, indent=2)
+    table = training.result_table(rows)
     with open(os.path.join(workdir, 'results.md'), 'w') as f:
         f.write(table + '\n')
     print(table)

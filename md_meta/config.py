@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.data_dir = ''
     c.task.split = 'minimal'   # omniglot: 'maml' (1100/100/423) or 'minimal'
     c.task.source = 'auto'     # omniglot: 'tfds' | 'zip' | 'auto'
+    c.task.frequency = (1.0, 1.0)  # sinusoid: w ~ U[lo, hi] in y = A sin(w x - b); MAML: (1, 1)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = 'mlp'
@@ -75,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_tasks = 600
     c.eval.batch_size = 100
     c.eval.query = -1          # -1: same as task.query
+    c.eval.shots = ()          # support sizes evaluated after training (): (task.shots,)
 
     c.train = ml_collections.ConfigDict()
     c.train.log_every = 1000
@@ -166,5 +168,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(0 < c.ecml.eps < 1, 'ecml.eps', f'must be in (0, 1), got {c.ecml.eps}')
     if c.method in ('metasgd',) or (c.method == 'ecml' and c.ecml.preconditioner == 'metasgd'):
         _require(c.inner.step_size > 0, 'inner.step_size', 'must be positive for Meta-SGD (log step size)')
+    for s in c.eval.get('shots', ()):
+        _require(isinstance(s, int) and s > 0, 'eval.shots', f'must be positive integers, got {tuple(c.eval.shots)}')
     if c.task.name == 'sinusoid':
         _require(c.model.name == 'mlp', 'model.name', "the sinusoid task needs model.name='mlp'")
+        f = tuple(c.task.get('frequency', (1.0, 1.0)))
+        _require(len(f) == 2 and 0 < f[0] <= f[1], 'task.frequency', f'must be (lo, hi) with 0 < lo <= hi, got {f}')

@@ -136,19 +136,26 @@ def make_host_step(exp: Experiment):
 
 
 def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None = None,
-             query: int | None = None, seed_offset: int = 0, eval_fn: Callable | None = None) -> dict:
+             query: int | None = None, seed_offset: int = 0, eval_fn: Callable | None = None,
+             shots: int | None = None) -> dict:
     """Adapts to ``num_tasks`` new tasks of ``split``; returns summaries (mean, 95% CI) of the query
     metrics and the mean inner-loop curves (support loss and gradient norm at k = 0..K). The tasks are a
     fixed set for a given (seed, split, seed_offset); pass ``eval_fn = make_evaluate(exp.learner)`` to
-    reuse one compiled evaluator across calls."""
+    reuse one compiled evaluator across calls. ``shots`` adapts on that many support examples (per
+    class) instead of config.task.shots, e.g. to evaluate a 10-shot meta-training run at 5 and 20 shots."""
     cfg = exp.config
+    source = exp.source
+    if shots is not None and shots != cfg.task.shots:
+        other = cfg.copy_and_resolve_references()
+        other.task.shots = shots
+        source = tasks.make_source(other)
     n = num_tasks or cfg.eval.num_tasks
     q = query or (cfg.eval.query if cfg.eval.query > 0 else cfg.task.query)
     bs = min(cfg.eval.batch_size, n)
     eval_fn = eval_fn or make_evaluate(exp.learner)
     per_task, curves = {}, {}
     for i in range(-(-n // bs)):
-        batch = exp.source.sample(10_000_000 * (1 + seed_offset) + i, bs, split, q)
+        batch = source.sample(10_000_000 * (1 + seed_offset) + i, bs, split, q)
         metrics, c = eval_fn(meta, batch, jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 7), i))
         for name, v in metrics.items():
             per_task.setdefault(name, []).append(np.asarray(v))
@@ -156,7 +163,8 @@ def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None =
             curves.setdefault(name, []).append(np.asarray(v))
     per_task = {k: np.concatenate(v)[:n] for k, v in per_task.items()}
     curves = {k: np.concatenate(v)[:n].mean(0).tolist() for k, v in curves.items()}
-    return {'split': split, 'num_tasks': n, 'metrics': evaluation.summarize(per_task), 'curves': curves}
+    return {'split': split, 'num_tasks': n, 'shots': shots or cfg.task.shots,
+            'metrics': evaluation.summarize(per_task), 'curves': curves}
 
 
 # ----------------------------------------------------------------------------- workdir and config

@@ -34,10 +34,11 @@ def make_source(config) -> TaskSource:
     if name == 'sinusoid':
         from md_meta.tasks import sinusoid
         shots = config.task.shots
+        frequency = tuple(float(f) for f in config.task.get('frequency', (1.0, 1.0)))
 
         def device_sample(key, num_tasks, split, query):
             del split  # one distribution; splits differ by key only
-            return sinusoid.sample(key, num_tasks, shots, query)
+            return sinusoid.sample(key, num_tasks, shots, query, frequency)
 
         sample_jit = jax.jit(device_sample, static_argnums=(1, 2, 3))
 
