@@ -50,7 +50,7 @@ flags.DEFINE_list('curve_methods', ['maml', 'md'], 'methods for the scaling curv
 flags.DEFINE_string('curve_shape', 'a', 'base shape of the scaling curves')
 flags.DEFINE_list('curve_K', ['1', '2', '5', '10', '20', '50'], 'K values of the K curve')
 flags.DEFINE_list('curve_tasks', ['1', '4', '16', '32', '64'], 'task counts of the tasks curve')
-flags.DEFINE_bool('curve_remat', True, 'also run the K curve with inner.remat=True')
+flags.DEFINE_bool('curve_remat', True, 'run the K curve with inner.remat=True beside inner.remat=False')
 flags.DEFINE_list('set', [], 'config overrides for every run, e.g. inner.unroll=1,meta.task_batching=unroll')
 flags.DEFINE_string('data_dir', '', 'task.data_dir for the host episode-sampling time (skipped without data)')
 flags.DEFINE_bool('flops', True, 'count FLOPs (compiles a fully unrolled copy of the step when needed)')
@@ -311,7 +311,7 @@ def main(argv):
             values = [int(v) for v in FLAGS.curve_K]
             if quick:
                 values = [v for v in values if v <= 10]
-            variants = [('', [])] + ([(' remat', ['inner.remat=true'])] if FLAGS.curve_remat else [])
+            variants = [(' no remat', ['inner.remat=false'])] + ([(' remat', ['inner.remat=true'])] if FLAGS.curve_remat else [])
         elif curve == 'tasks':
             values = [int(v) for v in FLAGS.curve_tasks]
             if quick:
