@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.md.scale = 'bounded'
     c.md.s_min = 0.1
     c.md.s_max = 2.0
-    c.md.monotone = False
+    c.md.monotone = True       # Theorem 1 by construction (docs/monotonicity.md); False: the paper's/reference's form
     c.md.shift_lipschitz = ml_collections.FieldReference(None, field_type=float)
     c.md.encoder_layers = 3
 
@@ -154,7 +154,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(c.md.s_max > 1, 'md.s_max', f'must exceed 1 so that g starts as the identity, got {c.md.s_max}')
     if c.md.monotone:
         _require(c.md.scale == 'bounded' and c.md.s_min > 0, 'md.monotone',
-                 "needs md.scale='bounded' and md.s_min > 0")
+                 "the monotone blockIAF (the default) needs md.scale='bounded' and md.s_min > 0; "
+                 "set md.monotone=False for the paper's / reference's unconstrained map")
     _require(c.eval.num_tasks % c.eval.batch_size == 0 or c.eval.num_tasks < c.eval.batch_size,
              'eval.batch_size', f'must divide eval.num_tasks={c.eval.num_tasks}, got {c.eval.batch_size}')
     if 'mtnet' in c:
