@@ -154,13 +154,17 @@ def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None =
     bs = min(cfg.eval.batch_size, n)
     eval_fn = eval_fn or make_evaluate(exp.learner)
     per_task, curves = {}, {}
-    for i in range(-(-n // bs)):
-        batch = source.sample(10_000_000 * (1 + seed_offset) + i, bs, split, q)
-        metrics, c = eval_fn(meta, batch, jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 7), i))
-        for name, v in metrics.items():
-            per_task.setdefault(name, []).append(np.asarray(v))
-        for name, v in c.items():
-            curves.setdefault(name, []).append(np.asarray(v))
+    try:
+        for i in range(-(-n // bs)):
+            batch = source.sample(10_000_000 * (1 + seed_offset) + i, bs, split, q)
+            metrics, c = eval_fn(meta, batch, jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 7), i))
+            for name, v in metrics.items():
+                per_task.setdefault(name, []).append(np.asarray(v))
+            for name, v in c.items():
+                curves.setdefault(name, []).append(np.asarray(v))
+    finally:
+        if source is not exp.source:  # a source built here for other shots: stop its prefetch thread
+            getattr(source.sample, 'close', lambda: None)()
     per_task = {k: np.concatenate(v)[:n] for k, v in per_task.items()}
     curves = {k: np.concatenate(v)[:n].mean(0).tolist() for k, v in curves.items()}
     return {'split': split, 'num_tasks': n, 'shots': shots or cfg.task.shots,
