@@ -17,6 +17,7 @@ grouped convolution). ``'auto'`` picks patches on CPU and GPU, where it was meas
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -42,13 +43,43 @@ def resolve_conv_impl(conv_impl: str) -> str:
     return conv_impl
 
 
+@jax.custom_vjp
+def patch_matmul(cols: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """y = cols @ w for cols [..., k], w [k, c]; the same maths as ``@`` with a weight gradient
+    dw = sum_n cols_n^T dy_n written with the narrower of (cols, dy) as the left operand.
+
+    XLA:CPU lays the left operand of that contraction out transposed, so JAX's own rule (dy on the left)
+    copies the whole of dy when dy is the wider one: on CNN4's first layer (k = 9, c = 64) that
+    transposed copy of the full-resolution gradient was the most expensive op of a meta-step.
+    Differentiable to any order in reverse mode (the backward rule is plain jnp)."""
+    return cols @ w
+
+
+def _patch_matmul_fwd(cols, w):
+    return cols @ w, (cols, w)
+
+
+def _patch_matmul_bwd(res, dy):
+    cols, w = res
+    k, c = w.shape
+    cols2, dy2 = cols.reshape(-1, k), dy.reshape(-1, c)
+    if k <= c:
+        dw = jnp.einsum('nk,nc->kc', cols2, dy2)
+    else:
+        dw = jnp.einsum('nc,nk->ck', dy2, cols2).T
+    return dy @ w.T, dw
+
+
+patch_matmul.defvjp(_patch_matmul_fwd, _patch_matmul_bwd)
+
+
 def conv3x3_patches(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     """'SAME' 3x3 convolution (NHWC, HWIO) as im2col by 9 shifted slices + one matmul."""
     n, h, w, c = x.shape
     kh, kw = kernel.shape[:2]
     xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
     cols = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
-    return cols @ kernel.reshape(kh * kw * c, -1)
+    return patch_matmul(cols, kernel.reshape(kh * kw * c, -1))
 
 
 def conv3x3_lax(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
@@ -105,19 +136,78 @@ class MLP(nn.Module):
         return Dense(self.out, tr, name=f'layer_{len(self.hidden)}')(x)
 
 
+def batch_stats(x: jnp.ndarray, eps: float):
+    """Per-channel mean and 1 / sqrt(var + eps) over every axis but the last (two passes)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    return mean, jax.lax.rsqrt(jnp.square(x - mean).mean(axes) + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def bn_relu_pool(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, eps: float = 1e-5) -> jnp.ndarray:
+    """max_pool_2x2(relu(bn(x))), bn(x) = (x - mean) / sqrt(var + eps) * scale + bias on the batch's
+    statistics, computed as relu(bn(pool_s(x))) with pool_s(x) = s * max_pool_2x2(s * x), s = sign(scale)
+    per channel (s = 1 at 0).
+
+    bn and relu are monotone per channel (increasing for s = 1, decreasing for s = -1) and so is float
+    rounding, so pooling first gives the same floats. The backward rule is the closed form
+        dx = route(dp) - sum(dp) / N - rstd * sum(dp * xhat_p) * (x - mean) / N,
+        dp = relu'(z) dout * scale * rstd,  xhat_p = (pool_s(x) - mean) * rstd,
+    where route sends dp to the window's maxima, split equally between ties (JAX's rule for max), so
+    the full-resolution activations are read three times forward and twice backward instead of once per
+    elementwise op and its gradient (CNN4's layer-1 activations dominate a meta-step's memory traffic).
+    The rule is plain jnp, so it differentiates again (second-order MAML)."""
+    return _bn_relu_pool_fwd(x, scale, bias, eps)[0]
+
+
+def _bn_relu_pool_fwd(x, scale, bias, eps):
+    mean, rstd = batch_stats(x, eps)
+    sign = jnp.where(scale >= 0, 1, -1).astype(x.dtype)
+    pooled = sign * max_pool_2x2(sign * x)
+    out = jax.nn.relu((pooled - mean) * rstd * scale + bias)
+    return out, (x, scale, bias, mean, rstd, sign, pooled)
+
+
+def _bn_relu_pool_bwd(eps, res, dout):
+    del eps
+    x, scale, bias, mean, rstd, sign, pooled = res
+    n, h, w, c = x.shape
+    q_axes = (0, 1, 2)
+    xhat = (pooled - mean) * rstd
+    dz = jnp.where(xhat * scale + bias > 0, dout, jnp.zeros_like(dout))
+    dp = dz * scale * rstd
+    size = n * h * w
+    shift = -dp.sum(q_axes) / size
+    slope = -rstd * (dp * xhat).sum(q_axes) / size
+    h2, w2 = h // 2, w // 2
+    window = (sign * x[:, :2 * h2, :2 * w2, :]).reshape(n, h2, 2, w2, 2, c)
+    target = sign * pooled
+    count = sum((window[:, :, a, :, b, :] == target).astype(x.dtype) for a in (0, 1) for b in (0, 1))
+    is_max = window == target[:, :, None, :, None, :]
+    routed = jnp.where(is_max, (dp / count)[:, :, None, :, None, :], 0).reshape(n, 2 * h2, 2 * w2, c)
+    routed = jnp.pad(routed, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0)))
+    dx = routed + shift + slope * (x - mean)
+    return dx, (dz * xhat).sum(q_axes), dz.sum(q_axes)
+
+
+bn_relu_pool.defvjp(_bn_relu_pool_fwd, _bn_relu_pool_bwd)
+
+
 class BatchNormCurrent(nn.Module):
-    """Batch norm on the current batch's statistics (no running averages); scale/offset are params."""
+    """Batch norm on the current batch's statistics (no running averages); scale/offset are params:
+    bn(x) = (x - mean) / sqrt(var + eps) * scale + bias, mean and var over every axis but the last.
+    ``relu_pool=True`` returns max_pool_2x2(relu(bn(x))) by the fused ``bn_relu_pool``."""
     eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, relu_pool: bool = False):
         c = x.shape[-1]
         scale = self.param('scale', nn.initializers.ones, (c,))
         bias = self.param('bias', nn.initializers.zeros, (c,))
-        axes = tuple(range(x.ndim - 1))
-        mean = x.mean(axes)
-        var = jnp.square(x - mean).mean(axes)
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        if relu_pool:
+            return bn_relu_pool(x, scale, bias, self.eps)
+        mean, rstd = batch_stats(x, self.eps)
+        return (x - mean) * rstd * scale + bias
 
 
 class ConvBlock(nn.Module):
@@ -134,8 +224,7 @@ class ConvBlock(nn.Module):
         conv = conv3x3_patches if self.conv_impl == 'patches' else conv3x3_lax
         x = conv(x, kernel) + bias
         x = LayerTransform(self.transform, name='transform')(x)
-        x = BatchNormCurrent(name='norm')(x)
-        return max_pool_2x2(jax.nn.relu(x))
+        return BatchNormCurrent(name='norm')(x, relu_pool=True)  # = max_pool_2x2(relu(bn(x)))
 
 
 class CNN4(nn.Module):

@@ -10,7 +10,7 @@ from md_meta import methods
 from md_meta.config import ConfigError, validate
 from md_meta.inner import InnerConfig, resolve_unroll
 from md_meta.meta import MetaLearner, Task, init_meta_params, meta_loss
-from md_meta.networks import conv3x3_lax, conv3x3_patches, make_model
+from md_meta.networks import batch_stats, bn_relu_pool, conv3x3_lax, conv3x3_patches, make_model, max_pool_2x2
 
 from tests.helpers import tiny_config, tree_max_abs_diff
 
@@ -37,9 +37,10 @@ def _conv_inner_outer(conv):
     return outer
 
 
-def test_patches_conv_matches_lax_under_vmap_and_second_order():
+@pytest.mark.parametrize('cin,cout', [(3, 5), (1, 16)])  # both branches of patch_matmul's weight gradient
+def test_patches_conv_matches_lax_under_vmap_and_second_order(cin, cout):
     kx, kk, ky = jax.random.split(jax.random.PRNGKey(0), 3)
-    tasks, n, h, w, cin, cout = 3, 4, 7, 9, 3, 5  # odd sizes exercise the padding
+    tasks, n, h, w = 3, 4, 7, 9  # odd sizes exercise the padding
     x = jax.random.normal(kx, (tasks, n, h, w, cin))
     kernel = 0.3 * jax.random.normal(kk, (tasks, 3, 3, cin, cout))
     y = jax.random.normal(ky, (tasks, n, h, w, cout))
@@ -51,6 +52,38 @@ def test_patches_conv_matches_lax_under_vmap_and_second_order():
     gp, gl = grad(conv3x3_patches)(kernel, x, y), grad(conv3x3_lax)(kernel, x, y)
     scale = max(1.0, max(float(jnp.max(jnp.abs(g))) for g in gl))
     assert tree_max_abs_diff(gp, gl) < 1e-5 * scale
+
+
+@pytest.mark.parametrize('shape,ties', [((3, 6, 6, 4), False), ((2, 7, 5, 4), False), ((3, 6, 6, 4), True)])
+def test_fused_bn_relu_pool_matches_plain_formula_to_second_order(shape, ties):
+    """bn_relu_pool (pool first, closed-form backward) == max_pool_2x2(relu(bn(x))) by autodiff: values,
+    gradients and a Hessian-vector product, in float64, with negative scales, odd sizes and tied maxima
+    (where JAX splits the gradient equally, and so must the closed form)."""
+    def plain(x, s, b):
+        mean, rstd = batch_stats(x, 1e-5)
+        return max_pool_2x2(jax.nn.relu((x - mean) * rstd * s + b))
+
+    with jax.enable_x64(True):
+        k = jax.random.split(jax.random.PRNGKey(0), 6)
+        x = jax.random.normal(k[0], shape, jnp.float64)
+        if ties:
+            x = jnp.round(2 * x) / 2
+        s = jnp.array([1.0, -0.5, 0.7, -2.0], jnp.float64)
+        b = 0.3 * jax.random.normal(k[1], (4,), jnp.float64)
+        fused = lambda x, s, b: bn_relu_pool(x, s, b, 1e-5)
+        np.testing.assert_array_equal(fused(x, s, b), plain(x, s, b))
+        g = jax.random.normal(k[2], plain(x, s, b).shape, jnp.float64)
+        loss = lambda f: (lambda *a: jnp.sum(f(*a) * g))
+        g_plain, g_fused = jax.grad(loss(plain), (0, 1, 2))(x, s, b), jax.grad(loss(fused), (0, 1, 2))(x, s, b)
+        assert tree_max_abs_diff(g_fused, g_plain) < 1e-12
+        v = (jax.random.normal(k[3], x.shape, jnp.float64), jax.random.normal(k[4], (4,), jnp.float64),
+             jax.random.normal(k[5], (4,), jnp.float64))
+        hvp = lambda f: jax.grad(lambda *a: sum(jnp.vdot(gi, vi) for gi, vi in zip(jax.grad(loss(f), (0, 1, 2))(*a), v)),
+                                 (0, 1, 2))(x, s, b)
+        h_plain, h_fused = hvp(plain), hvp(fused)
+        assert tree_max_abs_diff(h_fused, h_plain) < 1e-10 * max(1.0, max(float(jnp.max(jnp.abs(h))) for h in h_plain))
+        per_task = jax.vmap(jax.grad(loss(fused)), in_axes=(0, None, None))(jnp.stack([x, 2 * x]), s, b)
+        np.testing.assert_allclose(per_task[0], g_fused[0], atol=1e-12)
 
 
 def _image_learner(method='maml', *, conv_impl='patches', steps=2, remat=False, unroll=1, dtype='float32',
