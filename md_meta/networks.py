@@ -5,9 +5,11 @@ units of layer-wise methods: ``layer_0, layer_1, ...`` in network order.
 
 Layer transforms (meta-learned, never adapted in the inner loop) live in the Flax collection
 ``'warp'``, so the inner loop adapts ``'params'`` only:
-  * ``'tnet'``: a linear map T (identity at start) after each layer (T-net / MT-net, Lee & Choi 2018);
-  * ``'warpgrad'``: a residual warp layer h + W2 relu(W1 h) (W2 = 0 at start) after each hidden layer
-    (WarpGrad, Flennerhag et al. 2020).
+  * ``'tnet'``: a linear map T (identity at start) after each layer, before its batch norm (T-net / MT-net,
+    Lee & Choi 2018);
+  * ``'warpgrad'``: a residual warp layer h + W2 relu(W1 h + b1) (W2 = 0 at start) after each hidden dense
+    layer, and in the conv nets after each block, i.e. after its pooling, where WarpGrad's released
+    Omniglot model (WarpedOmniConv) puts its warp layers (WarpGrad, Flennerhag et al. 2020).
 
 Convolutions have two formulations (``conv_impl``): ``'lax'`` (``lax.conv_general_dilated``) and
 ``'patches'`` (3x3 patches by slicing + one matmul, which vmaps to a batched GEMM rather than a
@@ -44,22 +46,24 @@ def resolve_conv_impl(conv_impl: str) -> str:
 
 
 @jax.custom_vjp
-def patch_matmul(cols: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """y = cols @ w for cols [..., k], w [k, c]; the same maths as ``@`` with a weight gradient
-    dw = sum_n cols_n^T dy_n written with the narrower of (cols, dy) as the left operand.
+def feature_matmul(cols: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """y = cols @ w for cols [..., k] (patches or features), w [k, c]; the same maths as ``@`` with the
+    weight gradient dw = sum_n cols_n^T dy_n written with cols on the left unless it is the wider one.
 
-    XLA:CPU lays the left operand of that contraction out transposed, so JAX's own rule (dy on the left)
-    copies the whole of dy when dy is the wider one: on CNN4's first layer (k = 9, c = 64) that
-    transposed copy of the full-resolution gradient was the most expensive op of a meta-step.
-    Differentiable to any order in reverse mode (the backward rule is plain jnp)."""
+    XLA:CPU lays the left operand of that contraction out transposed. JAX's own rule puts dy on the left,
+    and dy is usually a fused expression (the backward of the next layer), so its transposed copy is
+    computed with a strided write: on CNN4's first layer (k = 9, c = 64) that copy was the most expensive
+    op of a meta-step, and on a WarpGrad warp layer (k = c = 64) the second most. cols is a materialised
+    array (and in the first layer 7x narrower). Differentiable to any order in reverse mode (the backward
+    rule is plain jnp)."""
     return cols @ w
 
 
-def _patch_matmul_fwd(cols, w):
+def _feature_matmul_fwd(cols, w):
     return cols @ w, (cols, w)
 
 
-def _patch_matmul_bwd(res, dy):
+def _feature_matmul_bwd(res, dy):
     cols, w = res
     k, c = w.shape
     cols2, dy2 = cols.reshape(-1, k), dy.reshape(-1, c)
@@ -70,7 +74,7 @@ def _patch_matmul_bwd(res, dy):
     return dy @ w.T, dw
 
 
-patch_matmul.defvjp(_patch_matmul_fwd, _patch_matmul_bwd)
+feature_matmul.defvjp(_feature_matmul_fwd, _feature_matmul_bwd)
 
 
 def conv3x3_patches(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
@@ -79,7 +83,7 @@ def conv3x3_patches(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     kh, kw = kernel.shape[:2]
     xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
     cols = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
-    return patch_matmul(cols, kernel.reshape(kh * kw * c, -1))
+    return feature_matmul(cols, kernel.reshape(kh * kw * c, -1))
 
 
 def conv3x3_lax(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
@@ -102,13 +106,13 @@ class LayerTransform(nn.Module):
         c = h.shape[-1]
         if self.kind == 'tnet':
             t = self.variable('warp', 'T', lambda: jnp.eye(c, dtype=h.dtype)).value
-            return h @ t
+            return feature_matmul(h, t)
         if self.kind == 'warpgrad':
             w1 = self.variable('warp', 'w1', lambda: jax.random.normal(self.make_rng('params'), (c, c), h.dtype)
                                / jnp.sqrt(c)).value
             b1 = self.variable('warp', 'b1', lambda: jnp.zeros((c,), h.dtype)).value
             w2 = self.variable('warp', 'w2', lambda: jnp.zeros((c, c), h.dtype)).value
-            return h + jax.nn.relu(h @ w1 + b1) @ w2
+            return h + feature_matmul(jax.nn.relu(feature_matmul(h, w1) + b1), w2)
         return h
 
 
@@ -211,7 +215,7 @@ class BatchNormCurrent(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """3x3 conv (64) -> [transform] -> batch norm (current batch) -> ReLU -> 2x2 max pool."""
+    """3x3 conv (64) -> ['tnet': T] -> batch norm (current batch) -> ReLU -> 2x2 max pool -> ['warpgrad': warp]."""
     features: int = 64
     conv_impl: str = 'patches'
     transform: str = 'none'
@@ -222,9 +226,16 @@ class ConvBlock(nn.Module):
         kernel = self.param('kernel', nn.initializers.xavier_uniform(), (3, 3, cin, self.features))
         bias = self.param('bias', nn.initializers.zeros, (self.features,))
         conv = conv3x3_patches if self.conv_impl == 'patches' else conv3x3_lax
-        x = conv(x, kernel) + bias
-        x = LayerTransform(self.transform, name='transform')(x)
-        return BatchNormCurrent(name='norm')(x, relu_pool=True)  # = max_pool_2x2(relu(bn(x)))
+        transform = LayerTransform(self.transform, name='transform')
+        if self.transform == 'tnet':
+            # T is linear on the channels: (conv(x, W) + b) T = conv(x, W T) + b T, so it is applied to the
+            # kernel and bias (a 64x64 product) instead of to every pixel of the feature map.
+            kernel = transform(kernel.reshape(-1, self.features)).reshape(kernel.shape)
+            x = conv(x, kernel) + transform(bias)
+        else:
+            x = conv(x, kernel) + bias
+        x = BatchNormCurrent(name='norm')(x, relu_pool=True)  # = max_pool_2x2(relu(bn(x)))
+        return transform(x) if self.transform == 'warpgrad' else x
 
 
 class CNN4(nn.Module):
@@ -277,7 +288,8 @@ def resnet12_widths(features: int = 64) -> tuple:
 
 class ResBlock12(nn.Module):
     """One ResNet-12 block: 3 x [3x3 conv (no bias) -> batch norm (current batch)], leaky ReLU (0.1)
-    between them, a 1x1 conv + batch norm shortcut, the sum -> leaky ReLU -> [transform] -> 2x2 max pool."""
+    between them, a 1x1 conv + batch norm shortcut, the sum -> leaky ReLU -> ['tnet': T] -> 2x2 max pool
+    -> ['warpgrad': warp]."""
     features: int
     conv_impl: str = 'patches'
     transform: str = 'none'
@@ -296,8 +308,11 @@ class ResBlock12(nn.Module):
         short = self.param('shortcut', init, (1, 1, cin, self.features))
         s = BatchNormCurrent(name='norm_shortcut')(x @ short.reshape(cin, self.features))
         h = jax.nn.leaky_relu(h + s, 0.1)
-        h = LayerTransform(self.transform, name='transform')(h)
-        return max_pool_2x2(h)
+        transform = LayerTransform(self.transform, name='transform')
+        if self.transform == 'tnet':
+            h = transform(h)
+        h = max_pool_2x2(h)
+        return transform(h) if self.transform == 'warpgrad' else h
 
 
 class ResNet12(nn.Module):

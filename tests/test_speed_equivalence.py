@@ -10,7 +10,8 @@ from md_meta import methods
 from md_meta.config import ConfigError, validate
 from md_meta.inner import InnerConfig, resolve_unroll
 from md_meta.meta import MetaLearner, Task, init_meta_params, meta_loss
-from md_meta.networks import batch_stats, bn_relu_pool, conv3x3_lax, conv3x3_patches, make_model, max_pool_2x2
+from md_meta.networks import (ConvBlock, batch_stats, bn_relu_pool, conv3x3_lax, conv3x3_patches, make_model,
+                              max_pool_2x2)
 
 from tests.helpers import tiny_config, tree_max_abs_diff
 
@@ -37,7 +38,7 @@ def _conv_inner_outer(conv):
     return outer
 
 
-@pytest.mark.parametrize('cin,cout', [(3, 5), (1, 16)])  # both branches of patch_matmul's weight gradient
+@pytest.mark.parametrize('cin,cout', [(3, 5), (1, 16)])  # both branches of feature_matmul's weight gradient
 def test_patches_conv_matches_lax_under_vmap_and_second_order(cin, cout):
     kx, kk, ky = jax.random.split(jax.random.PRNGKey(0), 3)
     tasks, n, h, w = 3, 4, 7, 9  # odd sizes exercise the padding
@@ -84,6 +85,26 @@ def test_fused_bn_relu_pool_matches_plain_formula_to_second_order(shape, ties):
         assert tree_max_abs_diff(h_fused, h_plain) < 1e-10 * max(1.0, max(float(jnp.max(jnp.abs(h))) for h in h_plain))
         per_task = jax.vmap(jax.grad(loss(fused)), in_axes=(0, None, None))(jnp.stack([x, 2 * x]), s, b)
         np.testing.assert_allclose(per_task[0], g_fused[0], atol=1e-12)
+
+
+@pytest.mark.parametrize('transform', ['none', 'tnet', 'warpgrad'])
+def test_conv_block_matches_its_definition(transform):
+    """ConvBlock (patches conv, fused bn_relu_pool, T-net's T folded into the kernel) == the block written
+    out with lax.conv: conv -> + b -> [T] -> bn -> relu -> pool -> [warp], with random transforms."""
+    kx, kv, kt = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(kx, (4, 9, 9, 3))
+    block = ConvBlock(8, 'patches', transform)
+    variables = block.init(kv, x)
+    variables = jax.tree_util.tree_map(lambda v: v + 0.3 * jax.random.normal(kt, v.shape), variables)
+    p, warp = variables['params'], variables.get('warp', {}).get('transform', {})
+    h = conv3x3_lax(x, p['kernel']) + p['bias']
+    if transform == 'tnet':
+        h = h @ warp['T']
+    mean, rstd = batch_stats(h, 1e-5)
+    h = max_pool_2x2(jax.nn.relu((h - mean) * rstd * p['norm']['scale'] + p['norm']['bias']))
+    if transform == 'warpgrad':
+        h = h + jax.nn.relu(h @ warp['w1'] + warp['b1']) @ warp['w2']
+    np.testing.assert_allclose(block.apply(variables, x), h, rtol=1e-4, atol=1e-5)
 
 
 def _image_learner(method='maml', *, conv_impl='patches', steps=2, remat=False, unroll=1, dtype='float32',
