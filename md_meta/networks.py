@@ -160,7 +160,8 @@ def bn_relu_pool(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, eps: flo
     where route sends dp to the window's maxima, split equally between ties (JAX's rule for max), so
     the full-resolution activations are read three times forward and twice backward instead of once per
     elementwise op and its gradient (CNN4's layer-1 activations dominate a meta-step's memory traffic).
-    The rule is plain jnp, so it differentiates again (second-order MAML)."""
+    The rule is plain jnp, so it differentiates again (second-order MAML). At scale = 0 exactly, a kink
+    of the function in scale, its gradient w.r.t. scale is a different subgradient from autodiff's."""
     return _bn_relu_pool_fwd(x, scale, bias, eps)[0]
 
 
