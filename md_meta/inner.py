@@ -26,9 +26,9 @@ class InnerConfig(NamedTuple):
 
 def resolve_unroll(unroll: int, steps: int) -> int:
     """``unroll = -1`` (automatic) -> 1, a rolled ``while`` loop, on every backend. Measured on XLA:CPU
-    (CNN4 MAML, shape (a) of docs/benchmarks.md): with the default patches convolution (``conv_impl=
-    'auto'``) the rolled loop is as fast as the fully unrolled one (the slow while-loop layout only hits
-    ``lax`` convolutions) and compiles ~3.5x faster. With ``conv_impl='lax'`` on CPU pass
+    (CNN4 MAML and MD, shape (a) of docs/benchmarks.md): with the default patches convolution (``conv_impl=
+    'auto'``) the rolled loop is faster than the fully unrolled one (the slow while-loop layout only hits
+    ``lax`` convolutions) and compiles 2-3.5x faster. With ``conv_impl='lax'`` on CPU pass
     ``unroll=steps``. Any positive value is used as is."""
     del steps
     return 1 if unroll == -1 else unroll
