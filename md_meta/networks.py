@@ -53,9 +53,9 @@ def feature_matmul(cols: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     XLA:CPU lays the left operand of that contraction out transposed. JAX's own rule puts dy on the left,
     and dy is usually a fused expression (the backward of the next layer), so its transposed copy is
     computed with a strided write: on CNN4's first layer (k = 9, c = 64) that copy was the most expensive
-    op of a meta-step, and on a WarpGrad warp layer (k = c = 64) the second most. cols is a materialised
-    array (and in the first layer 7x narrower). Differentiable to any order in reverse mode (the backward
-    rule is plain jnp)."""
+    op of a meta-step, and on a WarpGrad warp layer (k = c = 64) the second most. cols is the forward's
+    input (the patches, or a block's output), cheaper to lay out again, and in the first layer 7x
+    narrower. Differentiable to any order in reverse mode (the backward rule is plain jnp)."""
     return cols @ w
 
 
