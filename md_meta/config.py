@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.meta.batch_size = 25
     c.meta.steps = 70000
     c.meta.task_batching = 'vmap'
+    c.meta.task_gradients = 'auto'   # 'batched' | 'per_task' | 'auto' (per_task on CPU; md_meta.meta.meta_value_and_grad)
     c.meta.compute_dtype = 'float32'  # 'bfloat16': bf16 network compute, fp32 params and optimizer state
     c.meta.lr_decay_every = 0  # sgd_nesterov: x0.1 every N steps (0: never)
     c.meta.weight_decay = 0.0
@@ -138,6 +139,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.meta.optimizer in OPTIMIZERS, 'meta.optimizer', f'must be one of {OPTIMIZERS}, got {c.meta.optimizer!r}')
     _require(c.meta.task_batching in ('vmap', 'unroll'), 'meta.task_batching',
              f"must be 'vmap' or 'unroll', got {c.meta.task_batching!r}")
+    _require(c.meta.task_gradients in ('auto', 'batched', 'per_task'), 'meta.task_gradients',
+             f"must be 'auto', 'batched' or 'per_task', got {c.meta.task_gradients!r}")
     _require(c.inner.eval_steps == -1 or c.inner.eval_steps > 0, 'inner.eval_steps',
              f'must be -1 (same as inner.steps) or positive, got {c.inner.eval_steps}')
     _require(c.eval.query == -1 or c.eval.query > 0, 'eval.query', f'must be -1 or positive, got {c.eval.query}')

@@ -23,6 +23,7 @@ from md_meta.inner import InnerConfig, adapt
 from md_meta.networks import Model
 
 TASK_BATCHING = ('vmap', 'unroll')
+TASK_GRADIENTS = ('auto', 'batched', 'per_task')
 
 
 class Task(NamedTuple):
@@ -42,6 +43,7 @@ class MetaLearner(NamedTuple):
     eval_inner: InnerConfig
     task_batching: str = 'vmap'
     compute_dtype: str = 'float32'   # 'bfloat16': network forward/backward in bf16, parameters stay fp32
+    task_gradients: str = 'auto'     # how the meta-gradient is batched over tasks (``meta_value_and_grad``)
 
 
 def init_meta_params(learner: MetaLearner, key: jax.Array, example_x: jnp.ndarray) -> dict:
@@ -107,6 +109,37 @@ def meta_loss(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
     return total, metrics
 
 
+def resolve_task_gradients(task_gradients: str) -> str:
+    """'auto' -> 'per_task' on CPU (measured faster there, docs/benchmarks.md), 'batched' elsewhere."""
+    if task_gradients not in TASK_GRADIENTS:
+        raise ValueError(f'task_gradients must be one of {TASK_GRADIENTS}, got {task_gradients!r}')
+    if task_gradients == 'auto':
+        return 'per_task' if jax.default_backend() == 'cpu' else 'batched'
+    return task_gradients
+
+
+def meta_value_and_grad(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
+    """((meta_loss, metrics), grad_theta meta_loss), two ways with the same value (``task_gradients``):
+
+    'batched':  grad of the mean over the vmapped tasks; the backward pass sums the task cotangents of
+                the shared theta inside the inner loop's backward scan, once per inner step;
+    'per_task': mean_t grad_theta [L_t + penalty_t], vmap of per-task gradients averaged once at the end
+                (XLA:CPU's reductions over the task axis are slow, so one at the end is cheaper there)."""
+    if resolve_task_gradients(learner.task_gradients) == 'batched':
+        return jax.value_and_grad(meta_loss, argnums=1, has_aux=True)(learner, meta, batch, key)
+    keys = jax.random.split(key, batch.support_x.shape[0])
+
+    def one(task, k):
+        def total(m):
+            metrics, _, penalty = task_result(learner, m, task, k, learner.inner)
+            return metrics['loss'] + penalty, metrics
+        return jax.value_and_grad(total, has_aux=True)(meta)
+
+    (totals, metrics), grads = _over_tasks(learner, one, batch, keys)
+    task_mean = lambda tree: jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), tree)
+    return (jnp.mean(totals), task_mean(metrics)), task_mean(grads)
+
+
 def all_finite(tree) -> jnp.ndarray:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
@@ -115,7 +148,7 @@ def meta_update(learner: MetaLearner, optimizer: optax.GradientTransformation, m
                 batch: Task, key: jax.Array):
     """One meta-step, un-jitted. A non-finite meta-loss or meta-gradient leaves theta and the optimizer
     state unchanged and reports ``skipped = 1``."""
-    (loss, metrics), grads = jax.value_and_grad(meta_loss, argnums=1, has_aux=True)(learner, meta, batch, key)
+    (loss, metrics), grads = meta_value_and_grad(learner, meta, batch, key)
     ok = jnp.isfinite(loss) & all_finite(grads)
 
     def apply(_):

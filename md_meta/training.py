@@ -76,7 +76,7 @@ def build(config) -> Experiment:
     eval_steps = config.inner.eval_steps if config.inner.eval_steps > 0 else config.inner.steps
     eval_inner = InnerConfig(eval_steps, True, config.inner.unroll, False)
     learner = MetaLearner(geometry, model, source.loss, inner, eval_inner, config.meta.task_batching,
-                          config.meta.compute_dtype)
+                          config.meta.compute_dtype, config.meta.task_gradients)
     return Experiment(config, learner, make_optimizer(config.meta), source)
 
 
