@@ -147,35 +147,46 @@ def batch_stats(x: jnp.ndarray, eps: float):
     return mean, jax.lax.rsqrt(jnp.square(x - mean).mean(axes) + eps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def channel_sign(scale: jnp.ndarray) -> jnp.ndarray:
+    """s = sign(scale) per channel, with s = 1 at 0 (a constant for differentiation)."""
+    return jnp.where(scale >= 0, 1, -1).astype(scale.dtype)
+
+
 def bn_relu_pool(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, eps: float = 1e-5) -> jnp.ndarray:
     """max_pool_2x2(relu(bn(x))), bn(x) = (x - mean) / sqrt(var + eps) * scale + bias on the batch's
-    statistics, computed as relu(bn(pool_s(x))) with pool_s(x) = s * max_pool_2x2(s * x), s = sign(scale)
-    per channel (s = 1 at 0).
+    statistics, as ``pool_bn_relu(s x, s scale, bias)`` with s = ``channel_sign(scale)``: bn with scale
+    on x equals bn with scale s on s x (the statistics negate exactly with x), and s scale >= 0.
+    ``ConvBlock`` folds s into its convolution instead (conv(x, W) s = conv(x, W s)), which saves the
+    pass over the full-resolution map that the product s x costs here."""
+    s = channel_sign(scale)
+    return pool_bn_relu(s * x, s * scale, bias, eps)
 
-    bn and relu are monotone per channel (increasing for s = 1, decreasing for s = -1) and so is float
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def pool_bn_relu(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, eps: float = 1e-5) -> jnp.ndarray:
+    """max_pool_2x2(relu(bn(x))) for scale >= 0 (``bn_relu_pool`` for any sign), computed as
+    relu(bn(max_pool_2x2(x))): bn and relu are non-decreasing per channel for scale >= 0, and so is float
     rounding, so pooling first gives the same floats. The backward rule is the closed form
         dx = route(dp) - sum(dp) / N - rstd * sum(dp * xhat_p) * (x - mean) / N,
-        dp = relu'(z) dout * scale * rstd,  xhat_p = (pool_s(x) - mean) * rstd,
+        dp = relu'(z) dout * scale * rstd,  xhat_p = (max_pool_2x2(x) - mean) * rstd,
     where route sends dp to the window's maxima, split equally between ties (JAX's rule for max), so
     the full-resolution activations are read three times forward and twice backward instead of once per
     elementwise op and its gradient (CNN4's layer-1 activations dominate a meta-step's memory traffic).
     The rule is plain jnp, so it differentiates again (second-order MAML). At scale = 0 exactly, a kink
     of the function in scale, its gradient w.r.t. scale is a different subgradient from autodiff's."""
-    return _bn_relu_pool_fwd(x, scale, bias, eps)[0]
+    return _pool_bn_relu_fwd(x, scale, bias, eps)[0]
 
 
-def _bn_relu_pool_fwd(x, scale, bias, eps):
+def _pool_bn_relu_fwd(x, scale, bias, eps):
     mean, rstd = batch_stats(x, eps)
-    sign = jnp.where(scale >= 0, 1, -1).astype(x.dtype)
-    pooled = sign * max_pool_2x2(sign * x)
+    pooled = max_pool_2x2(x)
     out = jax.nn.relu((pooled - mean) * rstd * scale + bias)
-    return out, (x, scale, bias, mean, rstd, sign, pooled)
+    return out, (x, scale, bias, mean, rstd, pooled)
 
 
-def _bn_relu_pool_bwd(eps, res, dout):
+def _pool_bn_relu_bwd(eps, res, dout):
     del eps
-    x, scale, bias, mean, rstd, sign, pooled = res
+    x, scale, bias, mean, rstd, pooled = res
     n, h, w, c = x.shape
     q_axes = (0, 1, 2)
     xhat = (pooled - mean) * rstd
@@ -185,38 +196,50 @@ def _bn_relu_pool_bwd(eps, res, dout):
     shift = -dp.sum(q_axes) / size
     slope = -rstd * (dp * xhat).sum(q_axes) / size
     h2, w2 = h // 2, w // 2
-    window = (sign * x[:, :2 * h2, :2 * w2, :]).reshape(n, h2, 2, w2, 2, c)
-    target = sign * pooled
-    count = sum((window[:, :, a, :, b, :] == target).astype(x.dtype) for a in (0, 1) for b in (0, 1))
-    is_max = window == target[:, :, None, :, None, :]
+    window = x[:, :2 * h2, :2 * w2, :].reshape(n, h2, 2, w2, 2, c)
+    count = sum((window[:, :, a, :, b, :] == pooled).astype(x.dtype) for a in (0, 1) for b in (0, 1))
+    is_max = window == pooled[:, :, None, :, None, :]
     routed = jnp.where(is_max, (dp / count)[:, :, None, :, None, :], 0).reshape(n, 2 * h2, 2 * w2, c)
     routed = jnp.pad(routed, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0)))
     dx = routed + shift + slope * (x - mean)
     return dx, (dz * xhat).sum(q_axes), dz.sum(q_axes)
 
 
-bn_relu_pool.defvjp(_bn_relu_pool_fwd, _bn_relu_pool_bwd)
+pool_bn_relu.defvjp(_pool_bn_relu_fwd, _pool_bn_relu_bwd)
 
 
 class BatchNormCurrent(nn.Module):
     """Batch norm on the current batch's statistics (no running averages); scale/offset are params:
-    bn(x) = (x - mean) / sqrt(var + eps) * scale + bias, mean and var over every axis but the last.
-    ``relu_pool=True`` returns max_pool_2x2(relu(bn(x))) by the fused ``bn_relu_pool``."""
+    bn(x) = (x - mean) / sqrt(var + eps) * scale + bias, mean and var over every axis but the last."""
     eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x, relu_pool: bool = False):
+    def __call__(self, x):
         c = x.shape[-1]
         scale = self.param('scale', nn.initializers.ones, (c,))
         bias = self.param('bias', nn.initializers.zeros, (c,))
-        if relu_pool:
-            return bn_relu_pool(x, scale, bias, self.eps)
         mean, rstd = batch_stats(x, self.eps)
         return (x - mean) * rstd * scale + bias
 
 
+class NormReluPool(nn.Module):
+    """max_pool_2x2(relu(bn(y))) with ``BatchNormCurrent``'s parameters, y given by its producer:
+    ``signed_y(s) = s y`` for s = ``channel_sign(scale)``, so that a linear producer folds s into its
+    weights (``bn_relu_pool`` explains why s is needed)."""
+    features: int
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, signed_y: Callable[[jnp.ndarray], jnp.ndarray]):
+        scale = self.param('scale', nn.initializers.ones, (self.features,))
+        bias = self.param('bias', nn.initializers.zeros, (self.features,))
+        s = channel_sign(scale)
+        return pool_bn_relu(signed_y(s), s * scale, bias, self.eps)
+
+
 class ConvBlock(nn.Module):
-    """3x3 conv (64) -> ['tnet': T] -> batch norm (current batch) -> ReLU -> 2x2 max pool -> ['warpgrad': warp]."""
+    """3x3 conv (64) -> ['tnet': T] -> batch norm (current batch) -> ReLU -> 2x2 max pool -> ['warpgrad': warp],
+    computed as ``pool_bn_relu(conv(x, W s), s scale, bias)`` with s = sign(scale) (``bn_relu_pool``)."""
     features: int = 64
     conv_impl: str = 'patches'
     transform: str = 'none'
@@ -225,17 +248,18 @@ class ConvBlock(nn.Module):
     def __call__(self, x):
         cin = x.shape[-1]
         kernel = self.param('kernel', nn.initializers.xavier_uniform(), (3, 3, cin, self.features))
-        bias = self.param('bias', nn.initializers.zeros, (self.features,))
+        # The conv bias b is a parameter (as in the reference's CNN4) but is not added: a per-channel constant
+        # cancels in batch norm (the mean shifts by b, the variance does not change), so
+        # bn(conv(x, W) + b) = bn(conv(x, W)) and b's gradient is 0. Adding it cost a full-resolution pass.
+        self.param('bias', nn.initializers.zeros, (self.features,))
         conv = conv3x3_patches if self.conv_impl == 'patches' else conv3x3_lax
         transform = LayerTransform(self.transform, name='transform')
         if self.transform == 'tnet':
-            # T is linear on the channels: (conv(x, W) + b) T = conv(x, W T) + b T, so it is applied to the
-            # kernel and bias (a 64x64 product) instead of to every pixel of the feature map.
+            # T is linear on the channels: conv(x, W) T = conv(x, W T), so it is applied to the kernel
+            # (a 64x64 product) instead of to every pixel of the feature map.
             kernel = transform(kernel.reshape(-1, self.features)).reshape(kernel.shape)
-            x = conv(x, kernel) + transform(bias)
-        else:
-            x = conv(x, kernel) + bias
-        x = BatchNormCurrent(name='norm')(x, relu_pool=True)  # = max_pool_2x2(relu(bn(x)))
+        # = max_pool_2x2(relu(bn(conv(x, W)))), the norm's sign s folded into the kernel: conv(x, W s)
+        x = NormReluPool(self.features, name='norm')(lambda s: conv(x, kernel * s))
         return transform(x) if self.transform == 'warpgrad' else x
 
 
