@@ -90,13 +90,16 @@ def test_fused_bn_relu_pool_matches_plain_formula_to_second_order(shape, ties):
 
 @pytest.mark.parametrize('transform', ['none', 'tnet', 'warpgrad'])
 def test_conv_block_matches_its_definition(transform):
-    """ConvBlock (patches conv, fused bn_relu_pool, T-net's T folded into the kernel) == the block written
-    out with lax.conv: conv -> + b -> [T] -> bn -> relu -> pool -> [warp], with random transforms."""
+    """ConvBlock (patches conv, fused pool_bn_relu, the norm's sign and T-net's T folded into the kernel, the
+    conv bias left out as it cancels) == the block written out with lax.conv: conv -> + b -> [T] -> bn ->
+    relu -> pool -> [warp], with random parameters, transforms and norm scales of both signs."""
     kx, kv, kt = jax.random.split(jax.random.PRNGKey(3), 3)
     x = jax.random.normal(kx, (4, 9, 9, 3))
     block = ConvBlock(8, 'patches', transform)
     variables = block.init(kv, x)
     variables = jax.tree_util.tree_map(lambda v: v + 0.3 * jax.random.normal(kt, v.shape), variables)
+    variables['params']['norm']['scale'] = variables['params']['norm']['scale'] * jnp.array([1, -1] * 4)
+    variables['params']['bias'] = variables['params']['bias'] + 2.0
     p, warp = variables['params'], variables.get('warp', {}).get('transform', {})
     h = conv3x3_lax(x, p['kernel']) + p['bias']
     if transform == 'tnet':
