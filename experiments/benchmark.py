@@ -259,15 +259,16 @@ def plot_curve(points, x_key, path, title):
 
 def main(argv):
     del argv
-    from experiments import quiet_library_logs
-    quiet_library_logs()
+    from experiments import prepare_process
+    prepare_process()  # before any JAX computation
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     repeats = 2 if FLAGS.quick else FLAGS.repeats
     method_list = FLAGS.methods or list(methods.names())
     print(f'jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()} '
-          f'cpus {os.cpu_count()} load {os.getloadavg()}', flush=True)
+          f'cpus {os.cpu_count()} load {os.getloadavg()} host_memory {FLAGS.host_memory}', flush=True)
     results = {'jax': jax.__version__, 'backend': jax.default_backend(), 'device': str(jax.devices()[0]),
                'loadavg_start': os.getloadavg(), 'argv': sys.argv, 'peak_gflops': FLAGS.peak_gflops,
+               'host_memory': FLAGS.host_memory,
                'rows': [], 'curves': {}}
     out_json = os.path.join(FLAGS.out_dir, 'results.json')
 
@@ -297,7 +298,7 @@ def main(argv):
             save()
     ok_rows = [r for r in results['rows'] if 'error' not in r]
     md = [f"# md-meta benchmark\n\n`{' '.join(sys.argv)}`\n\njax {jax.__version__}, backend "
-          f"{results['backend']}, load average at start {results['loadavg_start']}\n", table(ok_rows, FLAGS.peak_gflops)]
+          f"{results['backend']}, host memory {FLAGS.host_memory}, load average at start {results['loadavg_start']}\n", table(ok_rows, FLAGS.peak_gflops)]
     # MD / MAML ratios within this run
     by = {(r['method'], r['shape']): r for r in ok_rows}
     ratios = [f"- shape ({s}): {m} / maml = {by[(m, s)]['median_s'] / by[('maml', s)]['median_s']:.2f}"

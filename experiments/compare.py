@@ -137,8 +137,8 @@ def markdown(rows: list, cost: list, shots: list, command: str, wall: float, ste
 
 def main(argv):
     del argv
-    from experiments import quiet_library_logs
-    quiet_library_logs()
+    from experiments import prepare_process
+    prepare_process()  # before any JAX computation
     from md_meta import methods as methods_lib
     from md_meta import training
     from md_meta.config import ConfigError

@@ -89,8 +89,8 @@ def format_record(r: dict) -> str:
 
 def main(argv):
     del argv
-    from experiments import quiet_library_logs
-    quiet_library_logs()
+    from experiments import prepare_process
+    prepare_process()  # before any JAX computation
     if not _WORKDIR.value:
         print('error: --workdir is required', file=sys.stderr)
         sys.exit(2)

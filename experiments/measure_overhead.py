@@ -26,8 +26,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 2, 'Pairs of (without, with) runs.')
 
 def main(argv):
     del argv
-    from experiments import quiet_library_logs
-    quiet_library_logs()
+    from experiments import prepare_process
+    prepare_process()  # before any JAX computation
     from md_meta import training
     config = _CONFIG.value
     exp = training.build(config)

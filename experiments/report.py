@@ -80,8 +80,8 @@ def table(records: list) -> str:
 
 def main(argv):
     del argv
-    from experiments import quiet_library_logs
-    quiet_library_logs()
+    from experiments import prepare_process
+    prepare_process()  # before any JAX computation
     if not _WORKDIRS.value:
         print('error: --workdirs is required (comma-separated)', file=sys.stderr)
         sys.exit(2)

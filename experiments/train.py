@@ -28,8 +28,8 @@ _WORKDIR = flags.DEFINE_string('workdir', '', 'Directory for the resolved config
 
 def main(argv):
     del argv
-    from experiments import quiet_library_logs
-    quiet_library_logs()
+    from experiments import prepare_process
+    prepare_process()  # before any JAX computation
     config = _CONFIG.value
     from md_meta import training
     from md_meta import distributed

@@ -201,7 +201,9 @@ def _pool_bn_relu_bwd(eps, res, dout):
     is_max = window == pooled[:, :, None, :, None, :]
     routed = jnp.where(is_max, (dp / count)[:, :, None, :, None, :], 0).reshape(n, 2 * h2, 2 * w2, c)
     routed = jnp.pad(routed, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0)))
-    dx = routed + shift + slope * (x - mean)
+    # slope * x + (shift - slope * mean), not slope * (x - mean): the forward's variance pass also forms
+    # x - mean, and XLA would share it, writing a full-resolution x - mean that neither pass needs.
+    dx = routed + slope * x + (shift - slope * mean)
     return dx, (dz * xhat).sum(q_axes), dz.sum(q_axes)
 
 
