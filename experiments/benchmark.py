@@ -11,7 +11,7 @@ For every method in ``md_meta.methods.names()`` (or ``--methods``) and every sha
 it builds the experiment with ``md_meta.training.build`` (a ``base_config()`` config) and times
 ``md_meta.training.make_host_step`` -- the jitted meta-step the trainer runs -- on random episodes of
 the right shapes (no dataset needed). Reported: compile time, median / min seconds per meta-step after
-warm-up (``block_until_ready``), XLA's FLOP count (``cost_analysis`` of the compiled step; inner loops
+two warm-up steps (``block_until_ready``), XLA's FLOP count (``cost_analysis`` of the compiled step; inner loops
 that remain ``while`` loops are counted once by XLA, so FLOPs are taken from a fully unrolled lowering
 of the same step), achieved GFLOP/s and % of ``--peak_gflops``, compiled memory (arguments + outputs +
 temporaries - aliased) and the process's max RSS, and host episode-sampling time when
@@ -41,7 +41,7 @@ from md_meta.meta import Task, resolve_task_gradients
 FLAGS = flags.FLAGS
 flags.DEFINE_list('methods', [], 'methods to benchmark (default: every registered method)')
 flags.DEFINE_list('shapes', ['a', 'b', 'c'], 'shapes to benchmark: a, b, c')
-flags.DEFINE_integer('repeats', 5, 'timed meta-steps per configuration (after one warm-up step)')
+flags.DEFINE_integer('repeats', 5, 'timed meta-steps per configuration (after two warm-up steps)')
 flags.DEFINE_bool('quick', False, 'quick mode: 2 repeats, short curves')
 flags.DEFINE_string('out_dir', 'benchmark_results', 'where results.md/json and the PNGs go')
 flags.DEFINE_float('peak_gflops', 157.0, 'machine fp32 peak for the % column (2 Zen3 cores: 157)')
@@ -169,8 +169,9 @@ def measure(config, repeats: int, count_flops: bool = True) -> dict:
         e2 = build(c2)
         flops = _cost(training.make_host_step(e2).lower(meta, opt_state, batch, step0).compile())
     mem = _memory(compiled)
-    meta, opt_state, m = compiled(meta, opt_state, batch, step0)  # warm-up
-    jax.block_until_ready((meta, opt_state, m))
+    for _ in range(2):  # warm-up; with --host_memory=retain the first steps of a new shape may grow the heap
+        meta, opt_state, m = compiled(meta, opt_state, batch, step0)
+        jax.block_until_ready((meta, opt_state, m))
     times = []
     for i in range(repeats):
         t = time.perf_counter()
