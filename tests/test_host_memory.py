@@ -42,8 +42,10 @@ def test_retained_block_is_reused_without_page_faults():
     pages = (256 << 20) // os.sysconf('SC_PAGE_SIZE')
     retained, faults, async_dispatch = _second_round_faults('retain')
     assert retained and faults < pages // 100 and not async_dispatch
-    retained, faults, async_dispatch = _second_round_faults('system')  # mmap + munmap: every page faults again
-    assert not retained and faults > pages // 2 and async_dispatch
+    # system: mmap + munmap, so the block faults in again (every 4 KB page, or every 2 MB one where the
+    # kernel's transparent huge pages are 'always': 128 faults)
+    retained, system_faults, async_dispatch = _second_round_faults('system')
+    assert not retained and async_dispatch and system_faults > max(10 * faults, 64)
 
 
 def test_configure_rejects_unknown_mode():
