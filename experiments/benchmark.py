@@ -11,9 +11,9 @@ For every method in ``md_meta.methods.names()`` (or ``--methods``) and every sha
 it builds the experiment with ``md_meta.training.build`` (a ``base_config()`` config) and times
 ``md_meta.training.make_host_step`` -- the jitted meta-step the trainer runs -- on random episodes of
 the right shapes (no dataset needed). Reported: compile time, median / min seconds per meta-step after
-two warm-up steps (``block_until_ready``), XLA's FLOP count (``cost_analysis`` of the compiled step; inner loops
-that remain ``while`` loops are counted once by XLA, so FLOPs are taken from a fully unrolled lowering
-of the same step), achieved GFLOP/s and % of ``--peak_gflops``, compiled memory (arguments + outputs +
+two warm-up steps (``block_until_ready``), XLA's FLOP count (``cost_analysis`` of the compiled step; XLA
+counts a ``while`` body once, so when the inner loop is rolled or the tasks are mapped in chunks the
+FLOPs are taken from a lowering of the same step fully unrolled with the tasks in one vmap), achieved GFLOP/s and % of ``--peak_gflops``, compiled memory (arguments + outputs +
 temporaries - aliased) and the process's max RSS, and host episode-sampling time when
 ``md_meta.tasks.images`` and its data are available. Writes ``results.md``, ``results.json`` and, with
 ``--curves``, time/memory against K (1..50) and tasks per batch (1..64) as PNGs.
@@ -36,7 +36,7 @@ import numpy as np
 from md_meta import config as config_lib
 from md_meta import methods, tasks, training
 from md_meta.inner import resolve_unroll
-from md_meta.meta import Task, resolve_task_gradients
+from md_meta.meta import Task, resolve_task_batching, resolve_task_gradients
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('methods', [], 'methods to benchmark (default: every registered method)')
@@ -162,10 +162,13 @@ def measure(config, repeats: int, count_flops: bool = True) -> dict:
     flops = _cost(compiled)
     learner = exp.learner
     unroll = resolve_unroll(learner.inner.unroll, learner.inner.steps)
-    if count_flops and unroll < learner.inner.steps:
-        # XLA counts a while loop's body once: count the FLOPs of the same step fully unrolled.
+    task_batching = resolve_task_batching(learner.task_batching)
+    if count_flops and (unroll < learner.inner.steps or task_batching == 'map'):
+        # XLA counts a while loop's body once: count the FLOPs of the same step with the inner loop fully
+        # unrolled and the tasks in one vmap.
         c2 = config.copy_and_resolve_references()
         c2.inner.unroll = c2.inner.steps
+        c2.meta.task_batching = 'vmap'
         e2 = build(c2)
         flops = _cost(training.make_host_step(e2).lower(meta, opt_state, batch, step0).compile())
     mem = _memory(compiled)
@@ -182,7 +185,7 @@ def measure(config, repeats: int, count_flops: bool = True) -> dict:
     return dict(compile_s=compile_s, median_s=med, min_s=min(times), times=times, flops=flops,
                 gflops_per_s=flops / med / 1e9 if flops == flops else float('nan'), memory=mem,
                 max_rss_mb=max_rss_mb(), inner_unroll=unroll,
-                task_batching=learner.task_batching, task_gradients=resolve_task_gradients(learner.task_gradients),
+                task_batching=task_batching, task_chunk=learner.task_chunk, task_gradients=resolve_task_gradients(learner.task_gradients),
                 finite=bool(np.isfinite(float(m['meta_loss'][0]))))
 
 

@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.meta.lr = 1e-3
     c.meta.batch_size = 25
     c.meta.steps = 70000
-    c.meta.task_batching = 'vmap'
+    c.meta.task_batching = 'auto'    # 'vmap' | 'map' | 'unroll' | 'auto' (map on one CPU device; md_meta.meta.resolve_task_batching)
+    c.meta.task_chunk = 2            # tasks per vmapped chunk under 'map'
     c.meta.task_gradients = 'auto'   # 'batched' | 'per_task' | 'auto' (per_task on CPU; md_meta.meta.meta_value_and_grad)
     c.meta.compute_dtype = 'float32'  # 'bfloat16': bf16 network compute, fp32 params and optimizer state
     c.meta.lr_decay_every = 0  # sgd_nesterov: x0.1 every N steps (0: never)
@@ -137,8 +138,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.inner.step_size >= 0, 'inner.step_size', f'must be non-negative, got {c.inner.step_size}')
     _require(c.meta.lr > 0, 'meta.lr', f'must be positive, got {c.meta.lr}')
     _require(c.meta.optimizer in OPTIMIZERS, 'meta.optimizer', f'must be one of {OPTIMIZERS}, got {c.meta.optimizer!r}')
-    _require(c.meta.task_batching in ('vmap', 'unroll'), 'meta.task_batching',
-             f"must be 'vmap' or 'unroll', got {c.meta.task_batching!r}")
+    _require(c.meta.task_batching in ('auto', 'vmap', 'map', 'unroll'), 'meta.task_batching',
+             f"must be 'auto', 'vmap', 'map' or 'unroll', got {c.meta.task_batching!r}")
+    _pos_int(c, 'meta.task_chunk')
     _require(c.meta.task_gradients in ('auto', 'batched', 'per_task'), 'meta.task_gradients',
              f"must be 'auto', 'batched' or 'per_task', got {c.meta.task_gradients!r}")
     _require(c.inner.eval_steps == -1 or c.inner.eval_steps > 0, 'inner.eval_steps',

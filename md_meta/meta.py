@@ -6,7 +6,8 @@ collections (e.g. warp layers)}. For a batch of tasks t (support D_trn, query D_
     meta_loss(theta) = mean_t [ L(phi_t^K(theta); D_val_t) + penalty_t ]
 
 whose gradient is the full second-order meta-gradient (``first_order`` stops the inner gradients).
-The per-task work is ``vmap``-ed (or unrolled: ``task_batching``), the step is one ``jit``.
+The per-task work is ``vmap``-ed, mapped in vmapped chunks or unrolled (``task_batching``); the step is
+one ``jit``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from md_meta.geometry import Geometry
 from md_meta.inner import InnerConfig, adapt
 from md_meta.networks import Model
 
-TASK_BATCHING = ('vmap', 'unroll')
+TASK_BATCHING = ('auto', 'vmap', 'map', 'unroll')
 TASK_GRADIENTS = ('auto', 'batched', 'per_task')
 
 
@@ -41,9 +42,10 @@ class MetaLearner(NamedTuple):
     loss: str
     inner: InnerConfig
     eval_inner: InnerConfig
-    task_batching: str = 'vmap'
+    task_batching: str = 'auto'      # how tasks are batched (``resolve_task_batching``)
     compute_dtype: str = 'float32'   # 'bfloat16': network forward/backward in bf16, parameters stay fp32
     task_gradients: str = 'auto'     # how the meta-gradient is batched over tasks (``meta_value_and_grad``)
+    task_chunk: int = 2              # tasks per vmapped chunk when task_batching resolves to 'map'
 
 
 def init_meta_params(learner: MetaLearner, key: jax.Array, example_x: jnp.ndarray) -> dict:
@@ -85,13 +87,32 @@ def task_result(learner: MetaLearner, meta: dict, task: Task, key: jax.Array, in
     return metrics, curves, penalty
 
 
+def resolve_task_batching(task_batching: str) -> str:
+    """'auto' -> 'map' on a single CPU device, 'vmap' otherwise (docs/benchmarks.md, "Speed switches"). On
+    XLA:CPU, chunks of a few tasks keep the step's temporaries small (MAML (c): 3271 MiB vmapped, 124 MiB one
+    task at a time) and run as fast or faster (chunks of 2: (c) 7-8% faster, (a) and (b) the same);
+    accelerators want the whole batch in one vmap, and a task axis sharded over devices must not be
+    scanned."""
+    if task_batching not in TASK_BATCHING:
+        raise ValueError(f'task_batching must be one of {TASK_BATCHING}, got {task_batching!r}')
+    if task_batching == 'auto':
+        return 'map' if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 'vmap'
+    return task_batching
+
+
 def _over_tasks(learner: MetaLearner, fn: Callable, batch: Task, keys: jax.Array):
-    if learner.task_batching == 'vmap':
+    """fn over the leading (task) axis of (batch, keys), outputs stacked: ``vmap``; ``map`` = ``lax.map``
+    over chunks of ``task_chunk`` tasks, each chunk vmapped (a scan: the same values, less memory);
+    ``unroll`` = one copy of fn per task in the program."""
+    mode = resolve_task_batching(learner.task_batching)
+    if mode == 'vmap':
         return jax.vmap(fn)(batch, keys)
-    if learner.task_batching == 'unroll':
-        outs = [fn(jax.tree_util.tree_map(lambda a: a[t], batch), keys[t]) for t in range(keys.shape[0])]
-        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
-    raise ValueError(f'task_batching must be one of {TASK_BATCHING}, got {learner.task_batching!r}')
+    if mode == 'map':
+        if learner.task_chunk < 1:
+            raise ValueError(f'task_chunk must be a positive integer, got {learner.task_chunk!r}')
+        return jax.lax.map(lambda args: fn(*args), (batch, keys), batch_size=learner.task_chunk)
+    outs = [fn(jax.tree_util.tree_map(lambda a: a[t], batch), keys[t]) for t in range(keys.shape[0])]
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
 
 def meta_loss(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):

@@ -76,7 +76,7 @@ def build(config) -> Experiment:
     eval_steps = config.inner.eval_steps if config.inner.eval_steps > 0 else config.inner.steps
     eval_inner = InnerConfig(eval_steps, True, config.inner.unroll, False)
     learner = MetaLearner(geometry, model, source.loss, inner, eval_inner, config.meta.task_batching,
-                          config.meta.compute_dtype, config.meta.task_gradients)
+                          config.meta.compute_dtype, config.meta.task_gradients, config.meta.task_chunk)
     return Experiment(config, learner, make_optimizer(config.meta), source)
 
 
@@ -176,7 +176,8 @@ def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None =
 # continue a run, another final evaluation). Every other field must match the run in the workdir.
 NON_COMPUTE_FIELDS = ('meta.steps', 'eval.', 'train.keep', 'train.max_nonfinite', 'train.log_every',
                       'train.tensorboard', 'task.data_dir', 'task.source',
-                      'dist.')  # topology: a run may resume on other devices/processes
+                      'dist.',  # topology: a run may resume on other devices/processes
+                      'meta.task_batching', 'meta.task_chunk')  # how tasks are batched: same values up to rounding
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:

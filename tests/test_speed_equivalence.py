@@ -10,7 +10,8 @@ import pytest
 from md_meta import methods
 from md_meta.config import ConfigError, validate
 from md_meta.inner import InnerConfig, resolve_unroll
-from md_meta.meta import MetaLearner, Task, init_meta_params, meta_loss, meta_value_and_grad, resolve_task_gradients
+from md_meta.meta import (MetaLearner, Task, init_meta_params, make_evaluate, meta_loss, meta_value_and_grad,
+                          resolve_task_batching, resolve_task_gradients)
 from md_meta.networks import (ConvBlock, batch_stats, bn_relu_pool, conv3x3_lax, conv3x3_patches, make_model,
                               max_pool_2x2)
 
@@ -112,13 +113,13 @@ def test_conv_block_matches_its_definition(transform):
 
 
 def _image_learner(method='maml', *, conv_impl='patches', steps=2, remat=False, unroll=1, dtype='float32',
-                   task_batching='vmap'):
+                   task_batching='vmap', task_chunk=1):
     c = tiny_config(method)
     c.inner.step_size = 0.1
     geometry = methods.make_geometry(c)
     model = make_model('cnn4', transform=geometry.transform, conv_impl=conv_impl, num_classes=3, features=8)
     inner = InnerConfig(steps, False, unroll, remat)
-    return MetaLearner(geometry, model, 'xent', inner, inner, task_batching, dtype)
+    return MetaLearner(geometry, model, 'xent', inner, inner, task_batching, dtype, task_chunk=task_chunk)
 
 
 def _image_batch(tasks=2, ways=3, shots=1, query=2, size=16):
@@ -177,10 +178,12 @@ def test_per_task_meta_gradient_matches_batched_mlp(method):
     ((l_b, m_b), g_b), ((l_p, m_p), g_p) = _value_and_grad_both_ways(exp.learner, batch, meta)
     np.testing.assert_allclose(l_p, l_b, rtol=1e-6)
     np.testing.assert_allclose(m_p['loss'], m_b['loss'], rtol=1e-6)
-    assert _rel(g_p, g_b) < 1e-5
+    # ECML's conditioning penalty amplifies float32 rounding: 5e-5 apart on one CPU (AVX-512 EPYC), against
+    # 4e-13 in float64 there, so the two forms are the same function; the others agree to < 1e-5.
+    assert _rel(g_p, g_b) < (2e-4 if method == 'ecml' else 1e-5)
 
 
-@pytest.mark.parametrize('task_batching', ['vmap', 'unroll'])
+@pytest.mark.parametrize('task_batching', ['vmap', 'map', 'unroll'])
 def test_per_task_meta_gradient_matches_batched_cnn(task_batching):
     """The same on CNN4 with WarpGrad (meta-learned 'warp' collection in the network) under both batchings."""
     learner = _image_learner('warpgrad', task_batching=task_batching)
@@ -191,6 +194,39 @@ def test_per_task_meta_gradient_matches_batched_cnn(task_batching):
     np.testing.assert_allclose(l_p, l_b, rtol=1e-6)
     np.testing.assert_allclose(m_p['accuracy'], m_b['accuracy'])
     assert _rel(g_p, g_b) < 1e-5
+
+
+def test_task_map_matches_vmap_cnn():
+    """meta.task_batching='map' (lax.map over vmapped chunks; 3 tasks in chunks of 2 leave a remainder of 1)
+    gives vmap's meta-loss, metrics and meta-gradient, with either task_gradients; the evaluation path too.
+    (WarpGrad's 'net' collection under 'map': test_per_task_meta_gradient_matches_batched_cnn[map].)"""
+    batch = _image_batch(tasks=3)
+    learners = [_image_learner(task_batching=tb, task_chunk=ch)._replace(task_gradients=tg)
+                for tb, ch, tg in (('vmap', 1, 'per_task'), ('map', 2, 'per_task'), ('map', 1, 'batched'))]
+    meta = init_meta_params(learners[0], jax.random.PRNGKey(0), batch.support_x[0])
+    key = jax.random.PRNGKey(3)
+    (l_v, m_v), g_v = jax.jit(lambda m: meta_value_and_grad(learners[0], m, batch, key))(meta)
+    for learner in learners[1:]:
+        (l, m), g = jax.jit(lambda mm: meta_value_and_grad(learner, mm, batch, key))(meta)
+        np.testing.assert_allclose(l, l_v, rtol=1e-6)
+        np.testing.assert_allclose(m['accuracy'], m_v['accuracy'])
+        assert _rel(g, g_v) < 1e-5, learner
+    ev = [make_evaluate(learner)(meta, batch, key) for learner in learners[:2]]
+    np.testing.assert_allclose(ev[1][0]['loss'], ev[0][0]['loss'], rtol=1e-5)
+    np.testing.assert_allclose(ev[1][1]['loss'], ev[0][1]['loss'], rtol=1e-5)
+
+
+def test_resolve_task_batching_and_config():
+    single_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
+    assert resolve_task_batching('auto') == ('map' if single_cpu else 'vmap')
+    assert resolve_task_batching('unroll') == 'unroll'
+    with pytest.raises(ValueError, match='task_batching'):
+        resolve_task_batching('pmap')
+    for field, value in (('task_batching', 'pmap'), ('task_chunk', 0)):
+        c = tiny_config('maml')
+        c.meta[field] = value
+        with pytest.raises(ConfigError, match=f'meta.{field}'):
+            validate(c)
 
 
 def test_resolve_task_gradients_and_config():
