@@ -36,7 +36,7 @@ import numpy as np
 from md_meta import config as config_lib
 from md_meta import methods, tasks, training
 from md_meta.inner import resolve_unroll
-from md_meta.meta import Task, resolve_task_batching, resolve_task_gradients
+from md_meta.meta import Task, chunk_size, resolve_task_batching, resolve_task_gradients
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('methods', [], 'methods to benchmark (default: every registered method)')
@@ -185,7 +185,9 @@ def measure(config, repeats: int, count_flops: bool = True) -> dict:
     return dict(compile_s=compile_s, median_s=med, min_s=min(times), times=times, flops=flops,
                 gflops_per_s=flops / med / 1e9 if flops == flops else float('nan'), memory=mem,
                 max_rss_mb=max_rss_mb(), inner_unroll=unroll,
-                task_batching=task_batching, task_chunk=learner.task_chunk, task_gradients=resolve_task_gradients(learner.task_gradients),
+                task_batching=task_batching,
+                task_chunk=chunk_size(batch.support_x.shape[0], learner.task_chunk) if task_batching == 'map' else None,
+                task_gradients=resolve_task_gradients(learner.task_gradients),
                 finite=bool(np.isfinite(float(m['meta_loss'][0]))))
 
 

@@ -45,7 +45,7 @@ class MetaLearner(NamedTuple):
     task_batching: str = 'auto'      # how tasks are batched (``resolve_task_batching``)
     compute_dtype: str = 'float32'   # 'bfloat16': network forward/backward in bf16, parameters stay fp32
     task_gradients: str = 'auto'     # how the meta-gradient is batched over tasks (``meta_value_and_grad``)
-    task_chunk: int = 2              # tasks per vmapped chunk when task_batching resolves to 'map'
+    task_chunk: int = 2              # at most this many tasks per vmapped chunk under 'map' (``chunk_size``)
 
 
 def init_meta_params(learner: MetaLearner, key: jax.Array, example_x: jnp.ndarray) -> dict:
@@ -100,17 +100,25 @@ def resolve_task_batching(task_batching: str) -> str:
     return task_batching
 
 
+def chunk_size(num_tasks: int, task_chunk: int) -> int:
+    """Tasks per chunk under 'map': the largest divisor of ``num_tasks`` that is <= ``task_chunk``. Chunks
+    of equal size put one copy of the task program in the step; a remainder (``lax.map``'s ``batch_size``
+    with num_tasks % task_chunk != 0) would add a second one and double the compile time."""
+    if task_chunk < 1:
+        raise ValueError(f'task_chunk must be a positive integer, got {task_chunk!r}')
+    return max(c for c in range(1, min(task_chunk, num_tasks) + 1) if num_tasks % c == 0)
+
+
 def _over_tasks(learner: MetaLearner, fn: Callable, batch: Task, keys: jax.Array):
     """fn over the leading (task) axis of (batch, keys), outputs stacked: ``vmap``; ``map`` = ``lax.map``
-    over chunks of ``task_chunk`` tasks, each chunk vmapped (a scan: the same values, less memory);
+    over equal chunks of ``chunk_size`` tasks, each chunk vmapped (a scan: the same values, less memory);
     ``unroll`` = one copy of fn per task in the program."""
     mode = resolve_task_batching(learner.task_batching)
     if mode == 'vmap':
         return jax.vmap(fn)(batch, keys)
     if mode == 'map':
-        if learner.task_chunk < 1:
-            raise ValueError(f'task_chunk must be a positive integer, got {learner.task_chunk!r}')
-        return jax.lax.map(lambda args: fn(*args), (batch, keys), batch_size=learner.task_chunk)
+        chunk = chunk_size(keys.shape[0], learner.task_chunk)
+        return jax.lax.map(lambda args: fn(*args), (batch, keys), batch_size=chunk)
     outs = [fn(jax.tree_util.tree_map(lambda a: a[t], batch), keys[t]) for t in range(keys.shape[0])]
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 

@@ -10,8 +10,8 @@ import pytest
 from md_meta import methods
 from md_meta.config import ConfigError, validate
 from md_meta.inner import InnerConfig, resolve_unroll
-from md_meta.meta import (MetaLearner, Task, init_meta_params, make_evaluate, meta_loss, meta_value_and_grad,
-                          resolve_task_batching, resolve_task_gradients)
+from md_meta.meta import (MetaLearner, Task, chunk_size, init_meta_params, make_evaluate, meta_loss,
+                          meta_value_and_grad, resolve_task_batching, resolve_task_gradients)
 from md_meta.networks import (ConvBlock, batch_stats, bn_relu_pool, conv3x3_lax, conv3x3_patches, make_model,
                               max_pool_2x2)
 
@@ -197,10 +197,10 @@ def test_per_task_meta_gradient_matches_batched_cnn(task_batching):
 
 
 def test_task_map_matches_vmap_cnn():
-    """meta.task_batching='map' (lax.map over vmapped chunks; 3 tasks in chunks of 2 leave a remainder of 1)
+    """meta.task_batching='map' (lax.map over vmapped chunks: 4 tasks in 2 chunks of 2, and in 4 chunks of 1)
     gives vmap's meta-loss, metrics and meta-gradient, with either task_gradients; the evaluation path too.
     (WarpGrad's 'net' collection under 'map': test_per_task_meta_gradient_matches_batched_cnn[map].)"""
-    batch = _image_batch(tasks=3)
+    batch = _image_batch(tasks=4)
     learners = [_image_learner(task_batching=tb, task_chunk=ch)._replace(task_gradients=tg)
                 for tb, ch, tg in (('vmap', 1, 'per_task'), ('map', 2, 'per_task'), ('map', 1, 'batched'))]
     meta = init_meta_params(learners[0], jax.random.PRNGKey(0), batch.support_x[0])
@@ -222,6 +222,11 @@ def test_resolve_task_batching_and_config():
     assert resolve_task_batching('unroll') == 'unroll'
     with pytest.raises(ValueError, match='task_batching'):
         resolve_task_batching('pmap')
+    # equal chunks only (no remainder program): the largest divisor of the batch <= task_chunk
+    assert [chunk_size(n, 2) for n in (1, 2, 3, 4, 32)] == [1, 2, 1, 2, 2]
+    assert [chunk_size(n, 4) for n in (6, 7, 8, 3)] == [3, 1, 4, 3]
+    with pytest.raises(ValueError, match='task_chunk'):
+        chunk_size(4, 0)
     for field, value in (('task_batching', 'pmap'), ('task_chunk', 0)):
         c = tiny_config('maml')
         c.meta[field] = value
