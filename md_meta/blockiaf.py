@@ -120,9 +120,12 @@ def _shrink_sequence(shape: tuple, layers: int) -> list:
 
 
 def mode_product(x: jnp.ndarray, factors: Sequence[jnp.ndarray]) -> jnp.ndarray:
-    """X x_1 U_1 ... x_m U_m with U_k of shape (n'_k, n_k): a linear layer with weight kron(U_m, ..., U_1)."""
-    for k, u in enumerate(factors):
-        x = jnp.moveaxis(jnp.tensordot(u, x, axes=(1, k)), 0, k)
+    """X x_1 U_1 ... x_m U_m with U_k of shape (n'_k, n_k): a linear layer with weight kron(U_m, ..., U_1).
+
+    Each product contracts the leading mode and appends the new one last, so after m products the modes
+    are back in order with no transposes (one dot_general per mode)."""
+    for u in factors:
+        x = jnp.tensordot(x, u, axes=(0, 1))
     return x
 
 
@@ -135,16 +138,29 @@ def _kron_layer_init(key, in_shape, out_shape, zero=False):
     return {'u': factors, 'b': jnp.zeros(out_shape)}
 
 
-def _normalised(u: jnp.ndarray, enabled: bool) -> jnp.ndarray:
+def _normalised(u: jnp.ndarray) -> jnp.ndarray:
     """u / max(1, ||u||_F): spectral norm <= Frobenius norm <= 1 (smooth, NaN-free at u = 0)."""
-    if not enabled:
-        return u
     fro = jnp.sqrt(jnp.sum(u * u) + 1e-12)
     return u / jnp.maximum(1.0, fro)
 
 
-def _kron_layer_apply(p, x, normalise: bool):
-    return mode_product(x, [_normalised(u, normalise) for u in p['u']]) + p['b']
+def _kron_layer_apply(p, x):
+    return mode_product(x, p['u']) + p['b']
+
+
+def effective_weights(theta: Params, monotone: bool) -> Params:
+    """The weights g applies: in monotone mode every Kronecker factor and link matrix U -> U / max(1, ||U||_F)
+    (Lip <= 1 each; ``monotone = spec.monotone``); otherwise theta itself. A function of theta alone, so the inner loop computes it once
+    per adaptation and passes it to ``forward(..., prepared=True)`` at every step."""
+    if not monotone:
+        return theta
+    layer = lambda p: dict(p, u=[_normalised(u) for u in p['u']])
+    out = dict(theta)
+    out['enc'] = {b: [[layer(p) for p in layers] for layers in enc] for b, enc in theta['enc'].items()}
+    out['link'] = {b: dict(l, w=_normalised(l['w'])) for b, l in theta['link'].items()}
+    out['dec'] = {b: [{k: [layer(p) for p in v] if k == 'trunk' else layer(v) for k, v in d.items()} for d in dec]
+                  for b, dec in theta['dec'].items()}
+    return out
 
 
 # ----------------------------------------------------------------------------- init
@@ -207,7 +223,7 @@ def _encode(theta_enc_block, z_block, spec):
     for layers, leaf in zip(theta_enc_block, _leaves(z_block)):
         x = leaf.reshape(mode_shape(leaf.shape))
         for l, p in enumerate(layers):
-            x = _kron_layer_apply(p, x, spec.monotone)
+            x = _kron_layer_apply(p, x)
             if l < len(layers) - 1:
                 x = jax.nn.relu(x)
         outs.append(x.reshape(-1))
@@ -218,7 +234,7 @@ def _decode(theta, b, encodings, block_template, spec):
     """(a_i, mu_i) pytrees shaped like block b, from the encodings of earlier blocks."""
     link = theta['link'][b]
     h = jnp.concatenate(encodings)
-    h = _normalised(link['w'], spec.monotone) @ h + link['b']
+    h = link['w'] @ h + link['b']
     leaves, treedef = jax.tree_util.tree_flatten(block_template)
     a_out, mu_out, start = [], [], 0
     for dec, leaf in zip(theta['dec'][b], leaves):
@@ -227,10 +243,10 @@ def _decode(theta, b, encodings, block_template, spec):
         x = jax.nn.relu(h[start:start + n].reshape(shape0))
         start += n
         for p in dec['trunk']:
-            x = jax.nn.relu(_kron_layer_apply(p, x, spec.monotone))
-        mu_out.append(_kron_layer_apply(dec['mu'], x, spec.monotone).reshape(leaf.shape))
+            x = jax.nn.relu(_kron_layer_apply(p, x))
+        mu_out.append(_kron_layer_apply(dec['mu'], x).reshape(leaf.shape))
         if not spec.monotone:
-            a_out.append(_kron_layer_apply(dec['a'], x, False).reshape(leaf.shape))
+            a_out.append(_kron_layer_apply(dec['a'], x).reshape(leaf.shape))
     mu = jax.tree_util.tree_unflatten(treedef, mu_out)
     a = None if spec.monotone else jax.tree_util.tree_unflatten(treedef, a_out)
     return a, mu
@@ -252,8 +268,11 @@ def _block_scale_shift(theta, spec, i, encodings, template):
     return a, mu
 
 
-def forward(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
-    """phi = g(z), all blocks in parallel (each block reads the encodings of earlier blocks of z)."""
+def forward(theta: Params, z: Params, spec: BlockIAFSpec, prepared: bool = False) -> Params:
+    """phi = g(z), all blocks in parallel (each block reads the encodings of earlier blocks of z).
+    ``prepared=True``: theta is already ``effective_weights(theta, spec.monotone)``."""
+    if not prepared:
+        theta = effective_weights(theta, spec.monotone)
     blocks = spec.blocks
     encodings = [_encode(theta['enc'][b], z[b], spec) for b in blocks[:-1]]
     phi = {}
@@ -265,6 +284,7 @@ def forward(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
 
 def inverse(theta: Params, phi: Params, spec: BlockIAFSpec) -> Params:
     """z = g^-1(phi), block by block: z_i = (phi_i - mu_i(z_<i)) / sigma(a_i(z_<i))."""
+    theta = effective_weights(theta, spec.monotone)
     blocks = spec.blocks
     z, encodings = {}, []
     for i, b in enumerate(blocks):

@@ -4,9 +4,12 @@ In the spirit of optax's ``GradientTransformation``: a named tuple of pure funct
 
     init(key, params) -> (state0, theta)            meta-learned start of the inner state, and the
                                                    method's own meta-parameters (both are meta-learned)
+    prepare(theta) -> theta_in                     theta-only work hoisted out of the inner loop, done once
+                                                   per adaptation (MD: the normalised blockIAF weights);
+                                                   primal and step receive theta_in. Default: identity
     start(theta, state0, key) -> state             per-task inner state (e.g. sample MT-net's masks)
-    primal(theta, state) -> phi                    task-model parameters (MD: phi = g(z); else phi = state)
-    step(theta, state, grad_phi) -> state          one inner step, given grad_phi L(phi; D_trn)
+    primal(theta_in, state) -> phi                 task-model parameters (MD: phi = g(z); else phi = state)
+    step(theta_in, state, grad_phi) -> state       one inner step, given grad_phi L(phi; D_trn)
     penalty(theta, phi0, apply_support, support_y) -> scalar   extra meta-loss (ECML); None for most
 
 The shared ``lax.scan`` inner loop (``md_meta.inner.adapt``) calls only these; the meta-step,
@@ -28,6 +31,7 @@ class Geometry(NamedTuple):
     start: Callable = lambda theta, state0, key: state0
     penalty: Optional[Callable] = None
     transform: str = 'none'
+    prepare: Callable = lambda theta: theta
 
 
 def sgd_step(state, grad, step_size):

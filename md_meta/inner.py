@@ -1,7 +1,7 @@
 """The inner loop (lower level): K steps of a geometry as one ``jax.lax.scan``.
 
-    state_0 = start(theta, init, key);  phi_k = primal(theta, state_k)
-    state_{k+1} = step(theta, state_k, grad_phi L(phi_k; D_trn))
+    theta_in = prepare(theta);  state_0 = start(theta, init, key);  phi_k = primal(theta_in, state_k)
+    state_{k+1} = step(theta_in, state_k, grad_phi L(phi_k; D_trn))
     returns phi_K and, per step k = 0..K, L(phi_k; D_trn) and |grad_phi L(phi_k; D_trn)|_2
     (the last entry only when ``final_stats``; training does not need it).
 """
@@ -38,20 +38,21 @@ def adapt(geometry: Geometry, support_loss: Callable, theta: Any, init: Any, key
           cfg: InnerConfig, final_stats: bool = False):
     """Runs the inner loop; ``support_loss(phi) -> scalar``. Returns (phi_K, {'loss', 'grad_norm'})."""
     grad_fn = jax.value_and_grad(support_loss)
+    theta_in = geometry.prepare(theta)
 
     def body(state, _):
-        phi = geometry.primal(theta, state)
+        phi = geometry.primal(theta_in, state)
         loss, grad = grad_fn(phi)
         if cfg.first_order:
             grad = jax.lax.stop_gradient(grad)
-        return geometry.step(theta, state, grad), (loss, optax.tree.norm(grad))
+        return geometry.step(theta_in, state, grad), (loss, optax.tree.norm(grad))
 
     if cfg.remat:
         body = jax.checkpoint(body)
     state0 = geometry.start(theta, init, key)
     unroll = resolve_unroll(cfg.unroll, cfg.steps)
     state, (losses, norms) = jax.lax.scan(body, state0, None, length=cfg.steps, unroll=unroll)
-    phi = geometry.primal(theta, state)
+    phi = geometry.primal(theta_in, state)
     if final_stats:
         loss, grad = grad_fn(phi)
         losses = jnp.append(losses, loss)

@@ -81,7 +81,7 @@ def task_result(learner: MetaLearner, meta: dict, task: Task, key: jax.Array, in
     metrics = losses.metrics(learner.loss, apply(phi, task.query_x), task.query_y)
     penalty = 0.0
     if learner.geometry.penalty is not None:
-        phi0 = learner.geometry.primal(meta['geom'], meta['init'])
+        phi0 = learner.geometry.primal(learner.geometry.prepare(meta['geom']), meta['init'])
         penalty = learner.geometry.penalty(meta['geom'], phi0, lambda p: apply(p, task.support_x),
                                            task.support_y)
     return metrics, curves, penalty

@@ -40,6 +40,14 @@ def test_blockiaf_identity_at_init_and_exact_inverse(scale, monotone):
         phi = blockiaf.forward(theta, z, spec)
         assert tree_max_abs_diff(phi, z) > 1e-2  # the perturbed map is not the identity
         assert tree_max_abs_diff(blockiaf.inverse(theta, phi, spec), z) < 1e-10
+        # the weights prepared once (MD's Geometry.prepare) give the same map; monotone: every factor Fro <= 1
+        weights = blockiaf.effective_weights(theta, monotone)
+        assert tree_max_abs_diff(blockiaf.forward(weights, z, spec, prepared=True), phi) == 0.0
+        factors = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(weights)
+                   if any(getattr(k, 'key', None) in ('u', 'w') for k in path)]
+        assert len(factors) > 10
+        frob = max(float(jnp.linalg.norm(u)) for u in factors)
+        assert (frob <= 1.0 + 1e-12) if monotone else (frob > 1.0)
 
 
 def test_blockiaf_is_autoregressive():

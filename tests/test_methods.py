@@ -72,7 +72,7 @@ def test_methods_start_as_maml_trajectory(net):
     for method in STARTS_AS_GD:
         learner = make_learner(method, net, steps, {'mtnet.init_logit': 50.0})
         meta = init_meta_params(learner, key, task.support_x)
-        phi0 = learner.geometry.primal(meta['geom'], meta['init'])
+        phi0 = learner.geometry.primal(learner.geometry.prepare(meta['geom']), meta['init'])
         assert tree_max_abs_diff(phi0, ref_meta['init']) == 0.0, method
         phi, curves = jax.jit(lambda m: trajectory(learner, m, task, key))(meta)
         if net == 'cnn' and method in TRANSFORMED:

@@ -27,7 +27,11 @@ def make(config) -> Geometry:
         theta = blockiaf.init(key, params, spec)
         return blockiaf.inverse(theta, params, spec), theta
 
-    def primal(theta, z):
-        return blockiaf.forward(theta, z, spec_for(z))
+    def prepare(theta):  # the normalised blockIAF weights, once per adaptation
+        return blockiaf.effective_weights(theta, bool(config.md.monotone))
 
-    return Geometry(name='md', init=init, step=lambda theta, z, grad: sgd_step(z, grad, alpha), primal=primal)
+    def primal(theta_in, z):
+        return blockiaf.forward(theta_in, z, spec_for(z), prepared=True)
+
+    return Geometry(name='md', init=init, step=lambda theta, z, grad: sgd_step(z, grad, alpha), primal=primal,
+                    prepare=prepare)
