@@ -162,7 +162,7 @@ def measure(config, repeats: int, count_flops: bool = True) -> dict:
     flops = _cost(compiled)
     learner = exp.learner
     unroll = resolve_unroll(learner.inner.unroll, learner.inner.steps)
-    task_batching = resolve_task_batching(learner.task_batching)
+    task_batching = resolve_task_batching(learner.task_batching, images=batch.support_x.ndim == 5)
     if count_flops and (unroll < learner.inner.steps or task_batching == 'map'):
         # XLA counts a while loop's body once: count the FLOPs of the same step with the inner loop fully
         # unrolled and the tasks in one vmap.

@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.meta.lr = 1e-3
     c.meta.batch_size = 25
     c.meta.steps = 70000
-    c.meta.task_batching = 'auto'    # 'vmap' | 'map' | 'unroll' | 'auto' (map on one CPU device; md_meta.meta.resolve_task_batching)
+    c.meta.task_batching = 'auto'    # 'vmap' | 'map' | 'unroll' | 'auto' (meta.resolve_task_batching)
     c.meta.task_chunk = 2            # at most this many tasks per vmapped chunk under 'map' (a divisor of batch_size)
     c.meta.task_gradients = 'auto'   # 'batched' | 'per_task' | 'auto' (per_task on CPU; md_meta.meta.meta_value_and_grad)
     c.meta.compute_dtype = 'float32'  # 'bfloat16': bf16 network compute, fp32 params and optimizer state

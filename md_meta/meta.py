@@ -87,16 +87,18 @@ def task_result(learner: MetaLearner, meta: dict, task: Task, key: jax.Array, in
     return metrics, curves, penalty
 
 
-def resolve_task_batching(task_batching: str) -> str:
-    """'auto' -> 'map' on a single CPU device, 'vmap' otherwise (docs/benchmarks.md, "Speed switches"). On
-    XLA:CPU, chunks of a few tasks keep the step's temporaries small (MAML (c): 3271 MiB vmapped, 124 MiB one
-    task at a time) and run as fast or faster (chunks of 2: (c) 7-8% faster, (a) and (b) the same);
-    accelerators want the whole batch in one vmap, and a task axis sharded over devices must not be
-    scanned."""
+def resolve_task_batching(task_batching: str, *, images: bool) -> str:
+    """'auto' -> 'map' for image tasks on a single CPU device, 'vmap' otherwise (docs/benchmarks.md, "Speed
+    switches"). On XLA:CPU, chunks of a few CNN tasks keep the step's temporaries small (MAML (c): 3271 MiB
+    vmapped, 124 MiB one task at a time) and run as fast or faster (chunks of 2: (c) 7-8% faster, (a) and
+    (b) the same); small vector tasks (sinusoid MLP) want one vmap (MD: 3.4 ms vmapped, 6.8 ms one task at
+    a time); accelerators want the whole batch in one vmap, and a task axis sharded over devices must not
+    be scanned. ``images``: the inputs are (examples, H, W, C) per task."""
     if task_batching not in TASK_BATCHING:
         raise ValueError(f'task_batching must be one of {TASK_BATCHING}, got {task_batching!r}')
     if task_batching == 'auto':
-        return 'map' if jax.default_backend() == 'cpu' and jax.device_count() == 1 else 'vmap'
+        single_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
+        return 'map' if single_cpu and images else 'vmap'
     return task_batching
 
 
@@ -113,7 +115,7 @@ def _over_tasks(learner: MetaLearner, fn: Callable, batch: Task, keys: jax.Array
     """fn over the leading (task) axis of (batch, keys), outputs stacked: ``vmap``; ``map`` = ``lax.map``
     over equal chunks of ``chunk_size`` tasks, each chunk vmapped (a scan: the same values, less memory);
     ``unroll`` = one copy of fn per task in the program."""
-    mode = resolve_task_batching(learner.task_batching)
+    mode = resolve_task_batching(learner.task_batching, images=batch.support_x.ndim == 5)
     if mode == 'vmap':
         return jax.vmap(fn)(batch, keys)
     if mode == 'map':

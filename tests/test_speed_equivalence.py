@@ -218,10 +218,11 @@ def test_task_map_matches_vmap_cnn():
 
 def test_resolve_task_batching_and_config():
     single_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
-    assert resolve_task_batching('auto') == ('map' if single_cpu else 'vmap')
-    assert resolve_task_batching('unroll') == 'unroll'
+    assert resolve_task_batching('auto', images=True) == ('map' if single_cpu else 'vmap')
+    assert resolve_task_batching('auto', images=False) == 'vmap'
+    assert resolve_task_batching('unroll', images=False) == 'unroll'
     with pytest.raises(ValueError, match='task_batching'):
-        resolve_task_batching('pmap')
+        resolve_task_batching('pmap', images=True)
     # equal chunks only (no remainder program): the largest divisor of the batch <= task_chunk
     assert [chunk_size(n, 2) for n in (1, 2, 3, 4, 32)] == [1, 2, 1, 2, 2]
     assert [chunk_size(n, 4) for n in (6, 7, 8, 3)] == [3, 1, 4, 3]
