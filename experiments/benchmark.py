@@ -36,7 +36,7 @@ import numpy as np
 from md_meta import config as config_lib
 from md_meta import methods, tasks, training
 from md_meta.inner import resolve_unroll
-from md_meta.meta import Task, chunk_size, resolve_task_batching, resolve_task_gradients
+from md_meta.meta import Task, resolve_task_gradients, task_batching_for
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('methods', [], 'methods to benchmark (default: every registered method)')
@@ -162,7 +162,7 @@ def measure(config, repeats: int, count_flops: bool = True) -> dict:
     flops = _cost(compiled)
     learner = exp.learner
     unroll = resolve_unroll(learner.inner.unroll, learner.inner.steps)
-    task_batching = resolve_task_batching(learner.task_batching, images=batch.support_x.ndim == 5)
+    task_batching, task_chunk = task_batching_for(learner, batch)
     if count_flops and (unroll < learner.inner.steps or task_batching == 'map'):
         # XLA counts a while loop's body once: count the FLOPs of the same step with the inner loop fully
         # unrolled and the tasks in one vmap.
@@ -186,7 +186,7 @@ def measure(config, repeats: int, count_flops: bool = True) -> dict:
                 gflops_per_s=flops / med / 1e9 if flops == flops else float('nan'), memory=mem,
                 max_rss_mb=max_rss_mb(), inner_unroll=unroll,
                 task_batching=task_batching,
-                task_chunk=chunk_size(batch.support_x.shape[0], learner.task_chunk) if task_batching == 'map' else None,
+                task_chunk=task_chunk,
                 task_gradients=resolve_task_gradients(learner.task_gradients),
                 finite=bool(np.isfinite(float(m['meta_loss'][0]))))
 

@@ -149,9 +149,9 @@ def _kron_layer_apply(p, x):
 
 
 def effective_weights(theta: Params, monotone: bool) -> Params:
-    """The weights g applies: in monotone mode every Kronecker factor and link matrix U -> U / max(1, ||U||_F)
-    (Lip <= 1 each; ``monotone = spec.monotone``); otherwise theta itself. A function of theta alone, so the inner loop computes it once
-    per adaptation and passes it to ``forward(..., prepared=True)`` at every step."""
+    """The weights g applies: in monotone mode (``spec.monotone``) every Kronecker factor and link matrix
+    U -> U / max(1, ||U||_F) (Lip <= 1 each); otherwise theta itself. A function of theta alone, so the inner
+    loop computes it once per adaptation and passes it to ``forward(..., prepared=True)`` at every step."""
     if not monotone:
         return theta
     layer = lambda p: dict(p, u=[_normalised(u) for u in p['u']])

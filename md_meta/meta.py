@@ -111,15 +111,20 @@ def chunk_size(num_tasks: int, task_chunk: int) -> int:
     return max(c for c in range(1, min(task_chunk, num_tasks) + 1) if num_tasks % c == 0)
 
 
+def task_batching_for(learner: MetaLearner, batch: Task) -> tuple:
+    """(mode, tasks per chunk or None) that ``_over_tasks`` uses for this batch of tasks."""
+    mode = resolve_task_batching(learner.task_batching, images=batch.support_x.ndim == 5)
+    return mode, chunk_size(batch.support_x.shape[0], learner.task_chunk) if mode == 'map' else None
+
+
 def _over_tasks(learner: MetaLearner, fn: Callable, batch: Task, keys: jax.Array):
     """fn over the leading (task) axis of (batch, keys), outputs stacked: ``vmap``; ``map`` = ``lax.map``
     over equal chunks of ``chunk_size`` tasks, each chunk vmapped (a scan: the same values, less memory);
     ``unroll`` = one copy of fn per task in the program."""
-    mode = resolve_task_batching(learner.task_batching, images=batch.support_x.ndim == 5)
+    mode, chunk = task_batching_for(learner, batch)
     if mode == 'vmap':
         return jax.vmap(fn)(batch, keys)
     if mode == 'map':
-        chunk = chunk_size(keys.shape[0], learner.task_chunk)
         return jax.lax.map(lambda args: fn(*args), (batch, keys), batch_size=chunk)
     outs = [fn(jax.tree_util.tree_map(lambda a: a[t], batch), keys[t]) for t in range(keys.shape[0])]
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)

@@ -11,7 +11,8 @@ from md_meta import methods
 from md_meta.config import ConfigError, validate
 from md_meta.inner import InnerConfig, resolve_unroll
 from md_meta.meta import (MetaLearner, Task, chunk_size, init_meta_params, make_evaluate, meta_loss,
-                          meta_value_and_grad, resolve_task_batching, resolve_task_gradients)
+                          meta_value_and_grad, resolve_task_batching, resolve_task_gradients,
+                          task_batching_for)
 from md_meta.networks import (ConvBlock, batch_stats, bn_relu_pool, conv3x3_lax, conv3x3_patches, make_model,
                               max_pool_2x2)
 
@@ -228,6 +229,9 @@ def test_resolve_task_batching_and_config():
     assert [chunk_size(n, 4) for n in (6, 7, 8, 3)] == [3, 1, 4, 3]
     with pytest.raises(ValueError, match='task_chunk'):
         chunk_size(4, 0)
+    images, vectors = _image_batch(tasks=3), Task(*(jnp.zeros((25, 5, 1)),) * 4)
+    assert task_batching_for(_image_learner(task_batching='map', task_chunk=2), images) == ('map', 1)
+    assert task_batching_for(_image_learner(task_batching='auto', task_chunk=2), vectors) == ('vmap', None)
     for field, value in (('task_batching', 'pmap'), ('task_chunk', 0)):
         c = tiny_config('maml')
         c.meta[field] = value
