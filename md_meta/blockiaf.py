@@ -7,8 +7,17 @@ Equation (8) of the paper, for a parameter pytree whose top-level entries are th
 Block 1 has learned constant (a_1, mu_1). Encoders e_j and decoders d_i are stacks of Kronecker-factored
 ("tensor mode product") layers: a leaf tensor viewed as an m-way array X is mapped to
 X x_1 U_1 x_2 U_2 ... x_m U_m + b, i.e. a dense layer with weight U_m (x) ... (x) U_1 at O(sum n_k^2) cost.
-Each encoder layer halves every mode (ceil), each decoder layer doubles it back; ReLU in between.
-The decoders' last layers start at zero, so g starts as the identity (sigma(0) = 1).
+As in the authors' code: each encoder layer halves every mode (floor, at least 1) and is followed by a ReLU;
+the link is one dense layer; the decoder is ReLU, then layers doubling the modes back with ReLU in
+between, then the two heads (a_i, mu_i). Factors and the link start as PyTorch's defaults, U(+-1/sqrt(fan_in)),
+Kronecker-layer biases at zero.
+
+The decoder heads start at zero, so g starts as the identity (sigma(0) = 1). ``head_init='zero'`` (the
+paper's / authors' initialisation) zeroes every factor of each head: on a leaf with two or more modes (every
+kernel) the gradient of each factor is a product of the other, zero, factors, so those factors never learn and
+g on kernels stays phi = z * sigma(b_a) + b_mu with per-element constants. ``head_init='learnable'`` zeroes only
+the last factor of each head and draws the others: g still starts as the identity, and every parameter of the
+map receives a meta-gradient (the zero factor at once, the others after its first update).
 
 Two variants (``BlockIAFSpec.monotone``):
 * ``monotone=False``: the paper's / reference's form: scale and shift of block i both depend on z_<i.
@@ -112,10 +121,10 @@ def mode_shape(shape: tuple) -> tuple:
 
 
 def _shrink_sequence(shape: tuple, layers: int) -> list:
-    """Mode shapes after 0..layers encoder layers: each mode halves (ceil)."""
+    """Mode shapes after 0..layers encoder layers: each mode halves (floor, at least 1; the authors' rule)."""
     seq = [tuple(shape)]
     for _ in range(layers):
-        seq.append(tuple(max(1, -(-n // 2)) for n in seq[-1]))
+        seq.append(tuple(max(1, n // 2) for n in seq[-1]))
     return seq
 
 
@@ -129,13 +138,21 @@ def mode_product(x: jnp.ndarray, factors: Sequence[jnp.ndarray]) -> jnp.ndarray:
     return x
 
 
-def _kron_layer_init(key, in_shape, out_shape, zero=False):
+def _uniform(key, shape, fan_in):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for linear layers (the authors' init)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+
+
+def _kron_layer_init(key, in_shape, out_shape, zero_factors=()):
+    """Factors U_k (out_k, in_k) ~ U(+-1/sqrt(in_k)) except those in ``zero_factors`` (0); bias 0."""
     keys = jax.random.split(key, len(in_shape))
-    if zero:
-        factors = [jnp.zeros((o, i)) for o, i in zip(out_shape, in_shape)]
-    else:
-        factors = [jax.random.normal(k, (o, i)) / math.sqrt(i) for k, o, i in zip(keys, out_shape, in_shape)]
+    factors = [jnp.zeros((o, i)) if k in zero_factors else _uniform(kk, (o, i), i)
+               for k, (kk, o, i) in enumerate(zip(keys, out_shape, in_shape))]
     return {'u': factors, 'b': jnp.zeros(out_shape)}
+
+
+HEAD_INITS = ('zero', 'learnable')
 
 
 def _normalised(u: jnp.ndarray) -> jnp.ndarray:
@@ -169,8 +186,12 @@ def _leaves(block_params):
     return jax.tree_util.tree_leaves(block_params)
 
 
-def init(key: jax.Array, params: Params, spec: BlockIAFSpec) -> Params:
-    """Map parameters theta_g for the parameter pytree ``params``; g starts as the identity."""
+def init(key: jax.Array, params: Params, spec: BlockIAFSpec, head_init: str = 'zero') -> Params:
+    """Map parameters theta_g for the parameter pytree ``params``; g starts as the identity.
+    ``head_init``: 'zero' (every factor of each decoder head 0, the paper's / authors') or 'learnable' (only
+    the last factor of each head 0), see the module docstring."""
+    if head_init not in HEAD_INITS:
+        raise ValueError(f'head_init must be one of {HEAD_INITS}, got {head_init!r}')
     blocks = spec.blocks
     nb = len(blocks)
     L = spec.encoder_layers
@@ -193,15 +214,17 @@ def init(key: jax.Array, params: Params, spec: BlockIAFSpec) -> Params:
             continue
         d_in = sum(enc_dims[:i])
         d_out = sum(int(np.prod(s[-1])) for s in seqs)
-        theta['link'][b] = {'w': jax.random.normal(next(keys), (d_out, d_in)) / math.sqrt(d_in),
-                            'b': jnp.zeros((d_out,))}
+        kw, kb = jax.random.split(next(keys))
+        theta['link'][b] = {'w': _uniform(kw, (d_out, d_in), d_in), 'b': _uniform(kb, (d_out,), d_in)}
         heads = ('mu',) if spec.monotone else ('a', 'mu')
-        dk = jax.random.split(next(keys), len(leaves) * L).reshape(len(leaves), L, -1)
+        dk = jax.random.split(next(keys), len(leaves) * (L + 1)).reshape(len(leaves), L + 1, -1)
         dec = []
         for j, s in enumerate(seqs):
             trunk = [_kron_layer_init(dk[j, l], s[L - l], s[L - l - 1]) for l in range(L - 1)]
-            dec.append({'trunk': trunk, **{h: _kron_layer_init(dk[j, L - 1], s[1], s[0], zero=True)
-                                          for h in heads}})
+            modes = len(s[0])
+            zero = range(modes) if head_init == 'zero' else (modes - 1,)
+            dec.append({'trunk': trunk, **{h: _kron_layer_init(dk[j, L - 1 + n], s[1], s[0], zero_factors=zero)
+                                          for n, h in enumerate(heads)}})
         theta['dec'][b] = dec
     return theta
 
@@ -222,10 +245,8 @@ def _encode(theta_enc_block, z_block, spec):
     outs = []
     for layers, leaf in zip(theta_enc_block, _leaves(z_block)):
         x = leaf.reshape(mode_shape(leaf.shape))
-        for l, p in enumerate(layers):
-            x = _kron_layer_apply(p, x)
-            if l < len(layers) - 1:
-                x = jax.nn.relu(x)
+        for p in layers:
+            x = jax.nn.relu(_kron_layer_apply(p, x))
         outs.append(x.reshape(-1))
     return jnp.concatenate(outs)
 

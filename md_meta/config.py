@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.md.monotone = True       # Theorem 1 by construction (docs/monotonicity.md); False: the paper's/reference's form
     c.md.shift_lipschitz = ml_collections.FieldReference(None, field_type=float)
     c.md.encoder_layers = 3
+    c.md.head_init = 'zero'    # decoder heads: 'zero' (paper/authors: kernels' factors never learn) | 'learnable'
 
     c.mtnet = ml_collections.ConfigDict()  # md_meta.methods.mtnet
     c.mtnet.init_logit = 0.0       # mask logits at start (0: each unit adapts w.p. 1/2; >= 50: all on)
@@ -157,6 +158,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.md.scale == 'bounded':
         _require(0 <= c.md.s_min < 1, 'md.s_min', f'must be in [0, 1) so that g starts as the identity, got {c.md.s_min}')
         _require(c.md.s_max > 1, 'md.s_max', f'must exceed 1 so that g starts as the identity, got {c.md.s_max}')
+    from md_meta.blockiaf import HEAD_INITS
+    _require(c.md.head_init in HEAD_INITS, 'md.head_init', f'must be one of {HEAD_INITS}, got {c.md.head_init!r}')
     if c.md.monotone:
         _require(c.md.scale == 'bounded' and c.md.s_min > 0, 'md.monotone',
                  "the monotone blockIAF (the default) needs md.scale='bounded' and md.s_min > 0; "

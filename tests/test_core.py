@@ -52,10 +52,12 @@ def test_blockiaf_identity_at_init_and_exact_inverse(scale, monotone):
 
 def test_blockiaf_is_autoregressive():
     """Block i depends on blocks < i only: perturbing the last block changes nothing before it,
-    perturbing the first block changes later blocks."""
-    params = mlp_params()
+    perturbing the first block changes later blocks. (The encoders end in a ReLU and decoders start with one,
+    as the authors'; the last layer's small tensors reach one- to five-number bottlenecks that a random map
+    often zeroes: docs/methods.md. This draw, width 40 as the sinusoid MLP, keeps the path open.)"""
+    params = mlp_params(hidden=(40, 40))
     spec = blockiaf.make_spec(params)
-    theta = perturbed_theta(spec, params)
+    theta = perturbed_theta(spec, params, key=2)
     z = random_like(jax.random.PRNGKey(3), params)
     phi = blockiaf.forward(theta, z, spec)
     first, last = spec.blocks[0], spec.blocks[-1]
@@ -295,3 +297,43 @@ def test_cli_runs_end_to_end(root, tmp_path):
     res = json.load(open(os.path.join(wd, 'results.json')))['results'][0]
     assert res['shots'] == 10 and res['metrics']['loss']['n'] == 50 and np.isfinite(res['metrics']['loss']['mean'])
     assert os.path.exists(os.path.join(wd, 'config.json'))
+
+
+def _geom_grads_after_one_step(head_init, monotone):
+    """The blockIAF's meta-gradient, by leaf path, after one Adam meta-step from init, for one MD step on a
+    random regression task with a 1-32-32-16 MLP (wide enough that no encoder or decoder ReLU of this draw is
+    dead: the authors' encoders and decoders start or end in a ReLU, and a tensor of 8 or fewer entries per mode
+    reaches a one-number bottleneck, dead for about half of all draws)."""
+    params = make_model('mlp', hidden=(32, 32), out=16).init(jax.random.PRNGKey(0), jnp.zeros((4, 1)))['params']
+    spec = blockiaf.make_spec(params, monotone=monotone)
+    theta = blockiaf.init(jax.random.PRNGKey(1), params, spec, head_init=head_init)
+    meta = {'z': blockiaf.inverse(theta, params, spec), 'theta': theta}
+    ks = jax.random.split(jax.random.PRNGKey(2), 4)
+    xs, ys, xq, yq = (jax.random.normal(k, (10, d)) for k, d in zip(ks, (1, 16, 1, 16)))
+    apply = make_model('mlp', hidden=(32, 32), out=16).apply
+    loss = lambda phi, x, y: jnp.mean((apply({'params': phi}, x) - y) ** 2)
+
+    def query_loss(m):  # one mirror-descent step, gradient at the primal phi = g(z)
+        g = jax.grad(loss)(blockiaf.forward(m['theta'], m['z'], spec), xs, ys)
+        z1 = jax.tree_util.tree_map(lambda z, d: z - 0.1 * d, m['z'], g)
+        return loss(blockiaf.forward(m['theta'], z1, spec), xq, yq)
+
+    opt = optax.adam(1e-2)
+    updates, _ = opt.update(jax.grad(query_loss)(meta), opt.init(meta))
+    grad = jax.grad(query_loss)(optax.apply_updates(meta, updates))
+    return {jax.tree_util.keystr(p): np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grad['theta'])}
+
+
+@pytest.mark.parametrize('monotone', [False, True])
+def test_blockiaf_learnable_head_init_every_parameter_learns(monotone):
+    """md.head_init='learnable' (only the last factor of each decoder head at zero): after one meta-step every
+    blockIAF array has a non-zero meta-gradient. 'zero' (the paper's / authors' init): the head factors of
+    every kernel (two modes) have exactly zero meta-gradient, then and forever (each is a product of zeros)."""
+    learn = _geom_grads_after_one_step('learnable', monotone)
+    dead = [k for k, g in learn.items() if not np.any(g)]
+    assert not dead, dead
+    zero = _geom_grads_after_one_step('zero', monotone)
+    multi_mode = {k.split("['u']")[0] for k in zero if "['u'][1]" in k}  # heads of kernels (>= 2 factors)
+    heads = [k for k in zero if k.split("['u']")[0] in multi_mode and ("['mu']" in k or "['a']" in k)]
+    assert heads and all(not np.any(zero[k]) for k in heads), [k for k in heads if np.any(zero[k])]
+    assert all(np.any(learn[k]) for k in heads)

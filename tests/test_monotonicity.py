@@ -119,14 +119,15 @@ def test_monotone_map_starts_as_identity_and_inverts_exactly():
 
 def _hand_built(slope, scale_slope=0.0, scale='bounded'):
     """Two blocks of size 1: phi_1 = z_1, phi_2 = z_2 sigma(scale_slope z_1) + slope z_1 + const for
-    z_1 > -10 (the link's bias keeps the decoder's ReLU active)."""
+    z_1 > -10 (the encoder's bias keeps the encoder's and the decoder's ReLUs active)."""
     params = {'a': jnp.zeros((1,), jnp.float64), 'b': jnp.zeros((1,), jnp.float64)}
     spec = blockiaf.make_spec(params, blocks=('a', 'b'), scale=scale, encoder_layers=1)
     theta = blockiaf.init(jax.random.PRNGKey(0), params, spec)
     one = jnp.ones((1, 1), jnp.float64)
     theta['enc']['a'][0][0]['u'] = [one]
+    theta['enc']['a'][0][0]['b'] = jnp.full((1,), 10.0, jnp.float64)
     theta['link']['b']['w'] = one
-    theta['link']['b']['b'] = jnp.full((1,), 10.0, jnp.float64)
+    theta['link']['b']['b'] = jnp.zeros((1,), jnp.float64)
     theta['dec']['b'][0]['a']['b'] = jnp.full((1,), -10.0 * scale_slope, jnp.float64)
     theta['dec']['b'][0]['mu']['u'] = [slope * one]
     theta['dec']['b'][0]['a']['u'] = [scale_slope * one]

@@ -24,7 +24,7 @@ def make(config) -> Geometry:
 
     def init(key, params):
         spec = spec_for(params)
-        theta = blockiaf.init(key, params, spec)
+        theta = blockiaf.init(key, params, spec, head_init=config.md.head_init)
         return blockiaf.inverse(theta, params, spec), theta
 
     def prepare(theta):  # the normalised blockIAF weights, once per adaptation

@@ -1,0 +1,503 @@
+r"""Cross-check md-meta's MD, MetaCurvature and Meta-SGD against the authors' PyTorch code.
+
+    python -m experiments.crosscheck_reference --reference_dir=PATH [--out=crosscheck.json]
+
+PATH is a checkout of github.com/zhangyilang/MetaMirrorDescent (never part of md-meta). Run it with a Python
+that has torch and torchmeta (neither is an md-meta dependency; a separate environment, e.g. a venv created
+with --system-site-packages beside md-meta's, ``pip install torch`` and ``pip install --no-deps torchmeta``).
+Only torchmeta's ``modules`` and ``utils.gradient_based`` are loaded (its package root imports torchvision
+and the data sets, which the comparison does not use), and only the authors' models and meta-models: their
+training base class (data loaders) is replaced by a bare ``args`` holder, so their ``adapt`` runs unchanged.
+
+For the authors' CNN4 for Omniglot (28x28x1, N-way) and each method it draws ONE random, non-identity set of
+meta-parameters on the authors' side (every factor, also those the authors start at zero; batch-norm scales
+and offsets, including a negative scale), copies it into md-meta's layout (Flax kernels, reversed tensor modes,
+leaves in pytree order; a permutation, so gradients convert the same way) and compares on one fixed random
+episode, in float32 and float64:
+
+* MD: g(z0); g^-1(phi) (the authors have no inverse: md-meta's z = g^-1(phi) is fed to the authors' g, which
+  must return phi); phi_K after K inner steps; the second-order meta-gradient of the query loss w.r.t. z0 and
+  every blockIAF parameter;
+* MetaCurvature and Meta-SGD: phi_K and the meta-gradient w.r.t. phi_0 and the method's parameters.
+
+Each comparison reports max |md-meta - authors| / max |authors| over the leaves of that quantity (a leaf with
+no tolerance of its own is measured against the scale of the whole quantity), and passes below ``--rtol``
+(float64) or ``--rtol32`` (float32). md-meta runs ``md.monotone=False, md.scale='exp'``: the authors' form.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import json
+import os
+import sys
+import types
+from collections import OrderedDict
+
+from absl import app, flags
+
+flags.DEFINE_string('reference_dir', None, 'checkout of github.com/zhangyilang/MetaMirrorDescent')
+flags.DEFINE_integer('ways', 5, 'N (classes per task)')
+flags.DEFINE_integer('shots', 1, 'support examples per class')
+flags.DEFINE_integer('query', 15, 'query examples per class')
+flags.DEFINE_integer('steps', 5, 'K, inner steps')
+flags.DEFINE_float('step_size', 0.01, 'alpha, the inner step size')
+flags.DEFINE_integer('seed', 0, 'seed of the random parameters and episode')
+flags.DEFINE_list('methods', ['md', 'metacurvature', 'metasgd'], 'methods to compare')
+flags.DEFINE_list('dtypes', ['float64', 'float32'], 'precisions to compare in')
+flags.DEFINE_float('rtol', 1e-9, 'tolerance in float64')
+flags.DEFINE_float('rtol32', 2e-3, 'tolerance in float32')
+flags.DEFINE_string('out', '', 'optional JSON file for the results')
+FLAGS = flags.FLAGS
+
+
+class ReferenceUnavailable(RuntimeError):
+    """torch, torchmeta or the authors' checkout cannot be loaded; the message says which."""
+
+
+# ----------------------------------------------------------------------------- loading the authors' code
+
+@functools.lru_cache(maxsize=None)
+def load_reference(reference_dir: str):
+    """The authors' modules: (torch, models, meta_mirror_descent, meta_curvature, meta_sgd)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ReferenceUnavailable(f'torch is not importable from {sys.executable} ({e}); '
+                                   'install it in a separate environment') from None
+    if not reference_dir or not os.path.isfile(os.path.join(reference_dir, 'src', 'meta_mirror_descent.py')):
+        raise ReferenceUnavailable(f'--reference_dir={reference_dir!r} is not a checkout of '
+                                   'github.com/zhangyilang/MetaMirrorDescent (no src/meta_mirror_descent.py)')
+    spec = importlib.util.find_spec('torchmeta')
+    if spec is None:
+        raise ReferenceUnavailable('torchmeta is not importable; pip install --no-deps torchmeta')
+    root = list(spec.submodule_search_locations)[0]
+    if 'torchmeta' not in sys.modules:  # its __init__ imports torchvision and the data sets: load parts only
+        pkg = types.ModuleType('torchmeta')
+        pkg.__path__ = [root]
+        sys.modules['torchmeta'] = pkg
+        utils = types.ModuleType('torchmeta.utils')
+        utils.__path__ = [os.path.join(root, 'utils')]
+        sys.modules['torchmeta.utils'] = utils
+        import torchmeta.modules  # noqa: F401
+        from torchmeta.utils.gradient_based import gradient_update_parameters
+        utils.gradient_update_parameters = gradient_update_parameters
+
+    class MetaLearningAlgBase:  # the authors' base class builds data loaders; adapt() needs only these fields
+        def __init__(self, args):
+            self.args = args
+
+    base = types.ModuleType('src.meta_alg_base')
+    base.MetaLearningAlgBase = MetaLearningAlgBase
+    sys.modules['src.meta_alg_base'] = base
+    if reference_dir not in sys.path:
+        sys.path.insert(0, reference_dir)
+    import src.meta_curvature as mc
+    import src.meta_mirror_descent as md
+    import src.meta_sgd as msgd
+    import src.models as models
+    return torch, models, md, mc, msgd
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def network_names(ways: int):
+    """(torch name, md-meta path) of every CNN4 parameter, in the authors' order."""
+    out = []
+    for i in range(4):
+        out += [(f'features.{i}.0.weight', (f'layer_{i}', 'kernel')), (f'features.{i}.0.bias', (f'layer_{i}', 'bias')),
+                (f'features.{i}.1.weight', (f'layer_{i}', 'norm', 'scale')),
+                (f'features.{i}.1.bias', (f'layer_{i}', 'norm', 'bias'))]
+    out += [('classifier.weight', ('layer_4', 'dense', 'kernel')), ('classifier.bias', ('layer_4', 'dense', 'bias'))]
+    return out
+
+
+def to_md_tensor(t):
+    """An authors' parameter tensor -> md-meta's layout: conv (O, I, kh, kw) -> (kh, kw, I, O), dense (O, I) -> (I, O)."""
+    import numpy as np
+    a = t.detach().cpu().numpy()
+    if a.ndim == 4:
+        return np.transpose(a, (2, 3, 1, 0))
+    if a.ndim == 2:
+        return a.T
+    return a
+
+
+def torch_view_shape(shape):
+    """The authors' tensor view: conv (O, I, kh, kw) -> (O, I, kh*kw); others as they are."""
+    return (shape[0], shape[1], shape[2] * shape[3]) if len(shape) == 4 else tuple(shape)
+
+
+def view_perm(torch_view):
+    """Indices p such that md-meta's flattened view (the modes reversed) = the authors' flattened view[p]."""
+    import numpy as np
+    n = int(np.prod(torch_view))
+    return np.arange(n).reshape(torch_view).transpose(tuple(reversed(range(len(torch_view))))).reshape(-1)
+
+
+def set_path(tree, path, value):
+    node = tree
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+
+
+def get_path(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def md_blocks(ways):
+    """Per block (md-meta layer name): md-meta leaf paths in pytree order and the authors' names in theirs."""
+    names = network_names(ways)
+    blocks = OrderedDict()
+    for tname, path in names:
+        blocks.setdefault(path[0], []).append((tname, path))
+    out = OrderedDict()
+    for b, items in blocks.items():
+        md_order = sorted(items, key=lambda it: it[1])  # dict pytrees flatten in sorted-key order
+        out[b] = {'torch': [t for t, _ in items], 'md': [t for t, _ in md_order], 'path': dict(items)}
+    return out
+
+
+# ----------------------------------------------------------------------------- random non-identity parameters
+
+def randomise_network(torch, model, gen):
+    """Default conv/linear init (already there), conv biases, batch-norm scales (one negative) and offsets."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('1.weight'):  # batch-norm scale
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+                p[0] = -0.7
+            elif name.endswith('bias'):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def randomise_all(torch, module, gen, scale_heads=0.5):
+    """Every parameter of a meta-model drawn: factors U(+-c/sqrt(fan_in)), vectors 0.1 N(0, 1)."""
+    with torch.no_grad():
+        for _, p in module.named_parameters():
+            if p.dim() >= 2:
+                bound = scale_heads / p.shape[1] ** 0.5
+                p.copy_((torch.rand(p.shape, generator=gen, dtype=p.dtype) * 2 - 1) * bound)
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+# ----------------------------------------------------------------------------- authors' meta-models -> md-meta
+
+def kron_layer_to_md(layer):
+    """The authors' KronLinear (factors per mode in their order, bias in their view) -> md-meta's layer."""
+    import numpy as np
+    factors = [w.detach().cpu().numpy() for w in layer.weights][::-1]
+    bias = layer.bias.detach().cpu().numpy()
+    return {'u': factors, 'b': np.transpose(bias, tuple(reversed(range(bias.ndim))))}
+
+
+def kron_layers(seq):
+    return [m for m in seq if type(m).__name__ == 'KronLinear']
+
+
+def blockiaf_to_md(iaf, ways, params_md):
+    """The authors' BlockIAF (one block per layer: 4 tensors per conv layer, 2 for the classifier) -> md-meta's
+    theta (``md_meta.blockiaf.init``'s structure, scale='exp', monotone=False)."""
+    import numpy as np
+    blocks = md_blocks(ways)
+    names = list(blocks)
+    layer = lambda n: n.replace('.', '_')
+    theta = {'first': {}, 'enc': {}, 'link': {}, 'dec': {}}
+    # block 1: HadamardLinear over the authors' concatenation of the block's tensors
+    b0 = blocks[names[0]]
+    hada = iaf.blk_IARs[iaf._layers2blk(tuple(layer(t) for t in b0['torch']))]
+    logw, bias = hada.log_weight.detach().cpu().numpy(), hada.bias.detach().cpu().numpy()
+    a_tree = _copy_struct(params_md[names[0]])
+    mu_tree = _copy_struct(params_md[names[0]])
+    start = 0
+    for tname in b0['torch']:
+        path = b0['path'][tname][1:]
+        shape_md = get_path(params_md[names[0]], path).shape
+        tshape = _torch_shape(shape_md)
+        n = int(np.prod(tshape))
+        set_path(a_tree, path, _md_from_torch_flat(logw[start:start + n], tshape))
+        set_path(mu_tree, path, _md_from_torch_flat(bias[start:start + n], tshape))
+        start += n
+    theta['first'] = {'a': a_tree, 'mu': mu_tree}
+
+    # encodings: per block, the md-meta order of the concatenated encodings as indices into the authors'
+    enc_perm, enc_sizes = [], []
+    offset = 0
+    for b in names[:-1]:
+        blk = blocks[b]
+        torch_segments, start = {}, 0
+        enc_layers = []
+        for tname in blk['torch']:
+            enc = iaf.layer_encoders[layer(tname)]
+            n = int(enc.out_features)
+            torch_segments[tname] = (start, n)
+            start += n
+        for tname in blk['md']:
+            enc = iaf.layer_encoders[layer(tname)]
+            kls = kron_layers(enc.mlp)
+            enc_layers.append([kron_layer_to_md(k) for k in kls])
+            s, n = torch_segments[tname]
+            out_view = tuple(int(x) for x in kls[-1].out_size)
+            enc_perm.append(offset + s + view_perm(out_view))
+        theta['enc'][b] = enc_layers
+        offset += start
+        enc_sizes.append(start)
+    enc_perm = np.concatenate(enc_perm)
+
+    for i, b in enumerate(names[1:], start=1):
+        blk = blocks[b]
+        link = iaf.blk_IARs[iaf._layers2blk(tuple(layer(t) for t in blk['torch']))]
+        d_in = sum(enc_sizes[:i])
+        in_perm = enc_perm[:d_in]
+        segs, start = {}, 0
+        for tname in blk['torch']:
+            dec = iaf.layer_decoders[layer(tname)]
+            n = int(dec.in_features)
+            segs[tname] = (start, n, tuple(int(x) for x in dec.in_size))
+            start += n
+        out_perm, decs = [], []
+        for tname in blk['md']:
+            s, n, in_view = segs[tname]
+            out_perm.append(s + view_perm(in_view))
+            dec = iaf.layer_decoders[layer(tname)]
+            trunk = [kron_layer_to_md(k) for k in kron_layers(dec.mlp)]
+            decs.append({'trunk': trunk, 'a': kron_layer_to_md(dec.log_scale[0]), 'mu': kron_layer_to_md(dec.shift[0])})
+        out_perm = np.concatenate(out_perm)
+        w, bb = link.weight.detach().cpu().numpy(), link.bias.detach().cpu().numpy()
+        theta['link'][b] = {'w': w[out_perm][:, in_perm], 'b': bb[out_perm]}
+        theta['dec'][b] = decs
+    return theta
+
+
+def _copy_struct(tree):
+    return {k: _copy_struct(v) if isinstance(v, dict) else None for k, v in tree.items()}
+
+
+def _torch_shape(shape_md):
+    if len(shape_md) == 4:
+        kh, kw, i, o = shape_md
+        return (o, i, kh, kw)
+    return tuple(reversed(shape_md))
+
+
+def _md_from_torch_flat(vec, tshape):
+    import numpy as np
+    a = vec.reshape(tshape)
+    return np.transpose(a, (2, 3, 1, 0)) if a.ndim == 4 else a.T if a.ndim == 2 else a
+
+
+def network_to_md(named, ways, template):
+    out = _copy_struct(template)
+    for tname, path in network_names(ways):
+        set_path(out, path, to_md_tensor(named[tname]))
+    return out
+
+
+def network_to_torch(tree, ways, torch, dtype):
+    import numpy as np
+    out = OrderedDict()
+    for tname, path in network_names(ways):
+        a = np.asarray(get_path(tree, path))
+        a = np.transpose(a, (3, 2, 0, 1)) if a.ndim == 4 else a.T if a.ndim == 2 else a
+        out[tname] = torch.tensor(np.ascontiguousarray(a), dtype=dtype)
+    return out
+
+
+def metacurvature_to_md(mc_module, ways, template):
+    """The authors' LayerWiseKronLinear -> md-meta's {'factors': ...}: conv M0 (O), M1 (I), M2 (kh*kw) act as
+    G x_O M0^T x_I M1 x_f M2^T, i.e. md-meta's [M_f, M_in, M_out] = [M2^T, M1, M0^T]; dense M_a @ G @ M_b is
+    md-meta's [M_in, M_out] = [M_b^T, M_a]."""
+    ws = [w.detach().cpu().numpy() for w in mc_module.mc_weight]
+    out, k = _copy_struct(template), 0
+    for tname, path in network_names(ways):
+        nd = len(get_path(template, path).shape)
+        if nd == 1:
+            set_path(out, path, ws[k]); k += 1
+        elif nd == 2:
+            set_path(out, path, [ws[k + 1].T, ws[k]]); k += 2
+        else:
+            set_path(out, path, [ws[k + 2].T, ws[k + 1], ws[k].T]); k += 3
+    return out
+
+
+def metasgd_to_md(log_lr, ways, template):
+    named = OrderedDict((t, log_lr[t.replace('.', '_')]) for t, _ in network_names(ways))
+    return network_to_md(named, ways, template)
+
+
+# ----------------------------------------------------------------------------- the comparison
+
+def rel_error(md_tree, ref_tree):
+    """max over leaves of max |a - b| / max |b|, with a leaf's scale floored at 1e-3 x the largest leaf's."""
+    import jax
+    import numpy as np
+    a = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(md_tree)]
+    b = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(ref_tree)]
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        raise AssertionError(f'structures differ: {[x.shape for x in a]} vs {[y.shape for y in b]}')
+    top = max(float(np.max(np.abs(y))) for y in b)
+    return max(float(np.max(np.abs(x - y))) / max(float(np.max(np.abs(y))), 1e-3 * top, 1e-30)
+               for x, y in zip(a, b))
+
+
+def compare(reference_dir, method, dtype_name, *, ways=5, shots=1, query=15, steps=5, step_size=0.01, seed=0):
+    """{quantity: relative error} for one method in one precision (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    torch, models, ref_md, ref_mc, ref_msgd = load_reference(reference_dir)
+    from md_meta import blockiaf, losses, methods, networks
+    from md_meta.config import base_config
+    from md_meta.inner import InnerConfig, adapt
+
+    tdtype = torch.float64 if dtype_name == 'float64' else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    with jax.enable_x64(dtype_name == 'float64'):
+        jdtype = jnp.float64 if dtype_name == 'float64' else jnp.float32
+        rng = np.random.default_rng(seed)
+        xs = rng.random((ways * shots, 1, 28, 28))
+        xq = rng.random((ways * query, 1, 28, 28))
+        ys, yq = np.repeat(np.arange(ways), shots), np.repeat(np.arange(ways), query)
+        txs, txq = torch.tensor(xs, dtype=tdtype), torch.tensor(xq, dtype=tdtype)
+        tys, tyq = torch.tensor(ys), torch.tensor(yq)
+        jxs, jxq = jnp.asarray(xs.transpose(0, 2, 3, 1), jdtype), jnp.asarray(xq.transpose(0, 2, 3, 1), jdtype)
+        jys, jyq = jnp.asarray(ys), jnp.asarray(yq)
+
+        # the authors' side
+        base = models.FourBlkCNNOmniglot(ways).to(tdtype)
+        init = models.FourBlkCNNOmniglot(ways).to(tdtype)
+        randomise_network(torch, init, gen)
+        args = types.SimpleNamespace(task_iter=steps, task_lr=step_size)
+        alg_cls = {'md': ref_md.MetaMirrorDescent, 'metacurvature': ref_mc.MetaCurvature,
+                   'metasgd': ref_msgd.MetaSGD}[method]
+        alg = alg_cls.__new__(alg_cls)
+        alg.args, alg._base_model, alg._nll = args, base, torch.nn.CrossEntropyLoss()
+        if method == 'md':
+            extra = ref_md.BlockIAF(base.meta_named_parameters()).to(tdtype)
+            alg._meta_model = {'init': init, 'inverse_mirror_map': extra}
+        elif method == 'metacurvature':
+            extra = ref_mc.LayerWiseKronLinear(base.parameters()).to(tdtype)
+            alg._meta_model = {'init': init, 'MC': extra}
+        else:
+            import math
+            extra = torch.nn.ParameterDict({n.replace('.', '_'): torch.nn.Parameter(
+                torch.zeros_like(p) + math.log(step_size)) for n, p in base.named_parameters()}).to(tdtype)
+            alg._meta_model = {'init': init, 'log_lr': extra}
+        if method == 'metacurvature':  # identity + noise: non-identity, well conditioned
+            with torch.no_grad():
+                for w in extra.mc_weight:
+                    n = w.shape[0]
+                    w.add_(0.3 * torch.randn(w.shape, generator=gen, dtype=tdtype) / n ** 0.5)
+        elif method == 'metasgd':
+            with torch.no_grad():
+                for p in extra.values():
+                    p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=tdtype))
+        else:
+            randomise_all(torch, extra, gen)
+
+        meta_params = list(init.parameters()) + list(extra.parameters())
+        phi_ref = alg.adapt(txs, tys, first_order=False)
+        loss_ref = alg._nll(base(txq, params=phi_ref), tyq)
+        grads_ref = torch.autograd.grad(loss_ref, meta_params)
+        n_init = len(list(init.parameters()))
+        init_names = [n for n, _ in init.named_parameters()]
+        g_init_ref = OrderedDict(zip(init_names, grads_ref[:n_init]))
+        for p, g in zip(extra.parameters(), grads_ref[n_init:]):
+            p.grad = g
+
+        # md-meta's side
+        cfg = base_config()
+        cfg.method, cfg.inner.step_size = method, step_size
+        cfg.md.monotone, cfg.md.scale = False, 'exp'
+        model = networks.make_model('cnn4', num_classes=ways, features=64, conv_impl='patches')
+        template = model.init(jax.random.PRNGKey(0), jxs)['params']
+        geometry = methods.make_geometry(cfg)
+        cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jdtype), t)
+        z0 = cast(network_to_md(OrderedDict(init.named_parameters()), ways, template))
+        if method == 'md':
+            geom = cast(blockiaf_to_md(extra, ways, template))
+        elif method == 'metacurvature':
+            geom = {'factors': cast(metacurvature_to_md(extra, ways, template))}
+        else:
+            geom = {'log_lr': cast(metasgd_to_md(extra, ways, template))}
+        apply = lambda phi, x: model.apply({'params': phi}, x)
+        support_loss = lambda phi: losses.xent(apply(phi, jxs), jys)
+
+        def query_loss(meta):
+            phi, _ = adapt(geometry, support_loss, meta['geom'], meta['init'], jax.random.PRNGKey(0),
+                           InnerConfig(steps=steps))
+            return losses.xent(apply(phi, jxq), jyq), phi
+
+        (loss_md, phi_md), grads_md = jax.jit(jax.value_and_grad(query_loss, has_aux=True))(
+            {'init': z0, 'geom': geom})
+
+        def grad_tree(p_to_md):  # the authors' gradients in md-meta's layout (the same permutation)
+            holder = copy.deepcopy(extra)
+            with torch.no_grad():
+                for p, g in zip(holder.parameters(), extra.parameters()):
+                    p.copy_(g.grad)
+            return p_to_md(holder)
+
+        result = {'query_loss': abs(float(loss_md) - loss_ref.item()) / abs(loss_ref.item()),
+                  'phi_K': rel_error(phi_md, network_to_md(phi_ref, ways, template)),
+                  'meta_grad_init': rel_error(grads_md['init'], network_to_md(g_init_ref, ways, template))}
+        if method == 'md':
+            spec = blockiaf.make_spec(template, scale='exp', monotone=False)
+            named = OrderedDict(init.named_parameters())
+            g_ref = extra(named)
+            result['g(z)'] = rel_error(blockiaf.forward(geom, z0, spec), network_to_md(g_ref, ways, template))
+            result['g(z)-z'] = rel_error(network_to_md(g_ref, ways, template), z0)  # how far from the identity
+            phi_any = jax.tree_util.tree_map(lambda a: a + 0.05, z0)
+            z_md = blockiaf.inverse(geom, phi_any, spec)
+            back = extra(network_to_torch(z_md, ways, torch, tdtype))
+            result['g_ref(g^-1(phi))'] = rel_error(network_to_md(back, ways, template), phi_any)
+            result['meta_grad_geom'] = rel_error(grads_md['geom'], grad_tree(lambda m: blockiaf_to_md(m, ways, template)))
+        elif method == 'metacurvature':
+            result['meta_grad_geom'] = rel_error(grads_md['geom']['factors'],
+                                                 grad_tree(lambda m: metacurvature_to_md(m, ways, template)))
+        else:
+            result['meta_grad_geom'] = rel_error(grads_md['geom']['log_lr'],
+                                                 grad_tree(lambda m: metasgd_to_md(m, ways, template)))
+    return result
+
+
+def run(reference_dir, methods, dtypes, rtol=1e-9, rtol32=2e-3, **kw):
+    """{method: {dtype: {quantity: error}}} and whether every compared quantity is within tolerance."""
+    results, ok = {}, True
+    for m in methods:
+        for d in dtypes:
+            r = compare(reference_dir, m, d, **kw)
+            print(f'{m:14s} {d:8s} ' + '  '.join(f'{k} {v:.1e}' for k, v in r.items()), flush=True)
+            tol = rtol if d == 'float64' else rtol32
+            results.setdefault(m, {})[d] = r
+            ok &= all(v <= tol for k, v in r.items() if k != 'g(z)-z')
+    return results, ok
+
+
+def main(argv):
+    del argv
+    try:
+        results, ok = run(FLAGS.reference_dir, FLAGS.methods, FLAGS.dtypes, FLAGS.rtol, FLAGS.rtol32,
+                          ways=FLAGS.ways, shots=FLAGS.shots, query=FLAGS.query, steps=FLAGS.steps,
+                          step_size=FLAGS.step_size, seed=FLAGS.seed)
+    except ReferenceUnavailable as e:
+        sys.exit(f'crosscheck_reference: {e}')
+    print(f'tolerance: {FLAGS.rtol:.0e} (float64), {FLAGS.rtol32:.0e} (float32)')
+    print('PASS: md-meta agrees with the authors\' code' if ok else 'FAIL: see the errors above the tolerance')
+    if FLAGS.out:
+        with open(FLAGS.out, 'w') as f:
+            json.dump({'results': results, 'pass': ok, 'settings': {
+                'ways': FLAGS.ways, 'shots': FLAGS.shots, 'query': FLAGS.query, 'steps': FLAGS.steps,
+                'step_size': FLAGS.step_size, 'seed': FLAGS.seed, 'rtol': FLAGS.rtol, 'rtol32': FLAGS.rtol32}},
+                f, indent=1)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == '__main__':
+    app.run(main)
