@@ -9,7 +9,7 @@ K with K support and K query points, meta-batch 25, one inner step alpha = 0.01,
 meta-steps; MSE on ``--num_tasks`` new tasks), ``--config.seed=SEED`` and the variant's overrides, in
 <workdir>/<variant>-s<seed> (resumable: a finished run is read back, not re-run). The table gives, per variant
 and shot count, the mean over seeds of the test MSE with a 95% interval over seeds (t quantile, n - 1 degrees
-of freedom), and is written as <out>.md, <out>.csv and <out>.json.
+of freedom), and is written as <out>.md, <out>.csv and <out>.json, with a bar chart <out>.png.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from absl import app, flags
 # name -> (method, config overrides, what it is)
 VARIANTS = {
     'maml': ('maml', {}, 'MAML'),
+    'metasgd': ('metasgd', {}, 'Meta-SGD (a learned diagonal step: what MD does on kernels with zero heads)'),
     'metacurvature': ('metacurvature', {}, 'MetaCurvature'),
     'metakfo': ('metakfo', {}, 'MetaKFO'),
     'md-paper': ('md', {'md.monotone': False, 'md.scale': 'exp', 'md.head_init': 'zero'},
@@ -40,8 +41,8 @@ VARIANTS = {
                                        'md.encoder_layers': 1},
                                 "MD, the authors' form, learnable heads, one-layer encoders and decoders"),
 }
-DEFAULT = ('maml', 'metacurvature', 'metakfo', 'md-paper', 'md-paper-learnable', 'md-monotone',
-           'md-monotone-learnable')
+DEFAULT = ('maml', 'metasgd', 'metacurvature', 'metakfo', 'md-paper', 'md-paper-learnable', 'md-paper-bounded',
+           'md-paper-learnable-enc1', 'md-monotone', 'md-monotone-learnable')
 
 flags.DEFINE_string('workdir', 'runs/ablate', 'one sub-directory per (variant, seed)')
 flags.DEFINE_list('variants', list(DEFAULT), f'from {sorted(VARIANTS)}')
@@ -111,6 +112,35 @@ def markdown(rows: list, command: str) -> str:
     return '\n'.join(out) + '\n'
 
 
+def plot(rows: list, path: str) -> None:
+    """Grouped bars: test MSE per variant at each shot count, 95% intervals over seeds as error bars."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('matplotlib is not installed: no plot', file=sys.stderr)
+        return
+    shots = [int(x) for x in FLAGS.shots]
+    variants = [v for v in FLAGS.variants if any(r['variant'] == v for r in rows)]
+    by = {(r['variant'], r['shots']): r for r in rows}
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(variants), 3.6))
+    width = 0.8 / len(shots)
+    for j, s in enumerate(shots):
+        xs = [i + (j - (len(shots) - 1) / 2) * width for i in range(len(variants))]
+        ys = [by[(v, s)]['mean'] if (v, s) in by else np.nan for v in variants]
+        es = [by[(v, s)]['ci'] if (v, s) in by else 0.0 for v in variants]
+        ax.bar(xs, ys, width, yerr=es, capsize=2, label=f'{s}-shot')
+    ax.set_xticks(range(len(variants)))
+    ax.set_xticklabels(variants, rotation=25, ha='right', fontsize=8)
+    ax.set_ylabel('test MSE (mean over seeds, 95% CI)')
+    ax.set_title(f'Sinusoid, {FLAGS.steps} meta-steps per run', fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv):
     del argv
     unknown = [v for v in FLAGS.variants if v not in VARIANTS]
@@ -141,6 +171,7 @@ def main(argv):
         for r in rows:
             w.writerow([r['variant'], r['shots'], f'{r["mean"]:.5f}', f'{r["ci"]:.5f}', r['seeds'],
                         ' '.join(f'{x:.5f}' for x in r['per_seed'])])
+    plot(rows, out + '.png')
     print(table)
 
 

@@ -1,4 +1,4 @@
-"""The sinusoid comparison of the loss geometries of the paper's Table 1 (issue 3), in one command.
+"""The sinusoid comparison of the loss geometries of the paper's Table 1, in one command.
 
     python -m experiments.compare --workdir=runs/compare [--methods=maml,metasgd,...] [--shots=5,10,20]
                                   [--steps=70000] [--num_tasks=600] [--config.meta.lr=...]

@@ -20,9 +20,10 @@ episode, in float32 and float64:
   every blockIAF parameter;
 * MetaCurvature and Meta-SGD: phi_K and the meta-gradient w.r.t. phi_0 and the method's parameters.
 
-Each comparison reports max |md-meta - authors| / max |authors| over the leaves of that quantity (a leaf with
-no tolerance of its own is measured against the scale of the whole quantity), and passes below ``--rtol``
-(float64) or ``--rtol32`` (float32). md-meta runs ``md.monotone=False, md.scale='exp'``: the authors' form.
+Each comparison reports max |md-meta - authors| / max |authors| over the leaves of that quantity (a leaf's scale
+floored at 1e-3 x the quantity's largest leaf), and passes below ``--rtol`` in float64; in float32, where both
+codes' second-order meta-gradients lose digits, below 1.5x the sum of the two codes' own float32 errors (each
+measured against the other code in float64), see ``run``. md-meta runs ``md.monotone=False, md.scale='exp'``: the authors' form.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ flags.DEFINE_integer('seed', 0, 'seed of the random parameters and episode')
 flags.DEFINE_list('methods', ['md', 'metacurvature', 'metasgd'], 'methods to compare')
 flags.DEFINE_list('dtypes', ['float64', 'float32'], 'precisions to compare in')
 flags.DEFINE_float('rtol', 1e-9, 'tolerance in float64')
-flags.DEFINE_float('rtol32', 2e-3, 'tolerance in float32')
+flags.DEFINE_float('rtol32', 2e-3, 'tolerance in float32 (or 1.5x the float32 noise floor, see run)')
 flags.DEFINE_string('out', '', 'optional JSON file for the results')
 FLAGS = flags.FLAGS
 
@@ -345,8 +346,10 @@ def rel_error(md_tree, ref_tree):
                for x, y in zip(a, b))
 
 
-def compare(reference_dir, method, dtype_name, *, ways=5, shots=1, query=15, steps=5, step_size=0.01, seed=0):
-    """{quantity: relative error} for one method in one precision (see the module docstring)."""
+def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1, query=15, steps=5,
+            step_size=0.01, seed=0):
+    """{quantity: relative error} for one method, the authors' code in ``dtype_name`` and md-meta in ``md_dtype``
+    (default: the same); see the module docstring."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -358,8 +361,9 @@ def compare(reference_dir, method, dtype_name, *, ways=5, shots=1, query=15, ste
     tdtype = torch.float64 if dtype_name == 'float64' else torch.float32
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    with jax.enable_x64(dtype_name == 'float64'):
-        jdtype = jnp.float64 if dtype_name == 'float64' else jnp.float32
+    md_dtype = md_dtype or dtype_name
+    with jax.enable_x64(md_dtype == 'float64'):  # md-meta in float32 runs without x64: nothing upcasts
+        jdtype = jnp.float64 if md_dtype == 'float64' else jnp.float32
         rng = np.random.default_rng(seed)
         xs = rng.random((ways * shots, 1, 28, 28))
         xq = rng.random((ways * query, 1, 28, 28))
@@ -369,9 +373,9 @@ def compare(reference_dir, method, dtype_name, *, ways=5, shots=1, query=15, ste
         jxs, jxq = jnp.asarray(xs.transpose(0, 2, 3, 1), jdtype), jnp.asarray(xq.transpose(0, 2, 3, 1), jdtype)
         jys, jyq = jnp.asarray(ys), jnp.asarray(yq)
 
-        # the authors' side
-        base = models.FourBlkCNNOmniglot(ways).to(tdtype)
-        init = models.FourBlkCNNOmniglot(ways).to(tdtype)
+        # the authors' side, drawn in float64 whatever the precision (the same problem in every run), then cast
+        base = models.FourBlkCNNOmniglot(ways).to(torch.float64)
+        init = models.FourBlkCNNOmniglot(ways).to(torch.float64)
         randomise_network(torch, init, gen)
         args = types.SimpleNamespace(task_iter=steps, task_lr=step_size)
         alg_cls = {'md': ref_md.MetaMirrorDescent, 'metacurvature': ref_mc.MetaCurvature,
@@ -379,28 +383,30 @@ def compare(reference_dir, method, dtype_name, *, ways=5, shots=1, query=15, ste
         alg = alg_cls.__new__(alg_cls)
         alg.args, alg._base_model, alg._nll = args, base, torch.nn.CrossEntropyLoss()
         if method == 'md':
-            extra = ref_md.BlockIAF(base.meta_named_parameters()).to(tdtype)
+            extra = ref_md.BlockIAF(base.meta_named_parameters()).to(torch.float64)
             alg._meta_model = {'init': init, 'inverse_mirror_map': extra}
         elif method == 'metacurvature':
-            extra = ref_mc.LayerWiseKronLinear(base.parameters()).to(tdtype)
+            extra = ref_mc.LayerWiseKronLinear(base.parameters()).to(torch.float64)
             alg._meta_model = {'init': init, 'MC': extra}
         else:
             import math
             extra = torch.nn.ParameterDict({n.replace('.', '_'): torch.nn.Parameter(
-                torch.zeros_like(p) + math.log(step_size)) for n, p in base.named_parameters()}).to(tdtype)
+                torch.zeros_like(p) + math.log(step_size)) for n, p in base.named_parameters()}).to(torch.float64)
             alg._meta_model = {'init': init, 'log_lr': extra}
         if method == 'metacurvature':  # identity + noise: non-identity, well conditioned
             with torch.no_grad():
                 for w in extra.mc_weight:
                     n = w.shape[0]
-                    w.add_(0.3 * torch.randn(w.shape, generator=gen, dtype=tdtype) / n ** 0.5)
+                    w.add_(0.3 * torch.randn(w.shape, generator=gen, dtype=torch.float64) / n ** 0.5)
         elif method == 'metasgd':
             with torch.no_grad():
                 for p in extra.values():
-                    p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=tdtype))
+                    p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
         else:
             randomise_all(torch, extra, gen)
 
+        for module in (base, init, extra):
+            module.to(tdtype)
         meta_params = list(init.parameters()) + list(extra.parameters())
         phi_ref = alg.adapt(txs, tys, first_order=False)
         loss_ref = alg._nll(base(txq, params=phi_ref), tyq)
@@ -468,15 +474,30 @@ def compare(reference_dir, method, dtype_name, *, ways=5, shots=1, query=15, ste
 
 
 def run(reference_dir, methods, dtypes, rtol=1e-9, rtol32=2e-3, **kw):
-    """{method: {dtype: {quantity: error}}} and whether every compared quantity is within tolerance."""
+    """{method: {dtype: {quantity: error}}} and whether every compared quantity is within tolerance.
+
+    float64: every error <= rtol. float32: second-order meta-gradients through K batch-normalised steps lose
+    digits in float32 in both codes alike, so each side's own float32 error is measured too (that side in
+    float32, the other in float64: 'md-meta float32' and 'authors float32'; the same parameters in every run),
+    and a float32 difference passes when <= max(rtol32, 1.5 x the sum of the two own errors): agreement down to
+    float32's noise floor (the two codes agree to 1e-11 in float64, so the sum bounds it up to that)."""
     results, ok = {}, True
+    show = lambda m, d, r: print(f'{m:14s} {d:16s} ' + '  '.join(f'{k} {v:.1e}' for k, v in r.items()), flush=True)
     for m in methods:
         for d in dtypes:
             r = compare(reference_dir, m, d, **kw)
-            print(f'{m:14s} {d:8s} ' + '  '.join(f'{k} {v:.1e}' for k, v in r.items()), flush=True)
-            tol = rtol if d == 'float64' else rtol32
+            show(m, d, r)
             results.setdefault(m, {})[d] = r
-            ok &= all(v <= tol for k, v in r.items() if k != 'g(z)-z')
+            if d == 'float64':
+                ok &= all(v <= rtol for k, v in r.items() if k != 'g(z)-z')
+                continue
+            own_md = compare(reference_dir, m, 'float64', md_dtype='float32', **kw)
+            own_ref = compare(reference_dir, m, 'float32', md_dtype='float64', **kw)
+            show(m, 'md-meta float32', own_md)
+            show(m, 'authors float32', own_ref)
+            results[m]['md-meta float32 vs float64'] = own_md
+            results[m]['authors float32 vs float64'] = own_ref
+            ok &= all(v <= max(rtol32, 1.5 * (own_md[k] + own_ref[k])) for k, v in r.items() if k != 'g(z)-z')
     return results, ok
 
 
@@ -488,7 +509,7 @@ def main(argv):
                           step_size=FLAGS.step_size, seed=FLAGS.seed)
     except ReferenceUnavailable as e:
         sys.exit(f'crosscheck_reference: {e}')
-    print(f'tolerance: {FLAGS.rtol:.0e} (float64), {FLAGS.rtol32:.0e} (float32)')
+    print(f'tolerance: {FLAGS.rtol:.0e} (float64); float32: max({FLAGS.rtol32:.0e}, 1.5 x the sum of the two sides\' own float32 errors)')
     print('PASS: md-meta agrees with the authors\' code' if ok else 'FAIL: see the errors above the tolerance')
     if FLAGS.out:
         with open(FLAGS.out, 'w') as f:

@@ -116,13 +116,29 @@ class LayerTransform(nn.Module):
         return h
 
 
+INITS = ('xavier', 'torch')
+
+
+def torch_uniform(fan_in: int):
+    """PyTorch's default for conv and linear weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / float(fan_in) ** 0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class Dense(nn.Module):
+    """Dense layer (+ the method's layer transform). weight_init: 'xavier' (Flax's default, lecun-normal weights, zero
+    bias) or 'torch' (PyTorch's nn.Linear default, ``torch_uniform``)."""
     features: int
     transform: str = 'none'
+    weight_init: str = 'xavier'
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.features, name='dense')(x)
+        if self.weight_init == 'torch':
+            u = torch_uniform(x.shape[-1])
+            x = nn.Dense(self.features, kernel_init=u, bias_init=u, name='dense')(x)
+        else:
+            x = nn.Dense(self.features, name='dense')(x)
         return LayerTransform(self.transform, name='transform')(x)
 
 
@@ -245,15 +261,18 @@ class ConvBlock(nn.Module):
     features: int = 64
     conv_impl: str = 'patches'
     transform: str = 'none'
+    weight_init: str = 'xavier'   # 'xavier' (MAML's code: xavier-uniform kernel, zero bias) | 'torch' (``torch_uniform``)
 
     @nn.compact
     def __call__(self, x):
         cin = x.shape[-1]
-        kernel = self.param('kernel', nn.initializers.xavier_uniform(), (3, 3, cin, self.features))
+        torch_init = torch_uniform(9 * cin)
+        kernel = self.param('kernel', torch_init if self.weight_init == 'torch' else nn.initializers.xavier_uniform(),
+                            (3, 3, cin, self.features))
         # The conv bias b is a parameter (as in the reference's CNN4) but is not added: a per-channel constant
         # cancels in batch norm (the mean shifts by b, the variance does not change), so
         # bn(conv(x, W) + b) = bn(conv(x, W)) and b's gradient is 0. Adding it cost a full-resolution pass.
-        self.param('bias', nn.initializers.zeros, (self.features,))
+        self.param('bias', torch_init if self.weight_init == 'torch' else nn.initializers.zeros, (self.features,))
         conv = conv3x3_patches if self.conv_impl == 'patches' else conv3x3_lax
         transform = LayerTransform(self.transform, name='transform')
         if self.transform == 'tnet':
@@ -271,14 +290,15 @@ class CNN4(nn.Module):
     features: int = 64
     conv_impl: str = 'patches'
     transform: str = 'none'
+    weight_init: str = 'xavier'   # 'torch': PyTorch's defaults, as the paper's authors' CNN4
 
     @nn.compact
     def __call__(self, x):
         for i in range(4):
-            x = ConvBlock(self.features, self.conv_impl, self.transform, name=f'layer_{i}')(x)
+            x = ConvBlock(self.features, self.conv_impl, self.transform, self.weight_init, name=f'layer_{i}')(x)
         x = x.reshape(x.shape[0], -1)
         tr = 'tnet' if self.transform == 'tnet' else 'none'
-        return Dense(self.num_classes, tr, name='layer_4')(x)
+        return Dense(self.num_classes, tr, self.weight_init, name='layer_4')(x)
 
 
 def _model_from_module(module: nn.Module) -> Model:
@@ -293,14 +313,17 @@ def _model_from_module(module: nn.Module) -> Model:
 
 
 def make_model(name: str, *, transform: str = 'none', conv_impl: str = 'auto', hidden=(40, 40),
-               out: int = 1, num_classes: int = 5, features: int = 64) -> Model:
-    """The model registry: 'mlp', 'cnn4' or 'resnet12' (``features`` = its first width)."""
+               out: int = 1, num_classes: int = 5, features: int = 64, init: str = 'xavier') -> Model:
+    """The model registry: 'mlp', 'cnn4' or 'resnet12' (``features`` = its first width). ``init`` (CNN4 only):
+    'xavier' or 'torch' (PyTorch's defaults, as the paper's authors)."""
     if transform not in LAYER_TRANSFORMS:
         raise ValueError(f'transform must be one of {LAYER_TRANSFORMS}, got {transform!r}')
+    if init not in INITS:
+        raise ValueError(f'init must be one of {INITS}, got {init!r}')
     if name == 'mlp':
         return _model_from_module(MLP(tuple(hidden), out, transform))
     if name == 'cnn4':
-        return _model_from_module(CNN4(num_classes, features, resolve_conv_impl(conv_impl), transform))
+        return _model_from_module(CNN4(num_classes, features, resolve_conv_impl(conv_impl), transform, init))
     if name == 'resnet12':
         return _model_from_module(ResNet12(num_classes, resnet12_widths(features), resolve_conv_impl(conv_impl),
                                            transform))

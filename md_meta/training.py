@@ -71,7 +71,7 @@ def build(config) -> Experiment:
     geometry = methods.make_geometry(config)
     model = make_model(config.model.name, transform=geometry.transform, conv_impl=config.model.conv_impl,
                        hidden=tuple(config.model.hidden), out=source.out_dim, num_classes=config.task.ways,
-                       features=config.model.features)
+                       features=config.model.features, init=config.model.init)
     inner = InnerConfig(config.inner.steps, config.inner.first_order, config.inner.unroll, config.inner.remat)
     eval_steps = config.inner.eval_steps if config.inner.eval_steps > 0 else config.inner.steps
     eval_inner = InnerConfig(eval_steps, True, config.inner.unroll, False)

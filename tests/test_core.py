@@ -1,4 +1,4 @@
-"""Issue 2: the maths of the core (blockIAF, scan inner loop, meta-step), each test able to fail."""
+"""The maths of the core (blockIAF, scan inner loop, meta-step), each test able to fail."""
 import json
 import os
 import subprocess
@@ -337,3 +337,19 @@ def test_blockiaf_learnable_head_init_every_parameter_learns(monotone):
     heads = [k for k in zero if k.split("['u']")[0] in multi_mode and ("['mu']" in k or "['a']" in k)]
     assert heads and all(not np.any(zero[k]) for k in heads), [k for k in heads if np.any(zero[k])]
     assert all(np.any(learn[k]) for k in heads)
+
+
+def test_cnn4_torch_init_is_pytorch_default():
+    """model.init='torch' (the paper's authors' CNN4): every conv and dense weight and bias ~ U(+-1/sqrt(fan_in))
+    (fan_in = 9 cin for a 3x3 conv), batch norm at scale 1, offset 0."""
+    params = make_model('cnn4', init='torch', conv_impl='patches').init(
+        jax.random.PRNGKey(0), jnp.zeros((5, 28, 28, 1)))['params']
+    for name, fan_in, layer in [('layer_0', 9, params['layer_0']), ('layer_1', 576, params['layer_1']),
+                                ('layer_4', 64, params['layer_4']['dense'])]:
+        for leaf in ('kernel', 'bias'):
+            a = np.abs(np.asarray(layer[leaf]))
+            assert 0.5 / np.sqrt(fan_in) < a.max() <= 1 / np.sqrt(fan_in), (name, leaf, a.max())
+    assert np.all(np.asarray(params['layer_2']['norm']['scale']) == 1)
+    assert np.all(np.asarray(params['layer_2']['norm']['bias']) == 0)
+    with pytest.raises(Exception, match='model.init'):
+        training.build(tiny_config('maml', **{'model.init': 'torch'}))  # the sinusoid MLP has no 'torch' init

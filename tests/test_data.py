@@ -1,4 +1,4 @@
-"""Few-shot image data (issue 4): Omniglot and miniImageNet loaders, the episode sampler, the Omniglot
+"""Few-shot image data: Omniglot and miniImageNet loaders, the episode sampler, the Omniglot
 one-shot evaluator, ResNet-12 and the image configs. Runs on data generated here and on
 ../shared/data/omniglot/*.zip (read-only)."""
 import importlib

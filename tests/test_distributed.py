@@ -1,4 +1,4 @@
-"""Issue 7: the task batch sharded over devices (jax.sharding) and processes (jax.distributed), on CPU.
+"""The task batch sharded over devices (jax.sharding) and processes (jax.distributed), on CPU.
 
 Every multi-device run happens in a subprocess with its own XLA_FLAGS (forced host devices), so the
 pytest process keeps its single CPU device. This file is also the subprocesses' entry point:

@@ -1,4 +1,4 @@
-"""Issue 3: every loss geometry of the paper's Table 1 behind one interface (md_meta.methods).
+"""Every loss geometry of the paper's Table 1 behind one interface (md_meta.methods).
 
 (a) at initialisation every method that starts as GD reproduces MAML's inner trajectory exactly, on a
     tiny MLP and a tiny CNN4; (b) the second-order meta-gradient of a 2-step inner loop matches central

@@ -1,4 +1,4 @@
-"""Theorem 1 in code (issue 6): the constrained blockIAF is monotone with the certified margin, the
+"""Theorem 1 in code: the constrained blockIAF is monotone with the certified margin, the
 falsification harness finds violations of the unconstrained form, and the diagnostics are right.
 
 All checks of inequalities run in float64."""
