@@ -37,12 +37,17 @@ VARIANTS = {
     'md-monotone-learnable': ('md', {'md.head_init': 'learnable'}, 'MD, monotone blockIAF, learnable heads'),
     'md-paper-bounded': ('md', {'md.monotone': False, 'md.scale': 'bounded', 'md.head_init': 'zero'},
                          "MD, the authors' form with the paper's bounded scale (eq. 8a)"),
+    'md-paper-enc1': ('md', {'md.monotone': False, 'md.scale': 'exp', 'md.head_init': 'zero', 'md.encoder_layers': 1},
+                      "MD, the authors' form and init, one-layer encoders and decoders"),
     'md-paper-learnable-enc1': ('md', {'md.monotone': False, 'md.scale': 'exp', 'md.head_init': 'learnable',
                                        'md.encoder_layers': 1},
                                 "MD, the authors' form, learnable heads, one-layer encoders and decoders"),
+    'md-monotone-learnable-enc1': ('md', {'md.head_init': 'learnable', 'md.encoder_layers': 1},
+                                   'MD, monotone blockIAF, learnable heads, one-layer encoders and decoders'),
 }
 DEFAULT = ('maml', 'metasgd', 'metacurvature', 'metakfo', 'md-paper', 'md-paper-learnable', 'md-paper-bounded',
-           'md-paper-learnable-enc1', 'md-monotone', 'md-monotone-learnable')
+           'md-paper-enc1', 'md-paper-learnable-enc1', 'md-monotone', 'md-monotone-learnable',
+           'md-monotone-learnable-enc1')
 
 flags.DEFINE_string('workdir', 'runs/ablate', 'one sub-directory per (variant, seed)')
 flags.DEFINE_list('variants', list(DEFAULT), f'from {sorted(VARIANTS)}')
