@@ -103,7 +103,7 @@ def load_reference(reference_dir: str):
 
 # ----------------------------------------------------------------------------- layouts
 
-def network_names(ways: int):
+def network_names():
     """(torch name, md-meta path) of every CNN4 parameter, in the authors' order."""
     out = []
     for i in range(4):
@@ -123,11 +123,6 @@ def to_md_tensor(t):
     if a.ndim == 2:
         return a.T
     return a
-
-
-def torch_view_shape(shape):
-    """The authors' tensor view: conv (O, I, kh, kw) -> (O, I, kh*kw); others as they are."""
-    return (shape[0], shape[1], shape[2] * shape[3]) if len(shape) == 4 else tuple(shape)
 
 
 def view_perm(torch_view):
@@ -150,9 +145,9 @@ def get_path(tree, path):
     return tree
 
 
-def md_blocks(ways):
+def md_blocks():
     """Per block (md-meta layer name): md-meta leaf paths in pytree order and the authors' names in theirs."""
-    names = network_names(ways)
+    names = network_names()
     blocks = OrderedDict()
     for tname, path in names:
         blocks.setdefault(path[0], []).append((tname, path))
@@ -201,11 +196,11 @@ def kron_layers(seq):
     return [m for m in seq if type(m).__name__ == 'KronLinear']
 
 
-def blockiaf_to_md(iaf, ways, params_md):
+def blockiaf_to_md(iaf, params_md):
     """The authors' BlockIAF (one block per layer: 4 tensors per conv layer, 2 for the classifier) -> md-meta's
     theta (``md_meta.blockiaf.init``'s structure, scale='exp', monotone=False)."""
     import numpy as np
-    blocks = md_blocks(ways)
+    blocks = md_blocks()
     names = list(blocks)
     layer = lambda n: n.replace('.', '_')
     theta = {'first': {}, 'enc': {}, 'link': {}, 'dec': {}}
@@ -292,30 +287,30 @@ def _md_from_torch_flat(vec, tshape):
     return np.transpose(a, (2, 3, 1, 0)) if a.ndim == 4 else a.T if a.ndim == 2 else a
 
 
-def network_to_md(named, ways, template):
+def network_to_md(named, template):
     out = _copy_struct(template)
-    for tname, path in network_names(ways):
+    for tname, path in network_names():
         set_path(out, path, to_md_tensor(named[tname]))
     return out
 
 
-def network_to_torch(tree, ways, torch, dtype):
+def network_to_torch(tree, torch, dtype):
     import numpy as np
     out = OrderedDict()
-    for tname, path in network_names(ways):
+    for tname, path in network_names():
         a = np.asarray(get_path(tree, path))
         a = np.transpose(a, (3, 2, 0, 1)) if a.ndim == 4 else a.T if a.ndim == 2 else a
         out[tname] = torch.tensor(np.ascontiguousarray(a), dtype=dtype)
     return out
 
 
-def metacurvature_to_md(mc_module, ways, template):
+def metacurvature_to_md(mc_module, template):
     """The authors' LayerWiseKronLinear -> md-meta's {'factors': ...}: conv M0 (O), M1 (I), M2 (kh*kw) act as
     G x_O M0^T x_I M1 x_f M2^T, i.e. md-meta's [M_f, M_in, M_out] = [M2^T, M1, M0^T]; dense M_a @ G @ M_b is
     md-meta's [M_in, M_out] = [M_b^T, M_a]."""
     ws = [w.detach().cpu().numpy() for w in mc_module.mc_weight]
     out, k = _copy_struct(template), 0
-    for tname, path in network_names(ways):
+    for tname, path in network_names():
         nd = len(get_path(template, path).shape)
         if nd == 1:
             set_path(out, path, ws[k]); k += 1
@@ -326,9 +321,9 @@ def metacurvature_to_md(mc_module, ways, template):
     return out
 
 
-def metasgd_to_md(log_lr, ways, template):
-    named = OrderedDict((t, log_lr[t.replace('.', '_')]) for t, _ in network_names(ways))
-    return network_to_md(named, ways, template)
+def metasgd_to_md(log_lr, template):
+    named = OrderedDict((t, log_lr[t.replace('.', '_')]) for t, _ in network_names())
+    return network_to_md(named, template)
 
 
 # ----------------------------------------------------------------------------- the comparison
@@ -425,13 +420,13 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
         template = model.init(jax.random.PRNGKey(0), jxs)['params']
         geometry = methods.make_geometry(cfg)
         cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jdtype), t)
-        z0 = cast(network_to_md(OrderedDict(init.named_parameters()), ways, template))
+        z0 = cast(network_to_md(OrderedDict(init.named_parameters()), template))
         if method == 'md':
-            geom = cast(blockiaf_to_md(extra, ways, template))
+            geom = cast(blockiaf_to_md(extra, template))
         elif method == 'metacurvature':
-            geom = {'factors': cast(metacurvature_to_md(extra, ways, template))}
+            geom = {'factors': cast(metacurvature_to_md(extra, template))}
         else:
-            geom = {'log_lr': cast(metasgd_to_md(extra, ways, template))}
+            geom = {'log_lr': cast(metasgd_to_md(extra, template))}
         apply = lambda phi, x: model.apply({'params': phi}, x)
         support_loss = lambda phi: losses.xent(apply(phi, jxs), jys)
 
@@ -451,25 +446,25 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
             return p_to_md(holder)
 
         result = {'query_loss': abs(float(loss_md) - loss_ref.item()) / abs(loss_ref.item()),
-                  'phi_K': rel_error(phi_md, network_to_md(phi_ref, ways, template)),
-                  'meta_grad_init': rel_error(grads_md['init'], network_to_md(g_init_ref, ways, template))}
+                  'phi_K': rel_error(phi_md, network_to_md(phi_ref, template)),
+                  'meta_grad_init': rel_error(grads_md['init'], network_to_md(g_init_ref, template))}
         if method == 'md':
             spec = blockiaf.make_spec(template, scale='exp', monotone=False)
             named = OrderedDict(init.named_parameters())
             g_ref = extra(named)
-            result['g(z)'] = rel_error(blockiaf.forward(geom, z0, spec), network_to_md(g_ref, ways, template))
-            result['g(z)-z'] = rel_error(network_to_md(g_ref, ways, template), z0)  # how far from the identity
+            result['g(z)'] = rel_error(blockiaf.forward(geom, z0, spec), network_to_md(g_ref, template))
+            result['g(z)-z'] = rel_error(network_to_md(g_ref, template), z0)  # how far from the identity
             phi_any = jax.tree_util.tree_map(lambda a: a + 0.05, z0)
             z_md = blockiaf.inverse(geom, phi_any, spec)
-            back = extra(network_to_torch(z_md, ways, torch, tdtype))
-            result['g_ref(g^-1(phi))'] = rel_error(network_to_md(back, ways, template), phi_any)
-            result['meta_grad_geom'] = rel_error(grads_md['geom'], grad_tree(lambda m: blockiaf_to_md(m, ways, template)))
+            back = extra(network_to_torch(z_md, torch, tdtype))
+            result['g_ref(g^-1(phi))'] = rel_error(network_to_md(back, template), phi_any)
+            result['meta_grad_geom'] = rel_error(grads_md['geom'], grad_tree(lambda m: blockiaf_to_md(m, template)))
         elif method == 'metacurvature':
             result['meta_grad_geom'] = rel_error(grads_md['geom']['factors'],
-                                                 grad_tree(lambda m: metacurvature_to_md(m, ways, template)))
+                                                 grad_tree(lambda m: metacurvature_to_md(m, template)))
         else:
             result['meta_grad_geom'] = rel_error(grads_md['geom']['log_lr'],
-                                                 grad_tree(lambda m: metasgd_to_md(m, ways, template)))
+                                                 grad_tree(lambda m: metasgd_to_md(m, template)))
     return result
 
 

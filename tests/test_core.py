@@ -13,7 +13,7 @@ import pytest
 from md_meta import blockiaf, training
 from md_meta.geometry import Geometry, sgd_step
 from md_meta.inner import InnerConfig, adapt
-from md_meta.meta import Task, MetaLearner, init_meta_params, meta_loss, make_meta_step
+from md_meta.meta import init_meta_params, meta_loss, make_meta_step
 from md_meta.networks import make_model
 from md_meta.tasks import sinusoid
 from tests.helpers import random_like, tiny_config, tree_max_abs_diff, tree_vdot
