@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.hidden = (40, 40)
     c.model.conv_impl = 'auto'
     c.model.features = 64
-    c.model.init = 'xavier'    # cnn4: 'xavier' (MAML's code) | 'torch' (PyTorch's defaults, the paper's authors)
+    c.model.init = 'xavier'    # cnn4/resnet12: 'xavier' (MAML's code) | 'torch' (PyTorch's defaults, the paper's authors)
 
     c.inner = ml_collections.ConfigDict()
     c.inner.steps = 1
@@ -154,8 +154,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(c.model.name in ('cnn4', 'resnet12'), 'model.name',
                  f"image tasks need 'cnn4' or 'resnet12', got {c.model.name!r}")
     _require(c.model.init in ('xavier', 'torch'), 'model.init', f"must be 'xavier' or 'torch', got {c.model.init!r}")
-    _require(c.model.init == 'xavier' or c.model.name == 'cnn4', 'model.init',
-             f"'torch' is implemented for model.name='cnn4' only, got {c.model.name!r}")
+    _require(c.model.init == 'xavier' or c.model.name in ('cnn4', 'resnet12'), 'model.init',
+             f"'torch' is for the image networks (cnn4, resnet12), got model.name={c.model.name!r}")
     _require(c.model.conv_impl in ('auto', 'lax', 'patches'), 'model.conv_impl',
              f"must be 'auto', 'lax' or 'patches', got {c.model.conv_impl!r}")
     _require(c.md.scale in ('bounded', 'exp'), 'md.scale', f"must be 'bounded' or 'exp', got {c.md.scale!r}")

@@ -314,8 +314,8 @@ def _model_from_module(module: nn.Module) -> Model:
 
 def make_model(name: str, *, transform: str = 'none', conv_impl: str = 'auto', hidden=(40, 40),
                out: int = 1, num_classes: int = 5, features: int = 64, init: str = 'xavier') -> Model:
-    """The model registry: 'mlp', 'cnn4' or 'resnet12' (``features`` = its first width). ``init`` (CNN4 only):
-    'xavier' or 'torch' (PyTorch's defaults, as the paper's authors)."""
+    """The model registry: 'mlp', 'cnn4' or 'resnet12' (``features`` = its first width). ``init`` (CNN4 and
+    ResNet-12): 'xavier' (the Flax / paper defaults) or 'torch' (PyTorch's defaults, as the paper's authors)."""
     if transform not in LAYER_TRANSFORMS:
         raise ValueError(f'transform must be one of {LAYER_TRANSFORMS}, got {transform!r}')
     if init not in INITS:
@@ -326,7 +326,7 @@ def make_model(name: str, *, transform: str = 'none', conv_impl: str = 'auto', h
         return _model_from_module(CNN4(num_classes, features, resolve_conv_impl(conv_impl), transform, init))
     if name == 'resnet12':
         return _model_from_module(ResNet12(num_classes, resnet12_widths(features), resolve_conv_impl(conv_impl),
-                                           transform))
+                                           transform, init))
     raise ValueError(f"model must be 'mlp', 'cnn4' or 'resnet12', got {name!r}")
 
 
@@ -343,19 +343,21 @@ class ResBlock12(nn.Module):
     features: int
     conv_impl: str = 'patches'
     transform: str = 'none'
+    weight_init: str = 'xavier'   # 'xavier': He-normal convs (the ResNet-12 papers) | 'torch': ``torch_uniform``
 
     @nn.compact
     def __call__(self, x):
         conv = conv3x3_patches if self.conv_impl == 'patches' else conv3x3_lax
-        init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
+        he = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
+        init = lambda fan_in: torch_uniform(fan_in) if self.weight_init == 'torch' else he
         h = x
         for j in range(3):
-            kernel = self.param(f'conv{j}', init, (3, 3, h.shape[-1], self.features))
+            kernel = self.param(f'conv{j}', init(9 * h.shape[-1]), (3, 3, h.shape[-1], self.features))
             h = BatchNormCurrent(name=f'norm{j}')(conv(h, kernel))
             if j < 2:
                 h = jax.nn.leaky_relu(h, 0.1)
         cin = x.shape[-1]
-        short = self.param('shortcut', init, (1, 1, cin, self.features))
+        short = self.param('shortcut', init(cin), (1, 1, cin, self.features))
         s = BatchNormCurrent(name='norm_shortcut')(x @ short.reshape(cin, self.features))
         h = jax.nn.leaky_relu(h + s, 0.1)
         transform = LayerTransform(self.transform, name='transform')
@@ -373,11 +375,12 @@ class ResNet12(nn.Module):
     widths: Sequence[int] = (64, 160, 320, 640)
     conv_impl: str = 'patches'
     transform: str = 'none'
+    weight_init: str = 'xavier'
 
     @nn.compact
     def __call__(self, x):
         for i, w in enumerate(self.widths):
-            x = ResBlock12(w, self.conv_impl, self.transform, name=f'layer_{i}')(x)
+            x = ResBlock12(w, self.conv_impl, self.transform, self.weight_init, name=f'layer_{i}')(x)
         x = x.mean(axis=(1, 2))
         tr = 'tnet' if self.transform == 'tnet' else 'none'
-        return Dense(self.num_classes, tr, name=f'layer_{len(self.widths)}')(x)
+        return Dense(self.num_classes, tr, self.weight_init, name=f'layer_{len(self.widths)}')(x)

@@ -75,7 +75,10 @@ def test_methods_start_as_maml_trajectory(net):
         phi0 = learner.geometry.primal(learner.geometry.prepare(meta['geom']), meta['init'])
         assert tree_max_abs_diff(phi0, ref_meta['init']) == 0.0, method
         phi, curves = jax.jit(lambda m: trajectory(learner, m, task, key))(meta)
-        if net == 'cnn' and method in TRANSFORMED:
+        if net == 'cnn':
+            # the same values up to rounding: a transformed network computes another product order, and XLA may
+            # contract a multiply-add into an FMA in one program and not in the other (seen for Meta-SGD's
+            # per-element step on CNN4 at LLVM opt level 0: 2e-9); the MLP case below stays bitwise
             np.testing.assert_allclose(curves['loss'], ref_curves['loss'], rtol=2e-6, err_msg=method)
             for a, b in zip(jax.tree_util.tree_leaves(phi), jax.tree_util.tree_leaves(ref_phi)):
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=method)
