@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.shots = 5
     c.task.query = 5           # query points per task (per class for classification) at meta-train
     c.task.data_dir = ''
-    c.task.split = 'minimal'   # omniglot: 'maml' (1100/100/423) or 'minimal'
+    c.task.split = 'minimal'   # omniglot: 'maml' (1100/100/423), 'minimal' (by character) or 'minimal_alphabet'
     c.task.source = 'auto'     # omniglot: 'tfds' | 'zip' | 'auto'
     c.task.frequency = (1.0, 1.0)  # sinusoid: w ~ U[lo, hi] in y = A sin(w x - b); MAML: (1, 1)
 

@@ -148,6 +148,20 @@ def test_shared_minimal_splits_disjoint_and_rotated(shared_pools):
     assert not any('@rot' in n for n in va.names + te.names)
 
 
+def test_alphabet_split_holds_out_whole_alphabets():
+    """'minimal_alphabet': no alphabet in two splits; every character in one; fixed (seeded) choice."""
+    alphabets = {'Balinese': 24, 'Early_Aramaic': 22, 'Greek': 24, 'Korean': 40, 'Latin': 26,
+                 'Japanese_(katakana)': 47, 'Sanskrit': 42, 'Tagalog': 17}
+    names = [f'{a}/character{i + 1:02d}' for a, n in sorted(alphabets.items()) for i in range(n)]
+    s = omniglot.split_characters(names, 'minimal_alphabet')
+    of = {k: {names[i].split('/')[0] for i in v} for k, v in s.items()}
+    assert of == {'test': {'Greek', 'Korean'}, 'val': {'Japanese_(katakana)'},
+                  'train': {'Balinese', 'Early_Aramaic', 'Latin', 'Sanskrit', 'Tagalog'}}
+    assert sorted(np.concatenate(list(s.values())).tolist()) == list(range(len(names)))
+    with pytest.raises(DataError, match='needs more than 3 alphabets'):
+        omniglot.split_characters(names[:24 + 22 + 24], 'minimal_alphabet')
+
+
 @needs_shared
 def test_cache_is_reused_and_outside_repo(shared_chars, cache_dir):
     files = [f for f in os.listdir(cache_dir) if f.startswith('omniglot-minimal')]
@@ -452,7 +466,7 @@ def test_resnet12_layers_and_shapes():
         assert set(v['warp']['layer_3']['transform']) == ({'T'} if transform == 'tnet' else {'w1', 'b1', 'w2'})
 
 
-@pytest.mark.parametrize('name', ['omniglot', 'omniglot_minimal', 'miniimagenet'])
+@pytest.mark.parametrize('name', ['omniglot', 'omniglot_minimal', 'omniglot_paper', 'miniimagenet'])
 def test_configs_validate_for_every_method(name):
     from md_meta import config as config_lib, methods
     mod = importlib.import_module(f'experiments.configs.{name}')
@@ -469,6 +483,13 @@ def test_configs_validate_for_every_method(name):
             (5, 0.01, 'adam', 1e-3, 60000, 'maml')
     if name == 'miniimagenet':
         assert (c.meta.optimizer, c.meta.lr_decay_every, c.meta.weight_decay) == ('sgd_nesterov', 20000, 1e-4)
+    if name == 'omniglot_paper':
+        for variant in mod.VARIANTS:
+            c = mod.get_config(f'{variant},5')
+            config_lib.validate(c)
+            assert (c.task.shots, c.eval.query, c.inner.steps, c.inner.step_size, c.meta.optimizer,
+                    c.task.split) == (5, 5, 5, 0.01, 'adam', 'minimal_alphabet')
+        assert mod.get_config('md-paper').md.monotone is False and mod.get_config('md-monotone').md.monotone
 
 
 # ----------------------------------------------------------------------------- Lake's one-shot runs

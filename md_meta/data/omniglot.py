@@ -13,7 +13,11 @@ Split protocols (``protocol``):
   * 'minimal': the union of ``images_background_small1`` and ``images_background_small2`` (Greek and
     Latin are in both and are counted once: 242 characters, 4840 images), shuffled by character with
     a fixed seed: 162 meta-train, 40 meta-val, 40 meta-test (the held-out part from which Omniglot
-    one-shot challenge runs can be built, see md_meta.data.lake).
+    one-shot challenge runs can be built, see md_meta.data.lake);
+  * 'minimal_alphabet': the same 242 characters split by alphabet, so that meta-test characters come
+    from alphabets never seen in meta-train (as in Lake's one-shot runs): the 8 alphabets sorted by name
+    and shuffled with MINIMAL_SPLIT_SEED; the first two are meta-test (Greek, Korean: 64 characters),
+    the third meta-val (Japanese (katakana): 47), the other five meta-train (131).
 Images are resized 105 -> 28 with PIL's Lanczos filter (antialiased) and inverted so that strokes are
 bright (255) on a dark (0) background. In meta-train, rotations by 90, 180 and 270 degrees of each
 character are new classes (x4); meta-val and meta-test are not rotated.
@@ -31,10 +35,12 @@ from md_meta.data import DataError, cache_path, file_fingerprint, save_npz
 from md_meta.data.episodes import ClassPool, pool_from_classes, with_rotations
 
 PROTOCOLS = {'maml': ('images_background', 'images_evaluation'),
-             'minimal': ('images_background_small1', 'images_background_small2')}
+             'minimal': ('images_background_small1', 'images_background_small2'),
+             'minimal_alphabet': ('images_background_small1', 'images_background_small2')}
 SOURCES = ('auto', 'zip', 'tfds')
 MAML_SPLIT = (1100, 100, 423)
 MINIMAL_HELD_OUT = (40, 40)   # (meta-val, meta-test) characters; the rest is meta-train
+MINIMAL_ALPHABETS_HELD_OUT = (1, 2)  # (meta-val, meta-test) alphabets; the rest is meta-train
 MAML_SPLIT_SEED = 1
 MINIMAL_SPLIT_SEED = 0
 DRAWERS = 20
@@ -169,7 +175,7 @@ def load_characters_local(data_dir: str, protocol: str, size: int = 28):
                 n += len(files)
                 tot += sum(os.path.getsize(os.path.join(root, f)) for f in files)
             fp.append(f'{os.path.abspath(path)}:{n}:{tot}')
-    cache = cache_path(data_dir, f'omniglot-{protocol}-{size}', '|'.join(fp) + f'|{size}|v1')
+    cache = cache_path(data_dir, f"omniglot-{'maml' if protocol == 'maml' else 'minimal'}-{size}", '|'.join(fp) + f'|{size}|v1')
     if cache and os.path.exists(cache):
         try:
             with np.load(cache) as z:
@@ -199,7 +205,7 @@ def load_characters_tfds(protocol: str, size: int = 28, download: bool = True, d
     except ImportError as e:
         raise DataError(f'tensorflow-datasets is not installed (pip install tensorflow-datasets); or '
                         f"use config.task.source='zip'; {WHERE_TO_GET}") from e
-    splits = ('train', 'test') if protocol == 'maml' else ('small1', 'small2')
+    splits = ('train', 'test') if protocol == 'maml' else ('small1', 'small2')  # minimal, minimal_alphabet
     try:
         builder = tfds.builder('omniglot', data_dir=data_dir, file_format='array_record')
         if not builder.is_prepared():
@@ -238,7 +244,7 @@ def load_characters_tfds(protocol: str, size: int = 28, download: bool = True, d
 
 def load_characters(data_dir: str, protocol: str = 'minimal', source: str = 'auto', size: int = 28):
     if protocol not in PROTOCOLS:
-        raise DataError(f"config.task.split: must be 'maml' or 'minimal' for omniglot, got {protocol!r}")
+        raise DataError(f'config.task.split: must be one of {tuple(PROTOCOLS)} for omniglot, got {protocol!r}')
     if source not in SOURCES:
         raise DataError(f'config.task.source: must be one of {SOURCES}, got {source!r}')
     if source == 'zip':
@@ -263,6 +269,16 @@ def split_characters(names, protocol: str) -> Dict[str, np.ndarray]:
                             f'(images_background + images_evaluation), found {n}; {WHERE_TO_GET}')
         perm = np.random.default_rng(MAML_SPLIT_SEED).permutation(n)
         a, b = MAML_SPLIT[0], MAML_SPLIT[0] + MAML_SPLIT[1]
+    elif protocol == 'minimal_alphabet':
+        alphabet_of = np.array([name.split('/')[0] for name in names])
+        alphabets = sorted(set(alphabet_of))
+        nv, nt = MINIMAL_ALPHABETS_HELD_OUT
+        if len(alphabets) <= nv + nt:
+            raise DataError(f"the 'minimal_alphabet' split protocol needs more than {nv + nt} alphabets, found "
+                            f'{len(alphabets)}; {WHERE_TO_GET}')
+        order = [alphabets[i] for i in np.random.default_rng(MINIMAL_SPLIT_SEED).permutation(len(alphabets))]
+        held = {'test': order[:nt], 'val': order[nt:nt + nv], 'train': order[nt + nv:]}
+        return {split: np.flatnonzero(np.isin(alphabet_of, held[split])) for split in ('train', 'val', 'test')}
     else:
         nv, nt = MINIMAL_HELD_OUT
         if n <= nv + nt:
