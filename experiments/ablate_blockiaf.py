@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 from absl import app, flags
+from md_meta.evaluation import seed_interval
 
 # name -> (method, config overrides, what it is)
 VARIANTS = {
@@ -78,12 +79,6 @@ def run_one(variant: str, seed: int) -> str:
     return result
 
 
-def t95(n: int) -> float:
-    """The two-sided 95% t quantile with n - 1 degrees of freedom (n <= 10; 1.96 beyond)."""
-    table = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-    return table.get(n, 1.96)
-
-
 def summarise(results: dict) -> list:
     """[{variant, shots, mean, ci, seeds, per_seed}] from {(variant, seed): comparison.json content}."""
     rows = []
@@ -94,8 +89,8 @@ def summarise(results: dict) -> list:
             if not vals:
                 continue
             n = len(vals)
-            ci = t95(n) * float(np.std(vals, ddof=1)) / np.sqrt(n) if n > 1 else float('nan')
-            rows.append({'variant': variant, 'shots': s, 'mean': float(np.mean(vals)), 'ci': ci, 'seeds': n,
+            mean, ci = seed_interval(vals)
+            rows.append({'variant': variant, 'shots': s, 'mean': mean, 'ci': ci, 'seeds': n,
                          'per_seed': vals})
     return rows
 

@@ -197,3 +197,45 @@ def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path):
     assert os.path.isdir(bad + '.corrupt')
     ref, _, _ = training.train(training.build(c30), None, log=lambda s: None)
     assert _leaves_equal(meta, ref)
+
+
+def _fake_run(root, name, method, acc, steps=100, planned=100, finished=True):
+    wd = os.path.join(root, name)
+    os.makedirs(wd)
+    with open(os.path.join(wd, 'config.json'), 'w') as f:
+        json.dump({'method': method, 'meta': {'steps': planned}}, f)
+    with open(os.path.join(wd, 'metrics.jsonl'), 'w') as f:
+        for s in range(50, steps + 1, 50):
+            f.write(json.dumps({'step': s, 'val/accuracy': acc * s / steps}) + '\n')
+        f.write('{"step": 1')  # a line cut by a kill
+    if finished:
+        res = {'method': method, 'results': [{'shots': 1, 'num_tasks': 10, 'curves': {
+            'loss': [2.0, 1.0, 0.5], 'grad_norm': [3.0, 2.0, 1.0]},
+            'metrics': {'accuracy': {'mean': acc, 'ci': 0.01, 'n': 10}}}]}
+        with open(os.path.join(wd, 'results.json'), 'w') as f:
+            json.dump(res, f)
+
+
+def test_summarise_runs_table_interval_and_unfinished(tmp_path):
+    """Mean over seeds +- t_{0.975,2} s / sqrt(3); an unfinished run is named and left out."""
+    root = tmp_path / 'grid'
+    for seed, acc in enumerate((0.90, 0.92, 0.97)):
+        _fake_run(str(root), f'maml-1shot-seed{seed}', 'maml', acc)
+    _fake_run(str(root), 'md-paper-1shot-seed0', 'md', 0.95)
+    _fake_run(str(root), 'md-paper-1shot-seed1', 'md', 0.5, steps=50, finished=False)
+    out = tmp_path / 'fig' / 'table'
+    r = subprocess.run([sys.executable, '-m', 'experiments.summarise_runs', f'--root={root}', f'--out={out}',
+                        '--variants=md-paper,maml'], capture_output=True, text=True, cwd=ROOT, env=_env())
+    assert r.returncode == 0, r.stderr
+    data = json.load(open(str(out) + '.json'))
+    rows = {row['variant']: row for row in data['rows']}
+    v = np.array([0.90, 0.92, 0.97])
+    assert rows['maml']['mean'] == pytest.approx(v.mean())
+    assert rows['maml']['ci'] == pytest.approx(4.303 * v.std(ddof=1) / np.sqrt(3))
+    assert rows['md-paper']['per_seed'] == [0.95] and rows['md-paper']['ci'] is None
+    assert data['unfinished'] == [['md-paper-1shot-seed1', 50, 100]]
+    text = open(str(out) + '.md').read()
+    assert text.index('| md-paper |') < text.index('| maml |') and 'md-paper-1shot-seed1 at step 50/100' in text
+    assert '93.00 +- ' in text
+    conv = open(str(out) + '_convergence.csv').read().splitlines()
+    assert conv[0] == 'variant,shots,k,support_loss,grad_norm,seeds' and len(conv) == 1 + 2 * 3
