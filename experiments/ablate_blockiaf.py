@@ -21,7 +21,9 @@ import subprocess
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from experiments import run
 from md_meta.evaluation import seed_interval
 
 # name -> (method, config overrides, what it is)
@@ -176,4 +178,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    run(main)

@@ -29,6 +29,8 @@ import time
 
 from absl import app, flags
 
+from experiments import run
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -359,4 +361,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    run(main)

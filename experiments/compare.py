@@ -23,11 +23,12 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
+
+from experiments import define_config_file, run
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'sinusoid.py')
-_CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Base config (sinusoid, MAML protocol).')
+_CONFIG = define_config_file('config', DEFAULT_CONFIG, 'Base config (sinusoid, MAML protocol).')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/compare', 'Output directory (one sub-directory per run).')
 _METHODS = flags.DEFINE_list('methods', [], 'Methods to compare (default: all registered methods).')
 _SHOTS = flags.DEFINE_list('shots', ['5', '10', '20'], 'Shot counts.')
@@ -140,7 +141,7 @@ def main(argv):
     from experiments import prepare_process
     prepare_process()  # before any JAX computation
     from md_meta import methods as methods_lib
-    from md_meta import training
+    from md_meta import training, workdirs
     from md_meta.config import ConfigError
     base = _CONFIG.value
     names = _METHODS.value or list(methods_lib.names())
@@ -163,7 +164,7 @@ def main(argv):
                 cfg = run_config(base, m, ts, _STEPS.value, _NUM_TASKS.value, query_equals_shots=train_shots <= 0)
                 exp = training.build(cfg)
                 sub = os.path.join(workdir, f'{m}-{ts}shot')
-                training.prepare_workdir(cfg, sub)
+                workdirs.prepare(cfg, sub)
                 t0 = time.time()
                 meta, _, _ = training.train(exp, sub, log=log)
                 train_s = time.time() - t0
@@ -185,7 +186,7 @@ def main(argv):
                      'step_s': time_meta_step(exp, _TIMING_STEPS.value)}
                 cost.append(c)
                 log(f'== {m}: {c["params"]} meta-parameters, meta-step {1e3 * c["step_s"]:.2f} ms')
-    except (ConfigError, training.WorkdirMismatchError) as e:
+    except (ConfigError, workdirs.WorkdirMismatchError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     except training.NonFiniteError as e:
@@ -203,4 +204,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    run(main)

@@ -19,7 +19,9 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from experiments import fail, run
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run (experiments.train).')
 _NUM_TASKS = flags.DEFINE_integer('num_tasks', 1000, 'Number of new test tasks (the paper: 1000).')
@@ -33,25 +35,34 @@ _LAKE_BUILD = flags.DEFINE_integer('lake_build', 0, "If > 0 and --lake_runs hold
 
 
 def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', batch_size: int = 0,
-                     seed_offset: int = 0, lake_runs: str = '', log=print, lake_build: int = 0) -> dict:
-    """Evaluates a workdir's checkpoint; returns the record also written to <workdir>/evaluation.json."""
-    from md_meta import training
+                     seed_offset: int = 0, lake_runs: str = '', log=print, lake_build: int = 0,
+                     on_result=lambda record: None) -> dict:
+    """Evaluates a workdir's checkpoint; returns the record also written to <workdir>/evaluation.json
+    (md_meta.workdirs.provenance first: step, planned steps, which parameters, checkpoint fingerprint).
+    Warns when training is still running there or the run is unfinished. OSError when the workdir is
+    not writable (``on_result`` has the record by then)."""
+    from md_meta import checkpoint as checkpoint_lib
+    from md_meta import training, workdirs
+    pid = workdirs.holder(workdir)
     exp, meta, step = training.load_run(workdir, which, warn=log)
+    cfg = exp.config
+    if pid is not None:
+        log(f'warning: training is still running in {workdir} (pid {pid}); evaluating its {which} checkpoint '
+            f'at step {step} of {cfg.meta.steps}')
+    elif step < cfg.meta.steps:
+        log(f'warning: {workdir} is unfinished: its {which} checkpoint is at step {step} of {cfg.meta.steps}')
     if batch_size:
-        exp.config.eval.batch_size = batch_size
+        cfg.eval.batch_size = batch_size
     t0 = time.time()
     result = training.evaluate(exp, meta, 'test', num_tasks=num_tasks, seed_offset=seed_offset)
-    cfg = exp.config
-    record = {'method': cfg.method, 'task': cfg.task.name, 'ways': cfg.task.ways, 'shots': cfg.task.shots,
-              'checkpoint': which, 'step': step, 'seed': cfg.seed, 'seed_offset': seed_offset,
-              'eval_inner_steps': exp.learner.eval_inner.steps, **result,
+    fp = (checkpoint_lib.Checkpointer(workdir).record(step) or {}).get('fingerprint')
+    record = {**workdirs.provenance(cfg, step, which, fp), 'checkpoint': which, 'shots': cfg.task.shots,
+              'seed_offset': seed_offset, 'eval_inner_steps': exp.learner.eval_inner.steps, **result,
               'seconds': time.time() - t0}
     if lake_runs:
         record['lake'] = _lake(exp, meta, lake_runs, lake_build, log)
-    tmp = os.path.join(workdir, f'evaluation.json.tmp{os.getpid()}')
-    with open(tmp, 'w') as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, 'evaluation.json'))
+    on_result(record)
+    workdirs.write_atomic(os.path.join(workdir, 'evaluation.json'), json.dumps(record, indent=2) + '\n')
     return record
 
 
@@ -76,8 +87,10 @@ def _lake(exp, meta, runs_dir: str, build: int = 0, log=print):
 
 
 def format_record(r: dict) -> str:
-    lines = [f"{r['method']} on {r['task']} ({r['shots']}-shot), checkpoint {r['checkpoint']} at step {r['step']}, "
-             f"{r['num_tasks']} test tasks:"]
+    planned = f"/{r['planned_steps']}" if 'planned_steps' in r else ''
+    unfinished = ' (unfinished)' if r.get('finished') is False else ''
+    lines = [f"{r['method']} on {r['task']} ({r['shots']}-shot), checkpoint {r['checkpoint']} at step "
+             f"{r['step']}{planned}{unfinished}, {r['num_tasks']} test tasks:"]
     for name, s in r['metrics'].items():
         scale, unit = (100.0, '%') if name == 'accuracy' else (1.0, '')
         lines.append(f"  {name}: {scale * s['mean']:.4f}{unit} +- {scale * s['ci']:.4f}{unit} (95% CI, n={s['n']})")
@@ -92,21 +105,26 @@ def main(argv):
     from experiments import prepare_process
     prepare_process()  # before any JAX computation
     if not _WORKDIR.value:
-        print('error: --workdir is required', file=sys.stderr)
-        sys.exit(2)
+        fail('--workdir is required')
     if _NUM_TASKS.value <= 0:
-        print(f'error: --num_tasks must be positive, got {_NUM_TASKS.value}', file=sys.stderr)
-        sys.exit(2)
+        fail(f'--num_tasks must be positive, got {_NUM_TASKS.value}')
+    records = []
+    log = lambda s: print(s, file=sys.stderr, flush=True)
     try:
         r = evaluate_workdir(_WORKDIR.value, _NUM_TASKS.value, _CHECKPOINT.value, _BATCH.value,
-                             _SEED_OFFSET.value, _LAKE.value, log=lambda s: print(s, file=sys.stderr, flush=True),
-                             lake_build=_LAKE_BUILD.value)
+                             _SEED_OFFSET.value, _LAKE.value, log=log, lake_build=_LAKE_BUILD.value,
+                             on_result=records.append)
     except FileNotFoundError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        fail(e)
+    except OSError as e:
+        if not records:
+            raise
+        print(format_record(records[0]))
+        fail(f'cannot write {os.path.join(_WORKDIR.value, "evaluation.json")} ({e.strerror}); the result is printed '
+             'above')
     print(format_record(r))
     print(f"wrote {os.path.join(_WORKDIR.value, 'evaluation.json')}")
 
 
 if __name__ == '__main__':
-    app.run(main)
+    run(main)

@@ -15,12 +15,13 @@ import shutil
 import tempfile
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
+
+from experiments import define_config_file, run
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'sinusoid.py')
 
-_CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Experiment config file.')
+_CONFIG = define_config_file('config', DEFAULT_CONFIG, 'Experiment config file.')
 _REPEATS = flags.DEFINE_integer('repeats', 2, 'Pairs of (without, with) runs.')
 
 
@@ -28,7 +29,7 @@ def main(argv):
     del argv
     from experiments import prepare_process
     prepare_process()  # before any JAX computation
-    from md_meta import training
+    from md_meta import training, workdirs
     config = _CONFIG.value
     exp = training.build(config)
     rows = []
@@ -36,7 +37,7 @@ def main(argv):
         for with_harness in (False, True):
             wd = tempfile.mkdtemp(prefix='md_meta_overhead_') if with_harness else None
             if wd:
-                training.prepare_workdir(config, wd)
+                workdirs.prepare(config, wd)
             t0 = time.time()
             training.train(exp, wd, log=lambda s: None)
             wall = time.time() - t0
@@ -60,4 +61,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    run(main)

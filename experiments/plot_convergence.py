@@ -15,7 +15,9 @@ import csv
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from experiments import run
 
 _WORKDIRS = flags.DEFINE_list('workdirs', [], 'Comma-separated workdirs of training runs.')
 _NUM_TASKS = flags.DEFINE_integer('num_tasks', 1000, 'New test tasks to average over (the paper: 1000).')
@@ -98,4 +100,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    run(main)

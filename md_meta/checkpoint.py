@@ -3,7 +3,10 @@ orbax writes to a temporary directory and renames it when complete, so a kill -9
 ``ckpt_<step>`` behind, only a temporary directory that is ignored and later removed).
 
 Each checkpoint holds the training state pytree ({'meta', 'opt_state'}) and a small JSON record
-({'step', 'consecutive_nonfinite', 'skipped_total', 'val': {metric: mean}}). Retention keeps the last
+({'step', 'consecutive_nonfinite', 'skipped_total', 'val': {metric: mean}, 'checksums', 'fingerprint'}):
+the sha256 of every array as saved, verified on restore, so that a file changed after it was written
+(a flipped bit, a bad copy) is caught like a truncated one; 'fingerprint' names the state in results
+files (md_meta.workdirs.provenance). Retention keeps the last
 ``keep`` checkpoints plus the best one by meta-validation (accuracy if present, else loss). A
 checkpoint is never written with a non-finite leaf (``NonFiniteCheckpointError``), and ``restore_latest``
 reports an unreadable or truncated checkpoint with its path, sets it aside as ``*.corrupt`` and falls
@@ -11,10 +14,14 @@ back to the previous good one.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 from typing import Any, Callable, Optional
 
 import jax
@@ -31,6 +38,40 @@ class NonFiniteCheckpointError(ValueError):
 def all_finite(tree) -> bool:
     return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(tree)
                if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Ctrl-C inside the block is held until the block ends, then raised as KeyboardInterrupt: a save
+    is finished, never abandoned half-way with orbax's threads still running."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def checksums(tree) -> list:
+    """sha256 (hex) of every leaf: its dtype, shape and bytes."""
+    out = []
+    for x in jax.tree_util.tree_leaves(tree):
+        a = np.ascontiguousarray(np.asarray(x))
+        h = hashlib.sha256(f'{a.dtype.str}{a.shape}'.encode())
+        h.update(a.tobytes())
+        out.append(h.hexdigest())
+    return out
+
+
+def fingerprint(sums: list) -> str:
+    """A short name of a state: 16 hex digits of the sha256 of its leaves' checksums."""
+    return hashlib.sha256(''.join(sums).encode()).hexdigest()[:16]
 
 
 def val_score(val: Optional[dict]) -> Optional[float]:
@@ -89,21 +130,24 @@ class Checkpointer:
 
     # ----------------------------------------------------------------- saving
     def save(self, step: int, state: Any, record: dict) -> str:
-        """Writes ckpt_<step> (replacing one left by an earlier attempt) and prunes old ones."""
+        """Writes ckpt_<step> (replacing one left by an earlier attempt) and prunes old ones; Ctrl-C during
+        the save takes effect when it is complete."""
         state = jax.device_get(state)
         if not all_finite(state):
             raise NonFiniteCheckpointError(f'refusing to write checkpoint {self.path(step)}: the state holds '
                                            'NaN or inf')
-        os.makedirs(self.directory, exist_ok=True)
-        self._remove_temporaries()
+        sums = checksums(state)
+        record = dict(record, step=int(step), checksums=sums, fingerprint=fingerprint(sums))
         path = self.path(step)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        record = dict(record, step=int(step))
-        self._ckptr.save(path, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       record=ocp.args.JsonSave(record)))
-        self._records[step] = record
-        self.prune()
+        with sigint_deferred():
+            os.makedirs(self.directory, exist_ok=True)
+            self._remove_temporaries()
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            self._ckptr.save(path, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                           record=ocp.args.JsonSave(record)))
+            self._records[step] = record
+            self.prune()
         return path
 
     def prune(self) -> None:
@@ -125,7 +169,7 @@ class Checkpointer:
     # ----------------------------------------------------------------- restoring
     def restore(self, step: int, template: Any):
         """(state, record) of ckpt_<step>; ``template`` gives the pytree structure, shapes and dtypes.
-        Raises on an unreadable, truncated, mismatched or non-finite checkpoint."""
+        Raises on an unreadable, truncated, mismatched, changed (checksum) or non-finite checkpoint."""
         path = self.path(step)
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
                                           template)
@@ -141,6 +185,14 @@ class Checkpointer:
         for a, b in zip(got, leaves):
             if a.shape != b.shape or a.dtype != b.dtype:
                 raise ValueError(f'leaf {a.shape} {a.dtype} does not match the model ({b.shape} {b.dtype})')
+        if 'checksums' in record:  # checkpoints written before checksums were stored have none
+            got_sums = checksums(state)
+            if len(got_sums) != len(record['checksums']):
+                raise ValueError(f"its record lists {len(record['checksums'])} checksums for {len(got_sums)} arrays")
+            paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+            for p, a, b in zip(paths, got_sums, record['checksums']):
+                if a != b:
+                    raise ValueError(f'checksum mismatch in {p}: the file changed after it was written')
         if not all_finite(state):
             raise ValueError('the checkpoint holds NaN or inf')
         if int(record.get('step', -1)) != step:
@@ -161,7 +213,7 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - report and fall back to the previous one
                 path = self.path(step)
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                self.warn(f'warning: checkpoint {path} is unreadable or truncated ({type(e).__name__}: '
+                self.warn(f'warning: checkpoint {path} is unreadable, truncated or corrupted ({type(e).__name__}: '
                           f'{msg[:300]}); setting it aside as {os.path.basename(path)}.corrupt and using the '
                           'previous one')
                 self._set_aside(path)

@@ -5,6 +5,8 @@ names the offending field.
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 TASKS = ('sinusoid', 'omniglot', 'miniimagenet')
@@ -137,8 +139,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
         v = c.train.get(f, 0)
         _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f'train.{f}',
                  f'must be a non-negative integer (0: never), got {v!r}')
-    _require(c.inner.step_size >= 0, 'inner.step_size', f'must be non-negative, got {c.inner.step_size}')
-    _require(c.meta.lr > 0, 'meta.lr', f'must be positive, got {c.meta.lr}')
+    _require(math.isfinite(c.inner.step_size) and c.inner.step_size >= 0, 'inner.step_size',
+             f'must be finite and non-negative, got {c.inner.step_size}')
+    _require(math.isfinite(c.meta.lr) and c.meta.lr > 0, 'meta.lr', f'must be finite and positive, got {c.meta.lr}')
+    _require(math.isfinite(c.meta.weight_decay) and c.meta.weight_decay >= 0, 'meta.weight_decay',
+             f'must be finite and non-negative, got {c.meta.weight_decay}')
+    if c.task.name != 'sinusoid':
+        _require(c.task.ways >= 2, 'task.ways', f'classification needs at least 2 classes per task, got {c.task.ways}')
+    hidden = tuple(c.model.hidden)
+    _require(len(hidden) > 0 and all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden),
+             'model.hidden', f'must be positive integers, got {hidden}')
     _require(c.meta.optimizer in OPTIMIZERS, 'meta.optimizer', f'must be one of {OPTIMIZERS}, got {c.meta.optimizer!r}')
     _require(c.meta.task_batching in ('auto', 'vmap', 'map', 'unroll'), 'meta.task_batching',
              f"must be 'auto', 'vmap', 'map' or 'unroll', got {c.meta.task_batching!r}")

@@ -5,7 +5,7 @@ results. On-device task samplers run ``train.steps_per_call`` meta-steps in one 
 (sampling included); host samplers feed one jitted meta-step at a time.
 
 With a workdir, ``train`` is resumable: the workdir holds the resolved config (config.json, checked by
-``prepare_workdir``: a run of another config is refused), checkpoints (md_meta.checkpoint) every
+``workdirs.prepare``: a run of another config is refused), checkpoints (md_meta.checkpoint) every
 ``train.checkpoint_every`` steps and at the end, metrics.jsonl, TensorBoard events (tb/) and
 meta-validation on a fixed set of ``train.val_tasks`` 'val' tasks every ``train.eval_every`` steps.
 Rerunning after a crash continues from the last good checkpoint, bitwise identical to an uninterrupted
@@ -27,12 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import ml_collections
-
 from md_meta import checkpoint as checkpoint_lib
 from md_meta import config as config_lib
 from md_meta import distributed
-from md_meta import evaluation, methods, tasks
+from md_meta import evaluation, methods, tasks, workdirs
 from md_meta.inner import InnerConfig
 from md_meta.meta import MetaLearner, init_meta_params, make_evaluate, meta_update
 from md_meta.networks import make_model
@@ -47,10 +45,6 @@ class Experiment(NamedTuple):
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite meta-updates."""
-
-
-class WorkdirMismatchError(RuntimeError):
-    """The workdir holds a run of another config."""
 
 
 def make_optimizer(meta_cfg) -> optax.GradientTransformation:
@@ -171,109 +165,12 @@ def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None =
             'metrics': evaluation.summarize(per_task), 'curves': curves}
 
 
-# ----------------------------------------------------------------------------- workdir and config
-# Fields that do not change the training computation: a rerun may change them (e.g. more meta.steps to
-# continue a run, another final evaluation). Every other field must match the run in the workdir.
-NON_COMPUTE_FIELDS = ('meta.steps', 'eval.', 'train.keep', 'train.max_nonfinite', 'train.log_every',
-                      'train.tensorboard', 'task.data_dir', 'task.source',
-                      'dist.',  # topology: a run may resume on other devices/processes
-                      'meta.task_batching', 'meta.task_chunk')  # how tasks are batched: same values up to rounding
-
-
-def _flatten(d: dict, prefix: str = '') -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f'{prefix}{k}.'))
-        else:
-            out[f'{prefix}{k}'] = v
-    return out
-
-
-def config_from_dict(d: dict) -> ml_collections.ConfigDict:
-    """The schema's defaults (config.base_config) updated with ``d`` (e.g. a workdir's config.json);
-    JSON lists become tuples where the schema has tuples; fields unknown to the schema are kept."""
-    def update(node, d):
-        for k, v in d.items():
-            if isinstance(v, dict) and k in node and isinstance(node[k], ml_collections.ConfigDict):
-                update(node[k], v)
-            elif isinstance(v, dict):
-                node[k] = ml_collections.ConfigDict(v)
-            else:
-                if isinstance(v, list) and k in node and isinstance(node[k], tuple):
-                    v = tuple(v)
-                if k in node and node[k] is not None and v is not None:
-                    try:
-                        node[k] = v
-                    except TypeError:
-                        node[k] = type(node[k])(v)
-                else:
-                    with node.ignore_type():
-                        node[k] = v
-    c = config_lib.base_config()
-    update(c, d)
-    return c
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'{path} not found: {workdir} is not a md-meta workdir')
-    with open(path) as f:
-        return config_from_dict(json.load(f))
-
-
-def config_differences(stored, config) -> list:
-    """Dotted names of the computation-relevant fields where two configs differ."""
-    a = _flatten(json.loads(stored.to_json()))
-    b = _flatten(json.loads(config.to_json()))
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if any(k == f or (f.endswith('.') and k.startswith(f)) for f in NON_COMPUTE_FIELDS):
-            continue
-        if a.get(k, None) != b.get(k, None):
-            out.append(k)
-    return out
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def prepare_workdir(config, workdir: str) -> None:
-    """Creates the workdir and writes config.json; refuses (WorkdirMismatchError) a workdir holding a run
-    of a config that differs in a field that changes the computation (all but NON_COMPUTE_FIELDS)."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'config.json')
-    if os.path.exists(path):
-        try:
-            stored = load_config(workdir)
-        except Exception as e:  # noqa: BLE001
-            raise WorkdirMismatchError(f'{path} is unreadable ({e}); refusing to overwrite the run in {workdir}')
-        diff = config_differences(stored, config)
-        if diff:
-            a = _flatten(json.loads(stored.to_json()))
-            b = _flatten(json.loads(config.to_json()))
-            shown = ', '.join(f'{k}: {a.get(k)!r} in the workdir, {b.get(k)!r} now' for k in diff[:5])
-            more = f' (and {len(diff) - 5} more)' if len(diff) > 5 else ''
-            raise WorkdirMismatchError(
-                f'{workdir} holds a run of another config ({shown}{more}); refusing to overwrite it. '
-                'Use another --workdir, or delete this one to start over.')
-    elif checkpoint_lib.Checkpointer(workdir).steps():
-        raise WorkdirMismatchError(f'{workdir} holds checkpoints but no config.json; refusing to use it')
-    _write_atomic(path, config.to_json(indent=2) + '\n')
-
-
+# ----------------------------------------------------------------------------- a run from its workdir
 def load_run(workdir: str, which: str = 'best', warn: Callable = None):
     """(exp, meta, step) from a workdir's config.json and its best (or 'last') good checkpoint."""
     if which not in ('best', 'last'):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    exp = build(load_config(workdir))
+    exp = build(workdirs.load_config(workdir))
     template = init_state(exp)
     found = checkpoint_lib.Checkpointer(workdir, warn=warn).restore_latest(
         {'meta': template[0], 'opt_state': template[1]}, which=which)
@@ -321,7 +218,7 @@ class _Writers:
                             kept.append(line if line.endswith('\n') else line + '\n')
                     except (ValueError, KeyError):
                         pass  # a line cut by a kill
-            _write_atomic(path, ''.join(kept))
+            workdirs.write_atomic(path, ''.join(kept))
         self.file = open(path, 'a')
         if tensorboard:
             try:
@@ -332,8 +229,9 @@ class _Writers:
                 print('warning: tensorboardX is not installed; no TensorBoard events', file=sys.stderr)
 
     def write(self, rec: dict, prefix: str = 'train/') -> None:
-        if self.file:
-            self.file.write(json.dumps(rec) + '\n')
+        if self.file:  # strict JSON: NaN and inf are written as null
+            self.file.write(json.dumps({k: None if isinstance(v, float) and not np.isfinite(v) else v
+                                        for k, v in rec.items()}) + '\n')
             self.file.flush()
         if self.tb:
             for k, v in rec.items():
@@ -345,6 +243,11 @@ class _Writers:
             self.file.close()
         if self.tb:
             self.tb.close()
+
+
+def _last_checkpoint_note(ckpt) -> str:
+    steps = ckpt.steps()
+    return f' (last checkpoint {ckpt.path(steps[-1])})' if steps else ' (no checkpoint was written)'
 
 
 def train(exp: Experiment, workdir: str | None = None, log: Callable = print, state=None, resume: bool = True):
@@ -363,7 +266,10 @@ def train(exp: Experiment, workdir: str | None = None, log: Callable = print, st
     else:
         meta, opt_state = init_state(exp)
         if ckpt and resume:
+            had = ckpt.steps()
             found = ckpt.restore_latest({'meta': meta, 'opt_state': opt_state})
+            if found is None and had:
+                log(f'warning: no readable checkpoint is left in {ckpt.directory}; training restarts from step 0')
             if found is not None:
                 step, restored, record = found
                 meta, opt_state = restored['meta'], restored['opt_state']
@@ -401,10 +307,10 @@ def train(exp: Experiment, workdir: str | None = None, log: Callable = print, st
                     raise NonFiniteError(
                         f'method {cfg.method}: {consecutive_bad} consecutive non-finite meta-updates up to step '
                         f'{step} (first at step {step - consecutive_bad + 1}); training stopped, the parameters '
-                        'are at their last finite value' + (f' (last checkpoint in {ckpt.directory})' if ckpt
-                                                            else ''))
+                        'are at their last finite value' + (_last_checkpoint_note(ckpt) if ckpt else ''))
                 if step % cfg.train.log_every == 0 or step == total:
-                    rec = {'step': step, **{k: float(np.mean([w[k] for w in window])) for k in window[0]}}
+                    ok = [w for w in window if not w['skipped']] or window  # skipped updates report NaN
+                    rec = {'step': step, **{k: float(np.mean([w[k] for w in ok])) for k in window[0]}}
                     rec['skipped'] = int(sum(w['skipped'] for w in window))
                     rec['skipped_total'] = skipped_total
                     window = []

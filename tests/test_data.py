@@ -171,22 +171,27 @@ def test_cache_is_reused_and_outside_repo(shared_chars, cache_dir):
     assert not any('.npz' in f for _, _, fs in os.walk(os.path.join(ROOT, 'md_meta')) for f in fs)
 
 
-def test_cache_never_written_into_read_only_or_repo_folders(tmp_path, monkeypatch):
+def test_cache_goes_to_the_cache_folder_never_the_data_folder(tmp_path, monkeypatch):
     from md_meta.data import cache_path
     monkeypatch.delenv('MD_META_CACHE', raising=False)
+    monkeypatch.delenv('XDG_CACHE_HOME', raising=False)
     monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    rw = tmp_path / 'rw'
+    rw.mkdir()
+    assert cache_path(str(rw), 'x', 'y').startswith(str(tmp_path / 'home' / '.cache' / 'md_meta'))
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    assert cache_path(str(rw), 'x', 'y').startswith(str(tmp_path / 'xdg' / 'md_meta'))
+    monkeypatch.setenv('MD_META_CACHE', os.path.join(ROOT, 'tests'))
+    assert cache_path(str(rw), 'x', 'y') == ''   # never inside the repository
     ro = tmp_path / 'ro'
     ro.mkdir()
-    os.chmod(ro, 0o555)  # like ../shared/data (root passes os.access: the mode bits decide)
+    os.chmod(ro, 0o555)  # root passes os.access: the mode bits decide
     try:
-        assert cache_path(str(ro), 'x', 'y').startswith(str(tmp_path / 'home' / '.cache' / 'md_meta'))
-        assert cache_path(os.path.join(ROOT, 'tests'), 'x', 'y').startswith(str(tmp_path / 'home'))
-        rw = tmp_path / 'rw'
-        rw.mkdir()
-        assert cache_path(str(rw), 'x', 'y').startswith(str(rw / '.md_meta_cache'))
+        monkeypatch.setenv('MD_META_CACHE', str(ro))
+        assert cache_path(str(rw), 'x', 'y') == ''
     finally:
         os.chmod(ro, 0o755)
-    assert os.listdir(ro) == []
+    assert os.listdir(rw) == [] and os.listdir(ro) == []
 
 
 def test_maml_protocol_split():

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import tiny_config
 from md_meta import checkpoint as checkpoint_lib
-from md_meta import training
+from md_meta import training, workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def _leaves_equal(a, b):
 
 
 def _last_state(workdir):
-    exp = training.build(training.load_config(workdir))
+    exp = training.build(workdirs.load_config(workdir))
     meta, opt = training.init_state(exp)
     step, state, record = checkpoint_lib.Checkpointer(workdir).restore_latest({'meta': meta, 'opt_state': opt})
     return step, state, record
@@ -92,7 +92,7 @@ def test_checkpoint_during_nan_updates_holds_no_nan_and_counts(tmp_path):
     c = tiny_config('maml', **{'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 10,
                                'train.val_tasks': 10, 'train.inject_nan_at_step': 8,
                                'train.inject_nan_count': 4, 'train.max_nonfinite': 10})
-    training.prepare_workdir(c, wd)
+    workdirs.prepare(c, wd)
     exp = training.build(c)
     _, _, hist = training.train(exp, wd, log=lambda s: None)
     ck = checkpoint_lib.Checkpointer(wd)
@@ -116,7 +116,7 @@ def test_consecutive_nonfinite_stop_names_step_and_method(tmp_path):
     c = tiny_config('maml', **{'meta.steps': 20, 'train.inject_nan_at_step': 3, 'train.inject_nan_count': 100,
                                'train.max_nonfinite': 4, 'train.checkpoint_every': 5})
     wd = str(tmp_path / 'w')
-    training.prepare_workdir(c, wd)
+    workdirs.prepare(c, wd)
     with pytest.raises(training.NonFiniteError, match=r'method maml: 4 consecutive .* up to step 7'):
         training.train(training.build(c), wd, log=lambda s: None)
     # the checkpoint at step 5 was written mid-streak and is finite
@@ -129,7 +129,7 @@ def test_evaluate_ci_matches_hand_computation(tmp_path):
     # a fixed fake model: all-zero MLP (predicts 0) and no adaptation (alpha = 0): per-task loss = mean y_q^2
     c = tiny_config('maml', **{'inner.step_size': 0.0})
     wd = str(tmp_path / 'w')
-    training.prepare_workdir(c, wd)
+    workdirs.prepare(c, wd)
     exp = training.build(c)
     meta, opt = training.init_state(exp)
     zero = jax.tree_util.tree_map(jnp.zeros_like, meta)
@@ -154,7 +154,7 @@ def test_workdir_of_another_config_is_refused(tmp_path):
     from experiments.configs.sinusoid import get_config
     wd = str(tmp_path / 'w')
     c = get_config()
-    training.prepare_workdir(c, wd)
+    workdirs.prepare(c, wd)
     before = open(os.path.join(wd, 'config.json')).read()
     r = subprocess.run([sys.executable, '-m', 'experiments.train', '--config.method=maml', f'--workdir={wd}'],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
@@ -166,18 +166,18 @@ def test_workdir_of_another_config_is_refused(tmp_path):
     # other shapes are refused too; fields that do not change the computation are not
     c2 = get_config()
     c2.model.hidden = (40, 20)
-    with pytest.raises(training.WorkdirMismatchError, match='model.hidden'):
-        training.prepare_workdir(c2, wd)
+    with pytest.raises(workdirs.WorkdirMismatchError, match='model.hidden'):
+        workdirs.prepare(c2, wd)
     c3 = get_config()
     c3.meta.steps, c3.eval.num_tasks, c3.train.log_every = 9000, 100, 10
-    training.prepare_workdir(c3, wd)
+    workdirs.prepare(c3, wd)
 
 
 def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path):
     wd = str(tmp_path / 'w')
     over = {'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 0}
     c = tiny_config('maml', **over)
-    training.prepare_workdir(c, wd)
+    workdirs.prepare(c, wd)
     training.train(training.build(c), wd, log=lambda s: None)
     ck = checkpoint_lib.Checkpointer(wd)
     assert ck.steps() == [10, 20]
@@ -187,7 +187,7 @@ def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path):
             fh.truncate(os.path.getsize(f) // 2)
     # continue to step 30 (meta.steps may change on a rerun): resumes from step 10, not 20
     c30 = tiny_config('maml', **dict(over, **{'meta.steps': 30}))
-    training.prepare_workdir(c30, wd)
+    workdirs.prepare(c30, wd)
     logs = []
     meta, _, _ = training.train(training.build(c30), wd, log=logs.append)
     warn = [l for l in logs if l.startswith('warning:')]
@@ -239,3 +239,191 @@ def test_summarise_runs_table_interval_and_unfinished(tmp_path):
     assert '93.00 +- ' in text
     conv = open(str(out) + '_convergence.csv').read().splitlines()
     assert conv[0] == 'variant,shots,k,support_loss,grad_norm,seeds' and len(conv) == 1 + 2 * 3
+
+
+# ----------------------------------------------------------------------------- trustworthy results
+def _largest_file(d):
+    files = [f for f in glob.glob(os.path.join(d, '**', '*'), recursive=True) if os.path.isfile(f)]
+    return max(files, key=os.path.getsize)
+
+
+def test_corrupted_checkpoint_array_is_caught_by_its_checksum(tmp_path):
+    """64 random bytes in the middle of the newest checkpoint's largest file: set aside with a message,
+    the previous checkpoint is used and the run equals a clean one; with none left, a restart from 0 is said."""
+    wd = str(tmp_path / 'w')
+    over = {'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 0}
+    c = tiny_config('maml', **over)
+    workdirs.prepare(c, wd)
+    training.train(training.build(c), wd, log=lambda s: None)
+    ck = checkpoint_lib.Checkpointer(wd)
+    assert ck.steps() == [10, 20] and len(ck.record(20)['fingerprint']) == 16
+
+    def corrupt(step):
+        f = _largest_file(os.path.join(ck.path(step), 'state'))
+        with open(f, 'r+b') as fh:
+            fh.seek(os.path.getsize(f) // 2)
+            fh.write(np.random.default_rng(step).bytes(64))
+    corrupt(20)
+    c30 = tiny_config('maml', **dict(over, **{'meta.steps': 30}))
+    workdirs.prepare(c30, wd)
+    logs = []
+    meta, _, _ = training.train(training.build(c30), wd, log=logs.append)
+    warn = [l for l in logs if l.startswith('warning:')]
+    assert len(warn) == 1 and ck.path(20) in warn[0] and 'corrupted' in warn[0], logs
+    assert any(l.startswith('resuming from') and '(step 10/30)' in l for l in logs), logs
+    ref, _, _ = training.train(training.build(c30), None, log=lambda s: None)
+    assert _leaves_equal(meta, ref)
+    for s in checkpoint_lib.Checkpointer(wd).steps():
+        corrupt(s)
+    logs = []
+    training.train(training.build(c30), wd, log=logs.append)
+    assert any('no readable checkpoint is left' in l and 'restarts from step 0' in l for l in logs), logs
+
+
+def test_second_process_in_one_workdir_is_refused_and_evaluate_warns(tmp_path):
+    run_dir = str(tmp_path / 'run')
+    p = subprocess.Popen(_cli_cmd(run_dir, ['--config.meta.steps=3000']), cwd=ROOT, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in p.stdout:
+            if line.startswith('[maml] step ') and int(line.split()[2].split('/')[0]) >= 60:
+                break   # past the first checkpoint
+        assert workdirs.holder(run_dir) == p.pid
+        r = subprocess.run(_cli_cmd(run_dir, ['--config.meta.steps=3000']), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines() == [r.stderr.strip()] and f'pid {p.pid}' in r.stderr, r.stderr
+        e = subprocess.run([sys.executable, '-m', 'experiments.evaluate', f'--workdir={run_dir}', '--num_tasks=10',
+                            '--checkpoint=last'], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+        assert e.returncode == 0 and 'training is still running' in e.stderr, e.stderr[-2000:]
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    assert workdirs.holder(run_dir) is None   # the OS released the lock of the killed process
+    with workdirs.lock(run_dir):
+        pass
+
+
+def test_report_skips_a_stale_evaluation_and_marks_an_unfinished_run(tmp_path):
+    from experiments.evaluate import evaluate_workdir
+    from experiments.report import load, table
+    over = {'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 10, 'train.val_tasks': 10}
+    done, paused = str(tmp_path / 'done'), str(tmp_path / 'paused')
+    c20 = tiny_config('maml', **over)
+    workdirs.prepare(c20, done)
+    training.train(training.build(c20), done, log=lambda s: None)
+    evaluate_workdir(done, num_tasks=10, which='last', log=lambda s: None)
+    # paused: config.json plans 40 steps, training stopped at 20
+    workdirs.prepare(tiny_config('metasgd', **dict(over, **{'meta.steps': 40})), paused)
+    training.train(training.build(tiny_config('metasgd', **over)), paused, log=lambda s: None)
+    logs = []
+    r = evaluate_workdir(paused, num_tasks=10, which='last', log=logs.append)
+    assert r['finished'] is False and r['step'] == 20 and r['planned_steps'] == 40
+    assert any('unfinished' in l and 'step 20 of 40' in l for l in logs), logs
+    warns = []
+    records = load([done, paused], warn=warns.append)
+    assert not warns and len(records) == 2
+    text = table(records)
+    assert '(step 20/20)' in text and '(step 20/40, unfinished)' in text, text
+    # the done run goes on to 30 steps: its evaluation.json no longer describes its last checkpoint
+    c30 = tiny_config('maml', **dict(over, **{'meta.steps': 30}))
+    workdirs.prepare(c30, done)
+    training.train(training.build(c30), done, log=lambda s: None)
+    with open(os.path.join(paused, 'evaluation.json'), 'a') as f:
+        f.write('garbage')   # a damaged file among several
+    warns = []
+    assert load([done, paused], warn=warns.append) == []
+    assert len(warns) == 2 and 'stale' in warns[0] and 'unreadable' in warns[1], warns
+
+
+def test_sigint_during_a_checkpoint_save_completes_it(tmp_path, monkeypatch):
+    """Ctrl-C while orbax writes: the save finishes, then KeyboardInterrupt; the checkpoint restores."""
+    c = tiny_config('maml')
+    exp = training.build(c)
+    meta, opt = training.init_state(exp)
+    ck = checkpoint_lib.Checkpointer(str(tmp_path / 'w'))
+    real_save = ck._ckptr.save
+
+    def save_with_sigint(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(*a, **k)
+    monkeypatch.setattr(ck._ckptr, 'save', save_with_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(5, {'meta': meta, 'opt_state': opt}, {})
+    state, record = checkpoint_lib.Checkpointer(str(tmp_path / 'w')).restore(5, {'meta': meta, 'opt_state': opt})
+    assert record['step'] == 5 and _leaves_equal(state['meta'], meta)
+
+
+def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes_bitwise(tmp_path):
+    ref, run_dir = str(tmp_path / 'ref'), str(tmp_path / 'run')
+    flags_ = ['--config.train.checkpoint_every=5', '--config.train.keep=1']   # saves are a large share of the time
+    ref_p = subprocess.Popen(_cli_cmd(ref, flags_), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    target = random.Random(os.getpid()).randint(60, 200)
+    p = subprocess.Popen(_cli_cmd(run_dir, flags_), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith('[maml] step ') and int(line.split()[2].split('/')[0]) >= target:
+            p.send_signal(signal.SIGINT)
+            break
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    assert 'interrupted; rerun the same command to resume' in err
+    r2 = subprocess.run(_cli_cmd(run_dir, flags_), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0 and 'resuming from' in r2.stdout, r2.stderr[-2000:]
+    _, ref_err = ref_p.communicate(timeout=300)
+    assert ref_p.returncode == 0, ref_err[-2000:]
+    s1, a, _ = _last_state(ref)
+    s2, b, _ = _last_state(run_dir)
+    assert s1 == s2 == 300 and _leaves_equal(a, b)
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp('finished') / 'w')
+    r = subprocess.run(_cli_cmd(wd, ['--config.meta.steps=50']), cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return wd
+
+
+@pytest.mark.parametrize('case', ['typo', 'missing_config', 'bad_config_arg', 'hidden_zero', 'ways_one', 'inf_lr',
+                                  'workdir_is_file', 'steps_below_run', 'evaluate_missing', 'evaluate_read_only'])
+def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, finished_run):
+    wd = str(tmp_path / 'w')
+    train = lambda *extra: _cli_cmd(wd, extra)
+    with_config = lambda path, *extra: [sys.executable, '-m', 'experiments.train', f'--config={path}', *extra,
+                                        f'--workdir={wd}']
+    if case == 'evaluate_read_only':
+        if os.geteuid() == 0:
+            pytest.skip('root writes into read-only folders')
+        os.chmod(finished_run, 0o555)
+    cmd = {'typo': train('--config.meta.stepz=5'),
+           'missing_config': with_config('experiments/configs/no_such_file.py'),
+           'bad_config_arg': with_config('experiments/configs/omniglot_paper.py:no_such_variant'),
+           'hidden_zero': train('--config.model.hidden=(0,40)'),
+           'ways_one': with_config('experiments/configs/omniglot_minimal.py', '--config.task.ways=1'),
+           'inf_lr': train('--config.meta.lr=inf'),
+           'workdir_is_file': _cli_cmd(str(tmp_path / 'file')),
+           'steps_below_run': _cli_cmd(finished_run, ['--config.meta.steps=20']),
+           'evaluate_missing': [sys.executable, '-m', 'experiments.evaluate', f'--workdir={tmp_path / "none"}'],
+           'evaluate_read_only': [sys.executable, '-m', 'experiments.evaluate', f'--workdir={finished_run}',
+                                  '--num_tasks=10']}[case]
+    (tmp_path / 'file').write_text('not a directory')
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        os.chmod(finished_run, 0o755)
+    err = r.stderr.strip()
+    assert r.returncode == 2, (r.returncode, err[-2000:])
+    assert 'Traceback' not in err and len(err.splitlines()) == 1 and err.startswith('error: '), err
+    expect = {'typo': 'stepz', 'missing_config': 'no_such_file.py', 'bad_config_arg': 'no_such_variant',
+              'hidden_zero': 'model.hidden', 'ways_one': 'task.ways', 'inf_lr': 'meta.lr',
+              'workdir_is_file': 'is a file', 'steps_below_run': 'already at meta-step 50',
+              'evaluate_missing': 'not a md-meta workdir', 'evaluate_read_only': 'evaluation.json'}[case]
+    assert expect in err, err
+    if case in ('hidden_zero', 'ways_one', 'inf_lr', 'typo'):
+        assert not os.path.exists(wd), 'the workdir is created only after the config is valid'
+    if case == 'steps_below_run':
+        assert json.load(open(os.path.join(finished_run, 'config.json')))['meta']['steps'] == 50

@@ -9,8 +9,8 @@ one-shot (Lake et al. 2015) evaluator.
 Every problem with the data (missing path, wrong layout, unreadable image, a split too small for the
 requested episodes) raises ``DataError`` (a ``ConfigError``, so the trainer reports it in one line and
 exits before training) whose message names the path, what was expected and where to get the data.
-Decoded arrays are cached as .npz under the data directory (when it is writable and not inside the
-project's repository) or under ``~/.cache/md_meta``; ``$MD_META_CACHE`` overrides both.
+Decoded arrays are cached as .npz in ``$MD_META_CACHE`` when set, else ``$XDG_CACHE_HOME/md_meta``
+(default ``~/.cache/md_meta``); never in the data folder, which may be shared or read-only.
 """
 from __future__ import annotations
 
@@ -40,32 +40,29 @@ def _writable(d: str) -> bool:
         return False
 
 
-def cache_path(data_dir: str, name: str, fingerprint: str) -> str:
-    """Where to cache a decoded array: $MD_META_CACHE when set, else <data_dir>/.md_meta_cache when
-    writable and outside the repository, else ~/.cache/md_meta ('' when none is writable). The file name carries a fingerprint of the sources."""
-    fname = f'{name}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:16]}.npz'
+def cache_dir() -> str:
+    """$MD_META_CACHE, else $XDG_CACHE_HOME/md_meta, else ~/.cache/md_meta."""
     env = os.environ.get('MD_META_CACHE')
-    candidates = [env] if env else []   # when set, the only cache location
-    if not env and data_dir and _writable(data_dir) and not _inside(data_dir, REPO_ROOT):
-        candidates.append(os.path.join(data_dir, '.md_meta_cache'))
-    if not env:
-        candidates.append(os.path.join(os.path.expanduser('~'), '.cache', 'md_meta'))
-    for d in candidates:
-        if _inside(d, REPO_ROOT):
-            continue
-        existing = os.path.join(d, fname)
-        if os.path.exists(existing):
-            return existing
-    for d in candidates:
-        if _inside(d, REPO_ROOT):
-            continue
-        try:
-            os.makedirs(d, exist_ok=True)
-        except OSError:
-            continue
-        if _writable(d):
-            return os.path.join(d, fname)
-    return ''
+    if env:
+        return env
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'md_meta')
+
+
+def cache_path(data_dir: str, name: str, fingerprint: str) -> str:
+    """Where to cache a decoded array of ``data_dir``: a file in ``cache_dir()`` whose name carries a
+    fingerprint of the sources; '' when the cache folder cannot be written (or lies inside the
+    repository). The data folder itself is never written."""
+    del data_dir  # the fingerprint names the sources
+    fname = f'{name}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:16]}.npz'
+    d = cache_dir()
+    if _inside(d, REPO_ROOT):
+        return ''
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError:
+        return ''
+    return os.path.join(d, fname) if _writable(d) else ''
 
 
 def file_fingerprint(paths) -> str:
