@@ -52,7 +52,7 @@ def parse_flags(argv):
         fail(_flag_error_line(e))
 
 
-def run(main) -> None:
+def run(main, argv=None) -> None:
     """``app.run(main)`` where bad flags or config files, md-meta's ConfigError/DataError/WorkdirError, and
     OS errors (full disk, no permission) end with one line on stderr and exit status 2; Ctrl-C exits 130."""
     import errno
@@ -77,7 +77,7 @@ def run(main) -> None:
                 if e.errno == errno.ENOSPC else ''
             fail(f'{what}{where}{hint}')
 
-    app.run(guarded, flags_parser=parse_flags)
+    app.run(guarded, argv=argv, flags_parser=parse_flags)
 
 
 def define_config_file(name: str, default: str, help_string: str):

@@ -427,3 +427,38 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, finished_run):
         assert not os.path.exists(wd), 'the workdir is created only after the config is valid'
     if case == 'steps_below_run':
         assert json.load(open(os.path.join(finished_run, 'config.json')))['meta']['steps'] == 50
+
+
+def test_skipped_updates_logged_as_strict_json_and_named_checkpoint(tmp_path):
+    """A skipped (non-finite) update neither turns its log window's meta-loss into NaN nor writes a bare
+    NaN into metrics.jsonl; the stop message names the last checkpoint, or says that none was written."""
+    wd = str(tmp_path / 'w')
+    c = tiny_config('maml', **{'meta.steps': 10, 'train.log_every': 5, 'train.inject_nan_at_step': 6,
+                               'train.inject_nan_count': 1})
+    workdirs.prepare(c, wd)
+    _, _, hist = training.train(training.build(c), wd, log=lambda s: None)
+    assert hist[1]['step'] == 10 and hist[1]['skipped'] == 1 and np.isfinite(hist[1]['meta_loss'])
+
+    def strict(name):
+        raise ValueError(f'bare {name} in metrics.jsonl')
+    for line in open(os.path.join(wd, 'metrics.jsonl')):
+        json.loads(line, parse_constant=strict)
+    c2 = tiny_config('maml', **{'meta.steps': 20, 'train.inject_nan_at_step': 0, 'train.inject_nan_count': 100,
+                                'train.max_nonfinite': 3, 'train.checkpoint_every': 10})
+    wd2 = str(tmp_path / 'w2')
+    workdirs.prepare(c2, wd2)
+    with pytest.raises(training.NonFiniteError, match=r'\(no checkpoint was written\)'):
+        training.train(training.build(c2), wd2, log=lambda s: None)
+
+
+def test_entry_point_reports_a_full_disk_in_one_line(capsys):
+    import errno
+    from experiments import run
+
+    def main(argv):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), '/w/metrics.jsonl')
+    with pytest.raises(SystemExit) as e:
+        run(main, argv=['prog'])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert 'No space left on device' in err and '/w/metrics.jsonl' in err and 'resumes' in err
