@@ -52,6 +52,44 @@ def parse_flags(argv):
         fail(_flag_error_line(e))
 
 
+class _BackgroundTracebacks:
+    """A stderr wrapper: a traceback written by a thread other than the main one (a library's writer or
+    I/O thread failing, e.g. on a full disk) becomes one line, ``warning: background thread: <last line>``,
+    written once per distinct message; everything else passes through unchanged."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.buffers = {}
+        self.seen = set()
+
+    def write(self, text):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            return self.stream.write(text)
+        ident = threading.get_ident()
+        buf = self.buffers.get(ident)
+        if buf is None and ('Traceback (most recent call last)' in text or text.startswith('Exception in thread')):
+            buf = self.buffers[ident] = []
+        if buf is None:
+            return self.stream.write(text)
+        buf.append(text)
+        lines = ''.join(buf).splitlines()
+        last = lines[-1] if lines else ''
+        if ''.join(buf).endswith('\n') and last and not last.startswith((' ', 'Traceback', 'Exception in thread',
+                                                                           'During handling', 'The above')):
+            del self.buffers[ident]
+            if last not in self.seen:
+                self.seen.add(last)
+                self.stream.write(f'warning: background thread: {last[:300]}\n')
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def run(main, argv=None) -> None:
     """``app.run(main)`` where bad flags or config files, md-meta's ConfigError/DataError/WorkdirError, and
     OS errors (full disk, no permission) end with one line on stderr and exit status 2; Ctrl-C exits 130."""
@@ -60,9 +98,18 @@ def run(main, argv=None) -> None:
 
     from absl import app
 
+    def fatal(message, status=EXIT_USAGE):
+        """One line, then exit at once: no atexit handlers or library threads adding tracebacks."""
+        import os
+        print('error: ' + ' '.join(str(message).split()), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(status)
+
     def guarded(argv):
         from md_meta.config import ConfigError
         from md_meta.workdirs import WorkdirError
+        if not isinstance(sys.stderr, _BackgroundTracebacks):
+            sys.stderr = _BackgroundTracebacks(sys.stderr)
         try:
             return main(argv)
         except KeyboardInterrupt:
@@ -75,7 +122,7 @@ def run(main, argv=None) -> None:
             where = f' ({e.filename})' if e.filename else ''
             hint = '; free some space and rerun (a training run resumes from its last checkpoint)' \
                 if e.errno == errno.ENOSPC else ''
-            fail(f'{what}{where}{hint}')
+            fatal(f'{what}{where}{hint}')
 
     app.run(guarded, argv=argv, flags_parser=parse_flags)
 

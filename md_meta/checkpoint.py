@@ -15,6 +15,7 @@ back to the previous good one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -144,8 +145,13 @@ class Checkpointer:
             self._remove_temporaries()
             if os.path.exists(path):
                 shutil.rmtree(path)
-            self._ckptr.save(path, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                           record=ocp.args.JsonSave(record)))
+            try:
+                self._ckptr.save(path, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                               record=ocp.args.JsonSave(record)))
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore report a full disk as ValueError
+                if 'No space left on device' in str(e) and not isinstance(e, OSError):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
+                raise
             self._records[step] = record
             self.prune()
         return path
