@@ -138,18 +138,31 @@ def mode_product(x: jnp.ndarray, factors: Sequence[jnp.ndarray]) -> jnp.ndarray:
     return x
 
 
-def _uniform(key, shape, fan_in):
-    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for linear layers (the authors' init)."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+class _Uniform:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default for linear layers, the authors' init), every
+    tensor cut from one ``jax.random.uniform`` draw: on CPU each distinct shape drawn eagerly compiles its
+    own kernel (~0.3 s), so one draw keeps a blockIAF's init to one compile. With ``key=None`` it only
+    counts the numbers needed (a first pass)."""
+
+    def __init__(self, key=None, total: int = 0):
+        self.count = 0
+        self.dtype = jax.dtypes.canonicalize_dtype(np.float64)   # float32, or float64 under jax_enable_x64
+        self.buffer = None if key is None else np.asarray(
+            jax.random.uniform(key, (max(total, 1),), self.dtype, -1.0, 1.0))
+
+    def __call__(self, shape, fan_in):
+        n = int(np.prod(shape))
+        start, self.count = self.count, self.count + n
+        if self.buffer is None:
+            return None
+        return self.buffer[start:start + n].reshape(shape) / self.dtype.type(math.sqrt(fan_in))
 
 
-def _kron_layer_init(key, in_shape, out_shape, zero_factors=()):
+def _kron_layer_init(uniform, in_shape, out_shape, zero_factors=()):
     """Factors U_k (out_k, in_k) ~ U(+-1/sqrt(in_k)) except those in ``zero_factors`` (0); bias 0."""
-    keys = jax.random.split(key, len(in_shape))
-    factors = [jnp.zeros((o, i)) if k in zero_factors else _uniform(kk, (o, i), i)
-               for k, (kk, o, i) in enumerate(zip(keys, out_shape, in_shape))]
-    return {'u': factors, 'b': jnp.zeros(out_shape)}
+    factors = [np.zeros((o, i), uniform.dtype) if k in zero_factors else uniform((o, i), i)
+               for k, (o, i) in enumerate(zip(out_shape, in_shape))]
+    return {'u': factors, 'b': np.zeros(out_shape, uniform.dtype)}
 
 
 HEAD_INITS = ('zero', 'learnable')
@@ -189,14 +202,20 @@ def _leaves(block_params):
 def init(key: jax.Array, params: Params, spec: BlockIAFSpec, head_init: str = 'zero') -> Params:
     """Map parameters theta_g for the parameter pytree ``params``; g starts as the identity.
     ``head_init``: 'zero' (every factor of each decoder head 0, the paper's / authors') or 'learnable' (only
-    the last factor of each head 0), see the module docstring."""
+    the last factor of each head 0), see the module docstring. Built on the host from one random draw."""
     if head_init not in HEAD_INITS:
         raise ValueError(f'head_init must be one of {HEAD_INITS}, got {head_init!r}')
+    counter = _Uniform()
+    _build(params, spec, head_init, counter)
+    theta = _build(params, spec, head_init, _Uniform(key, counter.count))
+    return jax.tree_util.tree_map(jnp.asarray, theta)
+
+
+def _build(params: Params, spec: BlockIAFSpec, head_init: str, uniform: _Uniform) -> Params:
     blocks = spec.blocks
     nb = len(blocks)
     L = spec.encoder_layers
-    keys = iter(jax.random.split(key, 4 * nb + 4))
-    zeros_like = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
+    zeros_like = lambda t: jax.tree_util.tree_map(lambda l: np.zeros(np.shape(l), l.dtype), t)
     theta = {'first': {'a': zeros_like(params[blocks[0]]), 'mu': zeros_like(params[blocks[0]])},
              'enc': {}, 'link': {}, 'dec': {}}
     if spec.monotone:
@@ -206,25 +225,21 @@ def init(key: jax.Array, params: Params, spec: BlockIAFSpec, head_init: str = 'z
         leaves = _leaves(params[b])
         seqs = [_shrink_sequence(mode_shape(l.shape), L) for l in leaves]
         if i < nb - 1:
-            lk = jax.random.split(next(keys), len(leaves) * L).reshape(len(leaves), L, -1)
-            theta['enc'][b] = [[_kron_layer_init(lk[j, l], s[l], s[l + 1]) for l in range(L)]
-                               for j, s in enumerate(seqs)]
+            theta['enc'][b] = [[_kron_layer_init(uniform, s[l], s[l + 1]) for l in range(L)] for s in seqs]
             enc_dims.append(sum(int(np.prod(s[-1])) for s in seqs))
         if i == 0:
             continue
         d_in = sum(enc_dims[:i])
         d_out = sum(int(np.prod(s[-1])) for s in seqs)
-        kw, kb = jax.random.split(next(keys))
-        theta['link'][b] = {'w': _uniform(kw, (d_out, d_in), d_in), 'b': _uniform(kb, (d_out,), d_in)}
+        theta['link'][b] = {'w': uniform((d_out, d_in), d_in), 'b': uniform((d_out,), d_in)}
         heads = ('mu',) if spec.monotone else ('a', 'mu')
-        dk = jax.random.split(next(keys), len(leaves) * (L + 1)).reshape(len(leaves), L + 1, -1)
         dec = []
-        for j, s in enumerate(seqs):
-            trunk = [_kron_layer_init(dk[j, l], s[L - l], s[L - l - 1]) for l in range(L - 1)]
+        for s in seqs:
+            trunk = [_kron_layer_init(uniform, s[L - l], s[L - l - 1]) for l in range(L - 1)]
             modes = len(s[0])
             zero = range(modes) if head_init == 'zero' else (modes - 1,)
-            dec.append({'trunk': trunk, **{h: _kron_layer_init(dk[j, L - 1 + n], s[1], s[0], zero_factors=zero)
-                                          for n, h in enumerate(heads)}})
+            dec.append({'trunk': trunk, **{h: _kron_layer_init(uniform, s[1], s[0], zero_factors=zero)
+                                          for h in heads}})
         theta['dec'][b] = dec
     return theta
 

@@ -9,7 +9,8 @@ import math
 
 import ml_collections
 
-TASKS = ('sinusoid', 'omniglot', 'miniimagenet')
+TASKS = ('sinusoid', 'omniglot', 'miniimagenet', 'folder')
+IMAGE_TASKS = ('omniglot', 'miniimagenet', 'folder')
 OPTIMIZERS = ('adam', 'sgd_nesterov')
 
 
@@ -31,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.split = 'minimal'   # omniglot: 'maml' (1100/100/423), 'minimal' (by character) or 'minimal_alphabet'
     c.task.source = 'auto'     # omniglot: 'tfds' | 'zip' | 'auto'
     c.task.frequency = (1.0, 1.0)  # sinusoid: w ~ U[lo, hi] in y = A sin(w x - b); MAML: (1, 1)
+    c.task.image_size = 84     # folder: images resized to image_size x image_size
+    c.task.channels = 3        # folder: 1 (grey levels) or 3 (RGB)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = 'mlp'
@@ -119,11 +122,14 @@ def _pos_int(c, field):
     _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, field, f'must be a positive integer, got {v!r}')
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first invalid field."""
+def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: bool = False) -> None:
+    """Raises ConfigError naming the first invalid field. ``own_source`` / ``own_model``: the task source
+    or the network are given to ``training.build`` directly, so config.task.name / config.model are not
+    checked against md-meta's own."""
     from md_meta import methods
     _require(c.method in methods.names(), 'method', f'unknown method {c.method!r}; choose from {methods.names()}')
-    _require(c.task.name in TASKS, 'task.name', f'unknown task {c.task.name!r}; choose from {TASKS}')
+    if not own_source:
+        _require(c.task.name in TASKS, 'task.name', f'unknown task {c.task.name!r}; choose from {TASKS}')
     for f in ('task.shots', 'task.query', 'task.ways', 'inner.steps', 'meta.batch_size', 'meta.steps',
               'eval.num_tasks', 'eval.batch_size', 'train.log_every', 'train.steps_per_call',
               'train.max_nonfinite', 'md.encoder_layers'):
@@ -158,11 +164,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.inner.eval_steps == -1 or c.inner.eval_steps > 0, 'inner.eval_steps',
              f'must be -1 (same as inner.steps) or positive, got {c.inner.eval_steps}')
     _require(c.eval.query == -1 or c.eval.query > 0, 'eval.query', f'must be -1 or positive, got {c.eval.query}')
-    _require(c.model.name in ('mlp', 'cnn4', 'resnet12'), 'model.name',
-             f"must be 'mlp', 'cnn4' or 'resnet12', got {c.model.name!r}")
-    if c.task.name in ('omniglot', 'miniimagenet'):
+    if not own_model:
+        _require(c.model.name in ('mlp', 'cnn4', 'resnet12'), 'model.name',
+                 f"must be 'mlp', 'cnn4' or 'resnet12', got {c.model.name!r}")
+    if c.task.name in IMAGE_TASKS and not own_model and not own_source:
         _require(c.model.name in ('cnn4', 'resnet12'), 'model.name',
                  f"image tasks need 'cnn4' or 'resnet12', got {c.model.name!r}")
+    if c.task.name == 'folder' and not own_source:
+        _require(isinstance(c.task.image_size, int) and c.task.image_size >= 4, 'task.image_size',
+                 f'must be an integer >= 4, got {c.task.image_size!r}')
+        _require(c.task.channels in (1, 3), 'task.channels', f'must be 1 (grey) or 3 (RGB), got {c.task.channels!r}')
     _require(c.model.init in ('xavier', 'torch'), 'model.init', f"must be 'xavier' or 'torch', got {c.model.init!r}")
     _require(c.model.init == 'xavier' or c.model.name in ('cnn4', 'resnet12'), 'model.init',
              f"'torch' is for the image networks (cnn4, resnet12), got model.name={c.model.name!r}")
@@ -193,7 +204,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(c.inner.step_size > 0, 'inner.step_size', 'must be positive for Meta-SGD (log step size)')
     for s in c.eval.get('shots', ()):
         _require(isinstance(s, int) and s > 0, 'eval.shots', f'must be positive integers, got {tuple(c.eval.shots)}')
-    if c.task.name == 'sinusoid':
-        _require(c.model.name == 'mlp', 'model.name', "the sinusoid task needs model.name='mlp'")
+    if c.task.name == 'sinusoid' and not own_source:
+        _require(own_model or c.model.name == 'mlp', 'model.name', "the sinusoid task needs model.name='mlp'")
         f = tuple(c.task.get('frequency', (1.0, 1.0)))
         _require(len(f) == 2 and 0 < f[0] <= f[1], 'task.frequency', f'must be (lo, hi) with 0 < lo <= hi, got {f}')

@@ -1,4 +1,5 @@
-"""Task losses and metrics: 'mse' for regression, 'xent' (integer labels) for classification."""
+"""Task losses and metrics: 'mse' for regression, 'xent' (integer labels) for classification, or your own
+callable (outputs, targets) -> scalar."""
 import jax
 import jax.numpy as jnp
 import optax
@@ -22,13 +23,17 @@ LOSSES = {'mse': mse, 'xent': xent}
 
 
 def get(name):
+    """The loss function of a name in LOSSES, or ``name`` itself when it is a callable (outputs, y) -> scalar."""
+    if callable(name):
+        return name
     if name not in LOSSES:
-        raise ValueError(f'loss must be one of {tuple(LOSSES)}, got {name!r}')
+        raise ValueError(f'loss must be one of {tuple(LOSSES)} or a callable (outputs, targets) -> scalar, '
+                         f'got {name!r}')
     return LOSSES[name]
 
 
 def metrics(name, outputs, y):
-    """Per-task metrics on query outputs: always 'loss'; 'accuracy' for classification."""
+    """Per-task metrics on query outputs: always 'loss'; 'accuracy' for classification ('xent')."""
     out = {'loss': get(name)(outputs, y)}
     if name == 'xent':
         out['accuracy'] = accuracy(outputs, y)

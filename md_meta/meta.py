@@ -11,6 +11,7 @@ one ``jit``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import chex
@@ -39,7 +40,7 @@ class MetaLearner(NamedTuple):
     """Everything static about a meta-learning problem: method, network, loss, inner-loop settings."""
     geometry: Geometry
     model: Model
-    loss: str
+    loss: Any                        # a name in losses.LOSSES or a callable (outputs, targets) -> scalar
     inner: InnerConfig
     eval_inner: InnerConfig
     task_batching: str = 'auto'      # how tasks are batched (``resolve_task_batching``)
@@ -49,9 +50,10 @@ class MetaLearner(NamedTuple):
 
 
 def init_meta_params(learner: MetaLearner, key: jax.Array, example_x: jnp.ndarray) -> dict:
-    """theta = {'init', 'geom', 'net'} for the network applied to ``example_x`` (one task's inputs)."""
+    """theta = {'init', 'geom', 'net'} for the network applied to ``example_x`` (one task's inputs). The
+    network's init is jitted: eagerly, every distinct shape of its ops compiles separately (seconds)."""
     k_net, k_geom = jax.random.split(key)
-    variables = dict(learner.model.init(k_net, example_x))
+    variables = dict(jax.jit(learner.model.init)(k_net, example_x))
     params = variables.pop('params')
     state0, geom = learner.geometry.init(k_geom, params)
     return {'init': state0, 'geom': geom, 'net': variables}
@@ -206,8 +208,10 @@ def make_meta_step(learner: MetaLearner, optimizer: optax.GradientTransformation
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
+@functools.lru_cache(maxsize=32)
 def make_evaluate(learner: MetaLearner, final_stats: bool = True):
-    """jit: (meta, batch, key) -> per-task query metrics and inner curves (k = 0..K), eval inner loop."""
+    """jit: (meta, batch, key) -> per-task query metrics and inner curves (k = 0..K), eval inner loop.
+    One jitted function per learner (cached), so meta-validation and the final evaluation compile once."""
     def evaluate(meta, batch, key):
         keys = jax.random.split(key, batch.support_x.shape[0])
         fn = lambda task, k: task_result(learner, meta, task, k, learner.eval_inner, final_stats)[:2]

@@ -301,7 +301,8 @@ class CNN4(nn.Module):
         return Dense(self.num_classes, tr, self.weight_init, name='layer_4')(x)
 
 
-def _model_from_module(module: nn.Module) -> Model:
+def model_from_module(module: nn.Module) -> Model:
+    """A Model of any Flax module: init(key, x) -> variables, apply(variables, x) -> outputs."""
     def init(key, x):
         variables = module.init({'params': key}, x)
         return jax.tree_util.tree_map(lambda v: v, dict(variables))
@@ -321,11 +322,11 @@ def make_model(name: str, *, transform: str = 'none', conv_impl: str = 'auto', h
     if init not in INITS:
         raise ValueError(f'init must be one of {INITS}, got {init!r}')
     if name == 'mlp':
-        return _model_from_module(MLP(tuple(hidden), out, transform))
+        return model_from_module(MLP(tuple(hidden), out, transform))
     if name == 'cnn4':
-        return _model_from_module(CNN4(num_classes, features, resolve_conv_impl(conv_impl), transform, init))
+        return model_from_module(CNN4(num_classes, features, resolve_conv_impl(conv_impl), transform, init))
     if name == 'resnet12':
-        return _model_from_module(ResNet12(num_classes, resnet12_widths(features), resolve_conv_impl(conv_impl),
+        return model_from_module(ResNet12(num_classes, resnet12_widths(features), resolve_conv_impl(conv_impl),
                                            transform, init))
     raise ValueError(f"model must be 'mlp', 'cnn4' or 'resnet12', got {name!r}")
 

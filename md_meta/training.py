@@ -33,7 +33,7 @@ from md_meta import distributed
 from md_meta import evaluation, methods, tasks, workdirs
 from md_meta.inner import InnerConfig
 from md_meta.meta import MetaLearner, init_meta_params, make_evaluate, meta_update
-from md_meta.networks import make_model
+from md_meta.networks import Model, make_model, model_from_module
 
 
 class Experiment(NamedTuple):
@@ -58,14 +58,28 @@ def make_optimizer(meta_cfg) -> optax.GradientTransformation:
                        optax.sgd(lr, momentum=0.9, nesterov=True))
 
 
-def build(config) -> Experiment:
-    """Validates the config (one-line ConfigError naming the field) and builds the experiment."""
-    config_lib.validate(config)
-    source = tasks.make_source(config)
+def build(config, source: tasks.TaskSource | None = None, model=None, loss=None) -> Experiment:
+    """Validates the config (one-line ConfigError naming the field) and builds the experiment.
+
+    Bring your own: ``source`` a ``tasks.TaskSource`` instead of config.task; ``model`` a Flax module
+    (or ``networks.Model``) mapping a batch of one task's inputs to outputs, instead of config.model;
+    ``loss`` 'mse', 'xent' or a callable (outputs, targets) -> scalar instead of the source's. Methods that
+    insert layers into md-meta's own networks (tnet, mtnet, warpgrad) need config.model."""
+    config_lib.validate(config, own_source=source is not None, own_model=model is not None)
+    source = source if source is not None else tasks.make_source(config)
     geometry = methods.make_geometry(config)
-    model = make_model(config.model.name, transform=geometry.transform, conv_impl=config.model.conv_impl,
-                       hidden=tuple(config.model.hidden), out=source.out_dim, num_classes=config.task.ways,
-                       features=config.model.features, init=config.model.init)
+    if model is None:
+        model = make_model(config.model.name, transform=geometry.transform, conv_impl=config.model.conv_impl,
+                           hidden=tuple(config.model.hidden), out=source.out_dim, num_classes=config.task.ways,
+                           features=config.model.features, init=config.model.init)
+    else:
+        if geometry.transform != 'none':
+            raise config_lib.ConfigError(
+                f'config.method: {config.method!r} inserts layers into md-meta\'s networks (config.model); with '
+                'your own model use maml, metasgd, metacurvature, metakfo, ecml or md')
+        model = model if isinstance(model, Model) else model_from_module(model)
+    if loss is not None:
+        source = source._replace(loss=loss)
     inner = InnerConfig(config.inner.steps, config.inner.first_order, config.inner.unroll, config.inner.remat)
     eval_steps = config.inner.eval_steps if config.inner.eval_steps > 0 else config.inner.steps
     eval_inner = InnerConfig(eval_steps, True, config.inner.unroll, False)
@@ -78,7 +92,7 @@ def init_state(exp: Experiment):
     """(meta, opt_state) from config.seed."""
     key = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed), 1000)
     meta = init_meta_params(exp.learner, key, jnp.asarray(exp.source.example_x))
-    return meta, exp.optimizer.init(meta)
+    return meta, jax.jit(exp.optimizer.init)(meta)   # jitted: one compile, not one per leaf shape
 
 
 def _step_key(config, step: int) -> jax.Array:
@@ -252,8 +266,19 @@ def _last_checkpoint_note(ckpt) -> str:
 
 def train(exp: Experiment, workdir: str | None = None, log: Callable = print, state=None, resume: bool = True):
     """Runs up to config.meta.steps meta-steps with progress, rate and ETA; returns (meta, opt_state,
-    history). With a workdir (see the module docstring) it checkpoints, meta-validates, writes metrics and,
-    unless ``state`` is given or ``resume`` is False, resumes from the last good checkpoint there."""
+    history). With a workdir (see the module docstring) it holds the workdir's lock, writes config.json
+    (refusing a workdir of another run: md_meta.workdirs.prepare), checkpoints, meta-validates, writes
+    metrics and, unless ``state`` is given or ``resume`` is False, resumes from the last good checkpoint."""
+    if not workdir or not distributed.is_main_process():
+        return _train(exp, workdir, log, state, resume)
+    workdirs.make(workdir)
+    with workdirs.lock(workdir):
+        steps = checkpoint_lib.Checkpointer(workdir).steps()
+        workdirs.prepare(exp.config, workdir, last_step=steps[-1] if steps else 0)
+        return _train(exp, workdir, log, state, resume)
+
+
+def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: bool):
     cfg = exp.config
     distributed.validate(cfg)
     total = cfg.meta.steps

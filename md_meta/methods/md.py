@@ -5,6 +5,8 @@
 with the dual initialisation z_0 and the blockIAF parameters theta_g meta-learned. The gradient is
 taken with respect to the primal phi = g(z), not through g (the reference implementation's choice).
 With g = identity this is exactly MAML."""
+import jax
+
 from md_meta import blockiaf
 from md_meta.geometry import Geometry, sgd_step
 
@@ -25,7 +27,8 @@ def make(config) -> Geometry:
     def init(key, params):
         spec = spec_for(params)
         theta = blockiaf.init(key, params, spec, head_init=config.md.head_init)
-        return blockiaf.inverse(theta, params, spec), theta
+        # one compiled inverse: eagerly, each of its many small ops compiles separately (seconds)
+        return jax.jit(lambda th, p: blockiaf.inverse(th, p, spec))(theta, params), theta
 
     def prepare(theta):  # the normalised blockIAF weights, once per adaptation
         return blockiaf.effective_weights(theta, bool(config.md.monotone))

@@ -1,4 +1,5 @@
-"""Few-shot image classification tasks (Omniglot, miniImageNet) as a host ``TaskSource``.
+"""Few-shot image classification tasks (Omniglot, miniImageNet, a folder of class folders) as a host
+``TaskSource``.
 
 N-way K-shot episodes (config.task.ways / shots; config.task.query query images per class at
 meta-train, config.eval.query at meta-val/test) from md_meta.data, class-disjoint splits, sampled on
@@ -24,6 +25,9 @@ def load_pools(config):
     if t.name == 'miniimagenet':
         from md_meta.data import miniimagenet
         return miniimagenet.load_splits(t.data_dir)
+    if t.name == 'folder':
+        from md_meta.data import folder
+        return folder.load_splits(t.data_dir, t.image_size, t.channels)
     raise DataError(f'config.task.name: not an image task: {t.name!r}')
 
 
