@@ -18,7 +18,7 @@ layer transform the method needs (``'none' | 'tnet' | 'warpgrad'``, see ``md_met
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 

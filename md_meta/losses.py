@@ -1,6 +1,5 @@
 """Task losses and metrics: 'mse' for regression, 'xent' (integer labels) for classification, or your own
 callable (outputs, targets) -> scalar."""
-import jax
 import jax.numpy as jnp
 import optax
 

@@ -20,7 +20,7 @@ grouped convolution). ``'auto'`` picks patches on CPU and GPU, where it was meas
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax

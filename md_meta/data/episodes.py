@@ -139,7 +139,7 @@ class EpisodeSampler:
 
     def sample(self, step: int, num_tasks: int, split: str, query: int) -> Task:
         rows, labels, _ = self.indices(step, num_tasks, split, query)
-        pool, n, k, t = self.pools[split], self.ways, self.shots, num_tasks
+        pool, k, t = self.pools[split], self.shots, num_tasks
         scale = np.float32(1.0 / 255.0)
 
         def gather(r):  # (T, N, m) rows -> (T, N*m, H, W, C) float32 in [0, 1]: one gather, one pass
