@@ -240,7 +240,8 @@ class _Writers:
                 self.tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start_step,
                                         flush_secs=30)
             except ImportError:
-                print('warning: tensorboardX is not installed; no TensorBoard events', file=sys.stderr)
+                print("warning: tensorboardX is not installed, so no TensorBoard events (pip install 'md-meta[tensorboard]'; "
+                      'or --config.train.tensorboard=False)', file=sys.stderr)
 
     def write(self, rec: dict, prefix: str = 'train/') -> None:
         if self.file:  # strict JSON: NaN and inf are written as null

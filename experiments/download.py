@@ -1,0 +1,188 @@
+"""Fetch a data set into a folder, verified.
+
+    python -m experiments.download omniglot --dest=~/data/omniglot             # background + evaluation
+    python -m experiments.download omniglot --dest=~/data/omniglot --minimal   # the two small sets
+    python -m experiments.download miniimagenet                                # where to get it
+
+Omniglot's zips come from the authors' repository (github.com/brendenlake/omniglot, python/; override
+with --base_url for a mirror). Each file is downloaded to <name>.part, resumed with an HTTP range request
+when a .part is left from an interrupted run (restarted when the server does not resume), checked
+(sha256 where known, else the announced size) and tested as a zip holding the expected folder, then
+renamed into place: a file under its final name is always complete. Files already present and valid are
+kept. Every failure (offline, HTTP error, truncated or corrupted download) ends with one line naming the
+file and what to do (exit status 2). miniImageNet has no official direct URL: the command prints where
+to get it and the layouts md-meta reads.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import sys
+import urllib.error
+import urllib.request
+import zipfile
+
+from absl import flags
+
+from experiments import fail, run
+
+_DEST = flags.DEFINE_string('dest', '', 'Folder to write into (created if missing); config.task.data_dir.')
+_MINIMAL = flags.DEFINE_bool('minimal', False, 'Omniglot: the two small background sets of the minimal '
+                             'condition instead of images_background + images_evaluation.')
+_BASE_URL = flags.DEFINE_string('base_url', 'https://raw.githubusercontent.com/brendenlake/omniglot/master/python',
+                                'Where the Omniglot zips are served.')
+_TIMEOUT = flags.DEFINE_float('timeout', 60.0, 'Seconds without data before a download is given up.')
+
+OMNIGLOT_FULL = ('images_background', 'images_evaluation')
+OMNIGLOT_MINIMAL = ('images_background_small1', 'images_background_small2')
+SHA256 = {  # ../shared/data/omniglot/README.md
+    'images_background_small1.zip': 'f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4',
+    'images_background_small2.zip': '3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f',
+}
+CHUNK = 1 << 20
+MINIIMAGENET_HELP = """miniImageNet (Vinyals et al. 2016; Ravi and Larochelle's 64/16/20 class split) has no official
+direct download. md-meta reads either layout from config.task.data_dir ($MINIIMAGENET_DIR):
+  (a) images/<file>.jpg with train.csv, val.csv, test.csv (header "filename,label"), the layout of
+      Ravi and Larochelle's split files (github.com/twitter/meta-learning-lstm, data/miniImagenet) with the
+      images cut from ImageNet (ILSVRC-2012, image-net.org, after accepting its terms);
+  (b) mini-imagenet-cache-{train,val,test}.pkl, the pickles distributed with several few-shot code bases.
+Then: python -m experiments.train --config=experiments/configs/miniimagenet.py:md"""
+
+
+class DownloadError(Exception):
+    """A download failed; the message names the file and what to do."""
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(CHUNK), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_zip(path: str, top: str) -> None:
+    """DownloadError unless ``path`` is a readable zip whose members all lie under ``top``/."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DownloadError(f'{path}: not a valid zip ({e})') from e
+    if bad is not None:
+        raise DownloadError(f'{path}: member {bad} fails its CRC check')
+    if not names or any(not n.startswith(top + '/') for n in names if not n.startswith('__MACOSX')):
+        raise DownloadError(f'{path}: expected every member under {top}/')
+
+
+def verify(path: str, name: str, size: int | None = None) -> None:
+    """sha256 where known, else the announced size; then a zip integrity check."""
+    if name in SHA256:
+        got = sha256_of(path)
+        if got != SHA256[name]:
+            raise DownloadError(f'{name}: sha256 {got[:16]}... differs from the published {SHA256[name][:16]}... '
+                                '(a corrupted download); it was deleted, rerun to download it again')
+    elif size is not None and os.path.getsize(path) != size:
+        raise DownloadError(f'{name}: {os.path.getsize(path)} bytes, the server announced {size}; rerun to '
+                            'download it again')
+    check_zip(path, name[:-len('.zip')])
+
+
+def fetch(url: str, dest: str, name: str, timeout: float, log=print) -> str:
+    """Downloads ``url`` to dest/name through dest/name.part (resumed when possible) and verifies it."""
+    final = os.path.join(dest, name)
+    part = final + '.part'
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:   # the .part is already complete
+            response = None
+        else:
+            raise DownloadError(f'{url}: HTTP {e.code} {e.reason}; check --base_url, or download {name} by '
+                                f'hand into {dest}') from e
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, 'reason', e)
+        raise DownloadError(f'cannot reach {url} ({reason}); check the network (or --base_url), or download '
+                            f'{name} by hand into {dest}') from e
+    total = None
+    if response is not None:
+        with response:
+            resumed = response.status == 206
+            if have and not resumed:
+                log(f'{name}: the server does not resume; downloading again')
+                have = 0
+            length = response.headers.get('Content-Length')
+            total = have + int(length) if length is not None else None
+            done, shown = have, -1
+            try:
+                with open(part, 'ab' if resumed else 'wb') as f:
+                    while True:
+                        block = response.read(CHUNK)
+                        if not block:
+                            break
+                        f.write(block)
+                        done += len(block)
+                        if total:
+                            pct = int(100 * done / total) // 10 * 10
+                            if pct != shown:
+                                log(f'{name}: {pct}% of {total / 1e6:.1f} MB')
+                                shown = pct
+            except (OSError, http.client.HTTPException) as e:   # timeouts, resets, IncompleteRead
+                raise DownloadError(f'{name}: the download broke off after {done} bytes ({type(e).__name__}); '
+                                    'rerun to resume it') from e
+            if total is not None and done < total:
+                raise DownloadError(f'{name}: the download broke off after {done} of {total} bytes; rerun to '
+                                    'resume it')
+    try:
+        verify(part, name, total)
+    except DownloadError:
+        os.remove(part)
+        raise
+    os.replace(part, final)
+    return final
+
+
+def download_omniglot(dest: str, minimal: bool, base_url: str, timeout: float, log=print) -> list:
+    os.makedirs(dest, exist_ok=True)
+    out = []
+    for set_name in (OMNIGLOT_MINIMAL if minimal else OMNIGLOT_FULL):
+        name = set_name + '.zip'
+        final = os.path.join(dest, name)
+        if os.path.exists(final):
+            try:
+                verify(final, name)
+                log(f'{final}: present and valid')
+                out.append(final)
+                continue
+            except DownloadError as e:
+                log(f'{final}: {e}; downloading again')
+                os.remove(final)
+        out.append(fetch(f'{base_url.rstrip("/")}/{name}', dest, name, timeout, log))
+        log(f'{final}: downloaded and verified')
+    return out
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in ('omniglot', 'miniimagenet'):
+        fail('usage: python -m experiments.download omniglot|miniimagenet [--dest=DIR] [--minimal]')
+    if argv[1] == 'miniimagenet':
+        print(MINIIMAGENET_HELP)
+        return
+    if not _DEST.value:
+        fail('--dest is required: the folder to write the zips into (config.task.data_dir)')
+    dest = os.path.expanduser(_DEST.value)
+    try:
+        files = download_omniglot(dest, _MINIMAL.value, _BASE_URL.value, _TIMEOUT.value,
+                                  log=lambda s: print(s, file=sys.stderr, flush=True))
+    except DownloadError as e:
+        fail(e)
+    config = 'omniglot_minimal.py' if _MINIMAL.value else 'omniglot.py'
+    print(f'{len(files)} files in {dest}; train with OMNIGLOT_DIR={dest} python -m experiments.train '
+          f'--config=experiments/configs/{config}')
+
+
+if __name__ == '__main__':
+    run(main)
