@@ -237,7 +237,10 @@ def load_characters_tfds(protocol: str, size: int = 28, download: bool = True, d
         if len(per_char[key]) != DRAWERS:
             raise DataError(f'TFDS omniglot: character {key} has {len(per_char[key])} images, expected {DRAWERS}')
         for j, im in enumerate(per_char[key]):
-            im = Image.fromarray(np.asarray(im, np.uint8)).resize((size, size), Image.LANCZOS)
+            im = np.asarray(im, np.uint8)
+            if im.max() <= 1:   # the one-bit PNGs decode to 0/1 here, to 0/255 through PIL's 'L'
+                im = im * np.uint8(255)
+            im = Image.fromarray(im).resize((size, size), Image.LANCZOS)
             images[c, j] = 255 - np.asarray(im, np.uint8)
     return images, tuple(f'{a}/{ch}' for a, ch in keys)
 
