@@ -3,9 +3,11 @@
     python -m experiments.plot_convergence --workdirs=runs/a,runs/b [--num_tasks=1000]
                                            [--out=convergence.png] [--checkpoint=best|last]
 
-For each workdir (experiments.train) it loads the config and the checkpoint, adapts to --num_tasks new
-'test' tasks with the evaluation inner loop and averages over tasks, at each inner step k = 0..K,
-(a) the support loss L(phi_k; D_trn) and (b) its gradient norm |grad L(phi_k; D_trn)|_2.
+For each workdir (experiments.train) it takes, at each inner step k = 0..K, (a) the support loss
+L(phi_k; D_trn) and (b) its gradient norm |grad L(phi_k; D_trn)|_2, averaged over --num_tasks new 'test'
+tasks: from the run's evaluation.json / results.json when one holds exactly that (same checkpoint, same
+number of tasks, not stale), else by loading the checkpoint and adapting with the evaluation inner loop
+(--recompute forces this).
 Writes a PNG with the two panels (matplotlib, Agg) and the numbers as CSV next to it
 (columns: label, method, workdir, k, support_loss, grad_norm).
 """
@@ -18,21 +20,15 @@ import sys
 from absl import flags
 
 from experiments import run
+from md_meta.results import curves_for
 
 _WORKDIRS = flags.DEFINE_list('workdirs', [], 'Comma-separated workdirs of training runs.')
 _NUM_TASKS = flags.DEFINE_integer('num_tasks', 1000, 'New test tasks to average over (the paper: 1000).')
 _OUT = flags.DEFINE_string('out', 'convergence.png', 'Output PNG; the CSV goes beside it (.csv).')
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'last'], 'Which checkpoint of each run.')
 _LOG_Y = flags.DEFINE_bool('log_y', True, 'Logarithmic y axes.')
-
-
-def curves_for(workdir: str, num_tasks: int, which: str = 'best') -> dict:
-    """{'method', 'workdir', 'loss': [K+1], 'grad_norm': [K+1]} averaged over ``num_tasks`` test tasks."""
-    from md_meta import training
-    exp, meta, step = training.load_run(workdir, which, warn=lambda s: print(s, file=sys.stderr))
-    r = training.evaluate(exp, meta, 'test', num_tasks=num_tasks)
-    return {'method': exp.config.method, 'workdir': workdir, 'step': step, 'num_tasks': r['num_tasks'],
-            'loss': r['curves']['loss'], 'grad_norm': r['curves']['grad_norm']}
+_RECOMPUTE = flags.DEFINE_bool('recompute', False, 'Evaluate again even where a results file of the run holds '
+                               'the curves (same checkpoint, same number of tasks, not stale).')
 
 
 def labels_for(runs: list) -> list:
@@ -87,7 +83,8 @@ def main(argv):
     runs = []
     for wd in _WORKDIRS.value:
         try:
-            runs.append(curves_for(wd, _NUM_TASKS.value, _CHECKPOINT.value))
+            runs.append(curves_for(wd, _NUM_TASKS.value, _CHECKPOINT.value, _RECOMPUTE.value))
+            print(f"{wd}: {runs[-1]['source']} curves, step {runs[-1]['step']}", file=sys.stderr)
         except FileNotFoundError as e:
             print(f'error: {e}', file=sys.stderr)
             sys.exit(2)

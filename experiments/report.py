@@ -11,13 +11,12 @@ accuracy in % +- the 95% CI (loss for regression), with the meta-step it comes f
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from absl import flags
 
 from experiments import run
+from md_meta.results import load
 
 _WORKDIRS = flags.DEFINE_list('workdirs', [], 'Comma-separated workdirs of evaluated runs.')
 _OUT = flags.DEFINE_string('out', '', 'Also write the table to this file.')
@@ -35,60 +34,6 @@ METHOD_INFO = {
     'md': ('MD', 'blockIAF-based mirror map'),
 }
 ORDER = list(METHOD_INFO)
-
-
-def current_fingerprint(workdir: str, parameters: str, planned: int):
-    """The fingerprint of the checkpoint that a result of ``parameters`` ('best', 'last', 'final') would
-    come from now, or None."""
-    from md_meta import checkpoint as checkpoint_lib
-    ck = checkpoint_lib.Checkpointer(workdir)
-    steps = ck.steps()
-    step = {'best': ck.best_step(), 'last': steps[-1] if steps else None, 'final': planned}.get(parameters)
-    return (ck.record(step) or {}).get('fingerprint') if step is not None else None
-
-
-def load(workdirs, warn=lambda s: print(s, file=sys.stderr)) -> list:
-    """The results of each workdir: evaluation.json (experiments.evaluate), else the train-time results.json.
-    A result whose checkpoint is no longer the run's best/last/final one (stale), or an unreadable file,
-    is skipped with a warning; 'status' marks unfinished runs and runs still training."""
-    from md_meta import workdirs as workdirs_lib
-    out = []
-    for wd in workdirs:
-        r = None
-        for name in ('evaluation.json', 'results.json'):
-            path = os.path.join(wd, name)
-            if not os.path.exists(path):
-                continue
-            try:
-                with open(path) as f:
-                    r = json.load(f)
-            except (OSError, ValueError) as e:
-                warn(f'warning: {path} is unreadable ({e}); skipped')
-                r = None
-                break
-            if name == 'results.json':  # one record per evaluated support size
-                rows = [dict(row, **{k: v for k, v in r.items() if k != 'results'}) for row in r.get('results', [])]
-                r = next((row for row in rows if row['shots'] == r.get('train_shots')), rows[0] if rows else None)
-            break
-        if r is None:
-            if not any(os.path.exists(os.path.join(wd, n)) for n in ('evaluation.json', 'results.json')):
-                warn(f'warning: no evaluation.json or results.json in {wd} (run python -m experiments.evaluate '
-                     f'--workdir={wd}); skipped')
-            continue
-        if 'checkpoint_fingerprint' in r and r['checkpoint_fingerprint']:
-            now = current_fingerprint(wd, r['parameters'], r['planned_steps'])
-            if now != r['checkpoint_fingerprint']:
-                warn(f"warning: {path} is stale: it was computed from the {r['parameters']} checkpoint at step "
-                     f"{r['step']}, which is no longer the run's {r['parameters']} one; rerun python -m "
-                     f'experiments.evaluate --workdir={wd}; skipped')
-                continue
-        else:
-            warn(f'warning: {path} has no provenance (written by an older md-meta); shown as is')
-        pid = workdirs_lib.holder(wd)
-        r['status'] = 'training' if pid is not None else ('unfinished' if r.get('finished') is False else '')
-        r['workdir'] = wd
-        out.append(r)
-    return out
 
 
 def _cell(r: dict) -> str:

@@ -307,16 +307,17 @@ def test_second_process_in_one_workdir_is_refused_and_evaluate_warns(tmp_path):
 
 def test_report_skips_a_stale_evaluation_and_marks_an_unfinished_run(tmp_path):
     from experiments.evaluate import evaluate_workdir
-    from experiments.report import load, table
+    from experiments.report import table
+    from md_meta.results import load
     over = {'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 10, 'train.val_tasks': 10}
     done, paused = str(tmp_path / 'done'), str(tmp_path / 'paused')
     c20 = tiny_config('maml', **over)
     workdirs.prepare(c20, done)
     training.train(training.build(c20), done, log=lambda s: None)
     evaluate_workdir(done, num_tasks=10, which='last', log=lambda s: None)
-    # paused: config.json plans 40 steps, training stopped at 20
-    workdirs.prepare(tiny_config('metasgd', **dict(over, **{'meta.steps': 40})), paused)
+    # paused: trained to step 20, then config.json plans 40 steps (as a rerun does before it resumes)
     training.train(training.build(tiny_config('metasgd', **over)), paused, log=lambda s: None)
+    workdirs.prepare(tiny_config('metasgd', **dict(over, **{'meta.steps': 40})), paused)
     logs = []
     r = evaluate_workdir(paused, num_tasks=10, which='last', log=logs.append)
     assert r['finished'] is False and r['step'] == 20 and r['planned_steps'] == 40
@@ -475,3 +476,20 @@ def test_entry_point_reports_a_full_disk_in_one_line():
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
     assert lines[:-1] == ['warning: background thread: OSError: [Errno 28] No space left on device'], lines
     assert lines[-1].startswith('error: No space left on device (/w/metrics.jsonl)') and 'resumes' in lines[-1]
+
+
+def test_plot_convergence_reads_stored_curves_and_they_match_a_recomputation(tmp_path):
+    from experiments.evaluate import evaluate_workdir
+    from md_meta.results import curves_for
+    wd = str(tmp_path / 'w')
+    c = tiny_config('maml', **{'meta.steps': 10, 'train.checkpoint_every': 10, 'train.eval_every': 10,
+                               'train.val_tasks': 10})
+    training.train(training.build(c), wd, log=lambda s: None)
+    evaluate_workdir(wd, num_tasks=10, which='best', log=lambda s: None)
+    stored = curves_for(wd, 10, 'best')
+    assert stored['source'] == 'stored' and stored['step'] == 10
+    fresh = curves_for(wd, 10, 'best', recompute=True)
+    assert fresh['source'] == 'computed'
+    np.testing.assert_allclose(stored['loss'], fresh['loss'], rtol=1e-6)
+    np.testing.assert_allclose(stored['grad_norm'], fresh['grad_norm'], rtol=1e-6)
+    assert curves_for(wd, 20, 'best')['source'] == 'computed'   # another number of tasks
