@@ -1,16 +1,16 @@
-"""Checkpoints of a training run in ``<workdir>/checkpoints/ckpt_<step>`` (orbax, written atomically:
-orbax writes to a temporary directory and renames it when complete, so a kill -9 mid-write leaves no
-``ckpt_<step>`` behind, only a temporary directory that is ignored and later removed).
+"""Checkpoints of a training run in ``<workdir>/checkpoints/ckpt_<step>``, saved by orbax's
+``CheckpointManager``: written atomically (to a temporary directory renamed when complete, so a kill -9
+mid-write leaves no ``ckpt_<step>`` behind, and the temporary one is removed later), pruned by its
+preservation policies to the last ``keep`` checkpoints plus the best by meta-validation (accuracy if
+present, else -loss).
 
 Each checkpoint holds the training state pytree ({'meta', 'opt_state'}) and a small JSON record
 ({'step', 'consecutive_nonfinite', 'skipped_total', 'val': {metric: mean}, 'checksums', 'fingerprint'}):
 the sha256 of every array as saved, verified on restore, so that a file changed after it was written
 (a flipped bit, a bad copy) is caught like a truncated one; 'fingerprint' names the state in results
-files (md_meta.workdirs.provenance). Retention keeps the last
-``keep`` checkpoints plus the best one by meta-validation (accuracy if present, else loss). A
-checkpoint is never written with a non-finite leaf (``NonFiniteCheckpointError``), and ``restore_latest``
-reports an unreadable or truncated checkpoint with its path, sets it aside as ``*.corrupt`` and falls
-back to the previous good one.
+files (md_meta.workdirs.provenance). A checkpoint is never written with a non-finite leaf
+(``NonFiniteCheckpointError``), and ``restore_latest`` reports an unreadable, truncated or corrupted
+checkpoint with its path, sets it aside as ``*.corrupt`` and falls back to the previous good one.
 """
 from __future__ import annotations
 
@@ -87,14 +87,31 @@ def val_score(val: Optional[dict]) -> Optional[float]:
 
 
 class Checkpointer:
-    """Saves, lists, prunes and restores the checkpoints of one workdir."""
+    """md-meta's guarantees as thin layers over orbax's ``CheckpointManager`` (which saves, names steps
+    ``ckpt_<step>``, keeps the last ``keep`` plus the best by meta-validation with its preservation
+    policies, and removes temporary directories left by a kill): no non-finite state is saved, every
+    array's checksum is stored and verified, and a bad checkpoint is set aside with a message."""
 
     def __init__(self, workdir: str, keep: int = 3, warn: Callable[[str], Any] = None):
         self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
         self.keep = keep
         self.warn = warn or (lambda s: print(s, file=sys.stderr, flush=True))
-        self._ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        self._manager_: Optional[ocp.CheckpointManager] = None
         self._records: dict = {}
+
+    @property
+    def _manager(self) -> ocp.CheckpointManager:
+        """Created on first use (reading a workdir creates nothing in it)."""
+        if self._manager_ is None:
+            keep_best = ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m['score'], n=1,
+                                                      keep_checkpoints_without_metrics=False)  # highest score
+            options = ocp.CheckpointManagerOptions(
+                step_prefix='ckpt', step_format_fixed_length=9, enable_async_checkpointing=False,
+                cleanup_tmp_directories=True, create=True,
+                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+                    [ocp.checkpoint_managers.LatestN(n=self.keep), keep_best]))
+            self._manager_ = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'record'))
+        return self._manager_
 
     # ----------------------------------------------------------------- listing
     def path(self, step: int) -> str:
@@ -114,73 +131,63 @@ class Checkpointer:
         """The JSON record of a checkpoint (None if unreadable)."""
         if step not in self._records:
             try:
-                r = self._ckptr.restore(self.path(step), args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+                r = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+                    self.path(step), args=ocp.args.Composite(record=ocp.args.JsonRestore()))
                 self._records[step] = dict(r['record'])
             except Exception:  # noqa: BLE001 - any unreadable record
                 return None
         return self._records[step]
 
     def best_step(self) -> Optional[int]:
+        """The checkpoint with the best meta-validation score (the latest among equals, as orbax's BestN)."""
         best, best_score = None, None
         for s in self.steps():
             r = self.record(s)
             score = val_score(r.get('val')) if r else None
-            if score is not None and (best_score is None or score > best_score):
+            if score is not None and (best_score is None or score >= best_score):
                 best, best_score = s, score
         return best
 
     # ----------------------------------------------------------------- saving
     def save(self, step: int, state: Any, record: dict) -> str:
-        """Writes ckpt_<step> (replacing one left by an earlier attempt) and prunes old ones; Ctrl-C during
-        the save takes effect when it is complete."""
+        """Writes ckpt_<step> (replacing one left by an earlier attempt); the manager then prunes to the
+        last ``keep`` plus the best. Ctrl-C during the save takes effect when it is complete."""
         state = jax.device_get(state)
         if not all_finite(state):
             raise NonFiniteCheckpointError(f'refusing to write checkpoint {self.path(step)}: the state holds '
                                            'NaN or inf')
         sums = checksums(state)
         record = dict(record, step=int(step), checksums=sums, fingerprint=fingerprint(sums))
+        score = val_score(record.get('val'))
         path = self.path(step)
         with sigint_deferred():
-            os.makedirs(self.directory, exist_ok=True)
-            self._remove_temporaries()
             if os.path.exists(path):
                 shutil.rmtree(path)
+                self._manager.reload()
             try:
-                self._ckptr.save(path, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                               record=ocp.args.JsonSave(record)))
+                self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                 record=ocp.args.JsonSave(record)),
+                                   metrics=None if score is None else {'score': score}, force=True)
+                self._manager.wait_until_finished()
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore report a full disk as ValueError
                 if 'No space left on device' in str(e) and not isinstance(e, OSError):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
                 raise
             self._records[step] = record
-            self.prune()
+        for s in list(self._records):
+            if s not in self.steps():
+                self._records.pop(s)
         return path
-
-    def prune(self) -> None:
-        steps = self.steps()
-        keep = set(steps[-self.keep:])
-        best = self.best_step()
-        if best is not None:
-            keep.add(best)
-        for s in steps:
-            if s not in keep:
-                shutil.rmtree(self.path(s), ignore_errors=True)
-                self._records.pop(s, None)
-
-    def _remove_temporaries(self) -> None:
-        for name in os.listdir(self.directory):
-            if 'orbax-checkpoint-tmp' in name:
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     # ----------------------------------------------------------------- restoring
     def restore(self, step: int, template: Any):
         """(state, record) of ckpt_<step>; ``template`` gives the pytree structure, shapes and dtypes.
         Raises on an unreadable, truncated, mismatched, changed (checksum) or non-finite checkpoint."""
-        path = self.path(step)
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
                                           template)
-        r = self._ckptr.restore(path, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                              record=ocp.args.JsonRestore()))
+        r = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+            self.path(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                     record=ocp.args.JsonRestore()))
         record = dict(r['record'])
         leaves, treedef = jax.tree_util.tree_flatten(abstract)
         got = jax.tree_util.tree_leaves(r['state'])
@@ -238,3 +245,5 @@ class Checkpointer:
             os.replace(path, dest)
         except OSError:
             shutil.rmtree(path, ignore_errors=True)
+        if self._manager_ is not None:
+            self._manager_.reload()

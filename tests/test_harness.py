@@ -344,12 +344,12 @@ def test_sigint_during_a_checkpoint_save_completes_it(tmp_path, monkeypatch):
     exp = training.build(c)
     meta, opt = training.init_state(exp)
     ck = checkpoint_lib.Checkpointer(str(tmp_path / 'w'))
-    real_save = ck._ckptr.save
+    real_save = ck._manager.save
 
     def save_with_sigint(*a, **k):
         os.kill(os.getpid(), signal.SIGINT)
         return real_save(*a, **k)
-    monkeypatch.setattr(ck._ckptr, 'save', save_with_sigint)
+    monkeypatch.setattr(ck._manager, 'save', save_with_sigint)
     with pytest.raises(KeyboardInterrupt):
         ck.save(5, {'meta': meta, 'opt_state': opt}, {})
     state, record = checkpoint_lib.Checkpointer(str(tmp_path / 'w')).restore(5, {'meta': meta, 'opt_state': opt})
@@ -493,3 +493,26 @@ def test_plot_convergence_reads_stored_curves_and_they_match_a_recomputation(tmp
     np.testing.assert_allclose(stored['loss'], fresh['loss'], rtol=1e-6)
     np.testing.assert_allclose(stored['grad_norm'], fresh['grad_norm'], rtol=1e-6)
     assert curves_for(wd, 20, 'best')['source'] == 'computed'   # another number of tasks
+
+
+def test_a_workdir_of_the_earlier_checkpoint_layout_resumes(tmp_path):
+    """Checkpoints written by plain orbax Checkpointers (md-meta before CheckpointManager, no checksums in the
+    record) are restored, and the run goes on under CheckpointManager, pruning them like its own."""
+    import orbax.checkpoint as ocp
+    wd = str(tmp_path / 'w')
+    c = tiny_config('maml', **{'meta.steps': 10, 'train.checkpoint_every': 10, 'train.eval_every': 0})
+    meta10, opt10, _ = training.train(training.build(c), None, log=lambda s: None)
+    workdirs.prepare(c, wd)
+    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
+        os.path.join(wd, 'checkpoints', 'ckpt_000000010'),
+        args=ocp.args.Composite(state=ocp.args.StandardSave({'meta': meta10, 'opt_state': opt10}),
+                                record=ocp.args.JsonSave({'step': 10, 'consecutive_nonfinite': 0,
+                                                          'skipped_total': 0, 'val': None})))
+    c40 = tiny_config('maml', **{'meta.steps': 40, 'train.checkpoint_every': 10, 'train.eval_every': 0,
+                                 'train.keep': 2})
+    logs = []
+    meta, _, _ = training.train(training.build(c40), wd, log=logs.append)
+    assert any(l.startswith('resuming from') and '(step 10/40)' in l for l in logs), logs
+    ref, _, _ = training.train(training.build(c40), None, log=lambda s: None)
+    assert _leaves_equal(meta, ref)
+    assert checkpoint_lib.Checkpointer(wd).steps() == [30, 40]
