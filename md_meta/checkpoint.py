@@ -103,7 +103,7 @@ class Checkpointer:
     def _manager(self) -> ocp.CheckpointManager:
         """Created on first use (reading a workdir creates nothing in it)."""
         if self._manager_ is None:
-            keep_best = ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m['score'], n=1,
+            keep_best = ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m['score'], reverse=False, n=1,
                                                       keep_checkpoints_without_metrics=False)  # highest score
             options = ocp.CheckpointManagerOptions(
                 step_prefix='ckpt', step_format_fixed_length=9, enable_async_checkpointing=False,
