@@ -96,10 +96,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 1000      # meta-steps between meta-validations (0: never)
     c.train.val_tasks = 100        # the fixed set of 'val' tasks used by meta-validation
     c.train.tensorboard = True     # TensorBoard event files in <workdir>/tb
-    # Test-only hook: replace the query targets by NaN at meta-steps
-    # [inject_nan_at_step, inject_nan_at_step + inject_nan_count), so that those updates are non-finite.
-    c.train.inject_nan_at_step = -1
-    c.train.inject_nan_count = 1
 
     c.dist = ml_collections.ConfigDict()  # scaling out, see md_meta.distributed
     c.dist.coordinator = ''        # '': auto-detect SLURM/Open MPI/TPU multi-host; 'auto'; 'off'; 'host:port'
@@ -138,7 +134,7 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
         _pos_int(c, 'inner.unroll')
     _require(c.meta.get('compute_dtype', 'float32') in ('float32', 'bfloat16', 'float16'), 'meta.compute_dtype',
              f"must be 'float32', 'bfloat16' or 'float16', got {c.meta.get('compute_dtype')!r}")
-    for f in ('train.keep', 'train.val_tasks', 'train.inject_nan_count'):
+    for f in ('train.keep', 'train.val_tasks'):
         if f.split('.')[1] in c.train:
             _pos_int(c, f)
     for f in ('checkpoint_every', 'eval_every'):

@@ -99,15 +99,6 @@ def _step_key(config, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2000), step)
 
 
-def _maybe_inject_nan(cfg, batch, step):
-    """Test-only hook (train.inject_nan_at_step >= 0): NaN query inputs at the configured steps."""
-    at = cfg.train.get('inject_nan_at_step', -1)
-    if at is None or at < 0:
-        return batch
-    bad = (step >= at) & (step < at + cfg.train.get('inject_nan_count', 1))
-    return batch._replace(query_x=jnp.where(bad, jnp.nan, batch.query_x))
-
-
 def make_train_chunk(exp: Experiment, num_steps: int):
     """jit: (meta, opt_state, step0) -> (meta, opt_state, metrics stacked over ``num_steps`` meta-steps),
     sampling each step's tasks on device from fold_in(train key, step)."""
@@ -121,7 +112,7 @@ def make_train_chunk(exp: Experiment, num_steps: int):
             step = step0 + i
             batch = source.device_sample(jax.random.fold_in(train_key, step), cfg.meta.batch_size, 'train',
                                          cfg.task.query)
-            batch = _maybe_inject_nan(cfg, shard(batch), step)
+            batch = shard(batch)
             meta, opt_state, m = meta_update(learner, exp.optimizer, meta, opt_state, batch, _step_key(cfg, step))
             return (meta, opt_state), m
         (meta, opt_state), metrics = jax.lax.scan(body, (meta, opt_state), jnp.arange(num_steps))
@@ -136,7 +127,6 @@ def make_host_step(exp: Experiment):
     cfg = exp.config
 
     def step_fn(meta, opt_state, batch, step):
-        batch = _maybe_inject_nan(cfg, batch, step)
         meta, opt_state, m = meta_update(exp.learner, exp.optimizer, meta, opt_state, batch, _step_key(cfg, step))
         return meta, opt_state, jax.tree_util.tree_map(lambda x: x[None], m)
 

@@ -93,11 +93,15 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def config_differences(stored, config) -> list:
-    """Dotted names of the computation-relevant fields where two configs differ."""
+    """Dotted names of the computation-relevant fields where two configs differ. A field of the stored
+    config that today's schema no longer has (a removed knob) cannot change today's computation."""
     a = flatten(json.loads(stored.to_json()))
     b = flatten(json.loads(config.to_json()))
+    schema = flatten(json.loads(config_lib.base_config().to_json()))
     out = []
     for k in sorted(set(a) | set(b)):
+        if k not in schema and k not in b:
+            continue
         if any(k == f or (f.endswith('.') and k.startswith(f)) for f in NON_COMPUTE_FIELDS):
             continue
         if a.get(k, None) != b.get(k, None):

@@ -1,7 +1,6 @@
 """Small shared builders for tests."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from md_meta.config import base_config
 
@@ -40,3 +39,18 @@ def random_like(key, tree, scale=1.0):
 
 def tree_vdot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def nan_build(config, at, count):
+    """``training.build(config)`` whose task source serves NaN query inputs to the meta-steps
+    [at, at + count) (0-based), so that those meta-updates are non-finite; sampled on the host, one
+    meta-step per call (``nan_build(c, 0, 0)`` is the same run without NaN)."""
+    from md_meta import tasks, training
+    source = tasks.make_source(config)
+
+    def sample(step, num_tasks, split, query):
+        batch = source.sample(step, num_tasks, split, query)
+        if split == 'train' and at <= step < at + count:
+            batch = batch._replace(query_x=jnp.full_like(batch.query_x, jnp.nan))
+        return batch
+    return training.build(config, source=source._replace(sample=sample, device_sample=None))

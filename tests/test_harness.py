@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import nan_build, tiny_config
 from md_meta import checkpoint as checkpoint_lib
 from md_meta import training, workdirs
 
@@ -91,10 +91,9 @@ def test_checkpoint_during_nan_updates_holds_no_nan_and_counts(tmp_path):
     wd = str(tmp_path / 'w')
     # updates at steps 9..12 (0-based 8..11) are non-finite; a checkpoint lands at step 10 in the middle
     c = tiny_config('maml', **{'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 10,
-                               'train.val_tasks': 10, 'train.inject_nan_at_step': 8,
-                               'train.inject_nan_count': 4, 'train.max_nonfinite': 10})
+                               'train.val_tasks': 10, 'train.max_nonfinite': 10})
     workdirs.prepare(c, wd)
-    exp = training.build(c)
+    exp = nan_build(c, 8, 4)
     _, _, hist = training.train(exp, wd, log=lambda s: None)
     ck = checkpoint_lib.Checkpointer(wd)
     meta, opt = training.init_state(exp)
@@ -104,7 +103,7 @@ def test_checkpoint_during_nan_updates_holds_no_nan_and_counts(tmp_path):
     assert hist[-1]['skipped_total'] == 4
     # the skipped updates left the parameters at step 8's: same as a clean 8-step run
     c8 = tiny_config('maml', **{'meta.steps': 8})
-    meta8, _, _ = training.train(training.build(c8), None, log=lambda s: None)
+    meta8, _, _ = training.train(nan_build(c8, 0, 0), None, log=lambda s: None)
     assert _leaves_equal(state['meta'], meta8)
     # the writer itself refuses NaN
     bad = jax.tree_util.tree_map(lambda x: x * jnp.nan, meta)
@@ -114,12 +113,11 @@ def test_checkpoint_during_nan_updates_holds_no_nan_and_counts(tmp_path):
 
 
 def test_consecutive_nonfinite_stop_names_step_and_method(tmp_path):
-    c = tiny_config('maml', **{'meta.steps': 20, 'train.inject_nan_at_step': 3, 'train.inject_nan_count': 100,
-                               'train.max_nonfinite': 4, 'train.checkpoint_every': 5})
+    c = tiny_config('maml', **{'meta.steps': 20, 'train.max_nonfinite': 4, 'train.checkpoint_every': 5})
     wd = str(tmp_path / 'w')
     workdirs.prepare(c, wd)
     with pytest.raises(training.NonFiniteError, match=r'method maml: 4 consecutive .* up to step 7'):
-        training.train(training.build(c), wd, log=lambda s: None)
+        training.train(nan_build(c, 3, 100), wd, log=lambda s: None)
     # the checkpoint at step 5 was written mid-streak and is finite
     step, state, record = _last_state(wd)
     assert step == 5 and checkpoint_lib.all_finite(state) and record['consecutive_nonfinite'] == 2
@@ -435,22 +433,20 @@ def test_skipped_updates_logged_as_strict_json_and_named_checkpoint(tmp_path):
     """A skipped (non-finite) update neither turns its log window's meta-loss into NaN nor writes a bare
     NaN into metrics.jsonl; the stop message names the last checkpoint, or says that none was written."""
     wd = str(tmp_path / 'w')
-    c = tiny_config('maml', **{'meta.steps': 10, 'train.log_every': 5, 'train.inject_nan_at_step': 6,
-                               'train.inject_nan_count': 1})
+    c = tiny_config('maml', **{'meta.steps': 10, 'train.log_every': 5})
     workdirs.prepare(c, wd)
-    _, _, hist = training.train(training.build(c), wd, log=lambda s: None)
+    _, _, hist = training.train(nan_build(c, 6, 1), wd, log=lambda s: None)
     assert hist[1]['step'] == 10 and hist[1]['skipped'] == 1 and np.isfinite(hist[1]['meta_loss'])
 
     def strict(name):
         raise ValueError(f'bare {name} in metrics.jsonl')
     for line in open(os.path.join(wd, 'metrics.jsonl')):
         json.loads(line, parse_constant=strict)
-    c2 = tiny_config('maml', **{'meta.steps': 20, 'train.inject_nan_at_step': 0, 'train.inject_nan_count': 100,
-                                'train.max_nonfinite': 3, 'train.checkpoint_every': 10})
+    c2 = tiny_config('maml', **{'meta.steps': 20, 'train.max_nonfinite': 3, 'train.checkpoint_every': 10})
     wd2 = str(tmp_path / 'w2')
     workdirs.prepare(c2, wd2)
     with pytest.raises(training.NonFiniteError, match=r'\(no checkpoint was written\)'):
-        training.train(training.build(c2), wd2, log=lambda s: None)
+        training.train(nan_build(c2, 0, 100), wd2, log=lambda s: None)
 
 
 def test_entry_point_reports_a_full_disk_in_one_line():
@@ -503,6 +499,9 @@ def test_a_workdir_of_the_earlier_checkpoint_layout_resumes(tmp_path):
     c = tiny_config('maml', **{'meta.steps': 10, 'train.checkpoint_every': 10, 'train.eval_every': 0})
     meta10, opt10, _ = training.train(training.build(c), None, log=lambda s: None)
     workdirs.prepare(c, wd)
+    stored = json.load(open(os.path.join(wd, 'config.json')))
+    stored['train']['inject_nan_at_step'] = -1   # a knob that earlier versions had: ignored, not a mismatch
+    json.dump(stored, open(os.path.join(wd, 'config.json'), 'w'))
     ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
         os.path.join(wd, 'checkpoints', 'ckpt_000000010'),
         args=ocp.args.Composite(state=ocp.args.StandardSave({'meta': meta10, 'opt_state': opt10}),
