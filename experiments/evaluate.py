@@ -32,11 +32,13 @@ _SEED_OFFSET = flags.DEFINE_integer('seed_offset', 0, 'Picks another fixed set o
 _LAKE = flags.DEFINE_string('lake_runs', '', "Directory of Lake's one-shot runs (run01..run20) to evaluate too.")
 _LAKE_BUILD = flags.DEFINE_integer('lake_build', 0, "If > 0 and --lake_runs holds no runs: build this many runs "
                                    "there from the workdir's held-out test characters first.")
+_LAKE_WITHIN = flags.DEFINE_bool('lake_within_alphabet', False, "With --lake_build: each run's 20 characters from "
+                                 "one held-out alphabet (the official runs' layout; task.split='minimal_alphabet').")
 
 
 def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', batch_size: int = 0,
                      seed_offset: int = 0, lake_runs: str = '', log=print, lake_build: int = 0,
-                     on_result=lambda record: None) -> dict:
+                     on_result=lambda record: None, lake_within_alphabet: bool = False) -> dict:
     """Evaluates a workdir's checkpoint; returns the record also written to <workdir>/evaluation.json
     (md_meta.workdirs.provenance first: step, planned steps, which parameters, checkpoint fingerprint).
     Warns when training is still running there or the run is unfinished. OSError when the workdir is
@@ -60,13 +62,13 @@ def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', b
               'seed_offset': seed_offset, 'eval_inner_steps': exp.learner.eval_inner.steps, **result,
               'seconds': time.time() - t0}
     if lake_runs:
-        record['lake'] = _lake(exp, meta, lake_runs, lake_build, log)
+        record['lake'] = _lake(exp, meta, lake_runs, lake_build, log, lake_within_alphabet)
     on_result(record)
     workdirs.write_atomic(os.path.join(workdir, 'evaluation.json'), json.dumps(record, indent=2) + '\n')
     return record
 
 
-def _lake(exp, meta, runs_dir: str, build: int = 0, log=print):
+def _lake(exp, meta, runs_dir: str, build: int = 0, log=print, within_alphabet: bool = False):
     """Lake's 20-way one-shot runs: md_meta.data.lake (imported lazily; needs a 20-way run)."""
     try:
         from md_meta.data import lake
@@ -79,7 +81,8 @@ def _lake(exp, meta, runs_dir: str, build: int = 0, log=print):
             if exp.config.task.name != 'omniglot':
                 raise SystemExit('error: --lake_build needs an Omniglot run')
             from md_meta.tasks import images
-            lake.build_runs(images.load_pools(exp.config)['test'], runs_dir, num_runs=build, seed=exp.config.seed)
+            lake.build_runs(images.load_pools(exp.config)['test'], runs_dir, num_runs=build, seed=exp.config.seed,
+                            within_alphabet=within_alphabet)
             log(f'built {build} one-shot runs from the held-out test characters in {runs_dir}')
         return lake.evaluate_runs(runs_dir, lake.model_classifier(exp, meta), size=size)
     except (ValueError, OSError) as e:   # DataError is a ValueError/OSError subclass or reported as such
@@ -113,7 +116,7 @@ def main(argv):
     try:
         r = evaluate_workdir(_WORKDIR.value, _NUM_TASKS.value, _CHECKPOINT.value, _BATCH.value,
                              _SEED_OFFSET.value, _LAKE.value, log=log, lake_build=_LAKE_BUILD.value,
-                             on_result=records.append)
+                             on_result=records.append, lake_within_alphabet=_LAKE_WITHIN.value)
     except FileNotFoundError as e:
         fail(e)
     except OSError as e:

@@ -531,6 +531,30 @@ def test_lake_runs_built_from_held_out_characters(shared_pools, tmp_path):
 
 
 @needs_shared
+def test_lake_runs_within_one_held_out_alphabet(tmp_path):
+    """Runs built from the alphabet-held-out split: each run's 20 characters come from one alphabet
+    (cycling through Greek and Korean), as in Lake's official runs."""
+    from PIL import Image
+    pool = omniglot.load_splits(OMNIGLOT_DIR, 'minimal_alphabet', 'zip')['test']
+    alphabet_of = {}
+    for c, name in enumerate(pool.names):
+        for im in pool.class_images(c):
+            alphabet_of[(255 - im[..., 0]).tobytes()] = name.split('/')[0]
+    runs = lake.build_runs(pool, str(tmp_path / 'runs'), num_runs=4, within_alphabet=True)
+    seen = []
+    for r in runs:
+        found = {alphabet_of[np.asarray(Image.open(os.path.join(r, 'training', f))).tobytes()]
+                 for f in sorted(os.listdir(os.path.join(r, 'training')))}
+        assert len(found) == 1, (r, found)
+        seen.append(found.pop())
+    assert seen == ['Greek', 'Korean', 'Greek', 'Korean']
+    with pytest.raises(DataError, match='no alphabet has the 20 characters'):
+        small = episodes.pool_from_classes(pool.images[:24 * 20].reshape(24, 20, 28, 28, 1),
+                                           [f'{"AB"[i % 2]}/c{i}' for i in range(24)], 'x')  # 12 + 12
+        lake.build_runs(small, str(tmp_path / 'none'), within_alphabet=True)
+
+
+@needs_shared
 def test_lake_layout_errors(shared_pools, tmp_path):
     root = str(tmp_path / 'runs')
     lake.build_runs(shared_pools['test'], root, num_runs=1)

@@ -107,15 +107,25 @@ def evaluate_runs(root: str, classify: Callable, size: int = 28) -> Dict:
     return {'runs': errors, 'mean_error': float(np.mean(list(errors.values()))), 'num_runs': len(errors)}
 
 
-def build_runs(pool: ClassPool, root: str, num_runs: int = 20, seed: int = 0, same_drawer: bool = False) -> List[str]:
+def build_runs(pool: ClassPool, root: str, num_runs: int = 20, seed: int = 0, same_drawer: bool = False,
+               within_alphabet: bool = False) -> List[str]:
     """Writes ``num_runs`` runs in the official layout from the characters of ``pool`` (e.g. the 'test'
     split of md_meta.data.omniglot, not rotated): each run takes 20 random characters and, per character,
     two different drawers (the first gives training/classNN.png, the second a test image; test images in
-    random order). ``same_drawer`` uses one drawer for both (for testing an evaluator). Images are written
+    random order). ``within_alphabet``: the 20 characters of a run come from one alphabet (the part of a
+    class name before '/'), as in the official runs; the runs cycle through the alphabets with at least 20
+    characters. ``same_drawer`` uses one drawer for both (for testing an evaluator). Images are written
     as grey PNGs with the original polarity (dark strokes on white). Returns the run folders."""
     from PIL import Image
     if pool.num_classes < WAYS:
         raise DataError(f'{pool.where}: {pool.num_classes} characters, fewer than the {WAYS} a run needs')
+    groups = [np.arange(pool.num_classes)]
+    if within_alphabet:
+        alphabet = np.array([n.split('/')[0] for n in pool.names])
+        groups = [np.flatnonzero(alphabet == a) for a in sorted(set(alphabet))]
+        groups = [g for g in groups if g.size >= WAYS]
+        if not groups:
+            raise DataError(f'{pool.where}: no alphabet has the {WAYS} characters a within-alphabet run needs')
     if np.any(pool.counts < (1 if same_drawer else 2)):
         raise DataError(f'{pool.where}: every character needs two drawers to build a run')
     rng = np.random.default_rng(seed)
@@ -125,7 +135,7 @@ def build_runs(pool: ClassPool, root: str, num_runs: int = 20, seed: int = 0, sa
         rd = os.path.join(root, name)
         os.makedirs(os.path.join(rd, 'training'), exist_ok=True)
         os.makedirs(os.path.join(rd, 'test'), exist_ok=True)
-        chars = rng.choice(pool.num_classes, WAYS, replace=False)
+        chars = rng.choice(groups[r % len(groups)], WAYS, replace=False)
         order = rng.permutation(WAYS)   # test item j shows class order[j]
         lines = []
         for i, c in enumerate(chars):
