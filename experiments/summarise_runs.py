@@ -34,6 +34,8 @@ _ROOT = flags.DEFINE_string('root', None, 'Folder of run workdirs named <variant
 _OUT = flags.DEFINE_string('out', None, 'Output prefix (writes <out>.md, .csv, .json, _val.png, _convergence.*).')
 _VARIANTS = flags.DEFINE_list('variants', [], 'Row order (default: sorted variant names found).')
 _METRIC = flags.DEFINE_string('metric', 'accuracy', 'Test metric of results.json to tabulate.')
+_COMMIT = flags.DEFINE_string('commit', '', 'The commit of the code that produced the runs (default: the git '
+                              'commit of the checkout holding --root).')
 
 NAME = re.compile(r'^(?P<variant>.+)-(?P<shots>\d+)shot-seed(?P<seed>\d+)$')
 
@@ -220,7 +222,7 @@ def main(argv):
     found = sorted({r['variant'] for r in runs})
     variants = [v for v in _VARIANTS.value if v in found] + [v for v in found if v not in _VARIANTS.value]
     rows = summarise(runs, variants)
-    commit = git_commit(_ROOT.value)
+    commit = _COMMIT.value or git_commit(_ROOT.value)
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     text = markdown(rows, unfinished, _METRIC.value, commit)
     with open(_OUT.value + '.md', 'w') as f:
