@@ -121,7 +121,7 @@ def build(config):
         exp = training.build(config)
     finally:
         tasks.make_source = original
-    dtype = config.meta.get('compute_dtype', 'float32')
+    dtype = config.meta.compute_dtype
     if getattr(exp.learner, 'compute_dtype', 'float32') != dtype:  # in case build does not pass it yet
         exp = exp._replace(learner=exp.learner._replace(compute_dtype=dtype))
     return exp

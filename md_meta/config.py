@@ -132,8 +132,8 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
         _pos_int(c, f)
     if c.inner.unroll != -1:
         _pos_int(c, 'inner.unroll')
-    _require(c.meta.get('compute_dtype', 'float32') in ('float32', 'bfloat16', 'float16'), 'meta.compute_dtype',
-             f"must be 'float32', 'bfloat16' or 'float16', got {c.meta.get('compute_dtype')!r}")
+    _require(c.meta.compute_dtype in ('float32', 'bfloat16', 'float16'), 'meta.compute_dtype',
+             f"must be 'float32', 'bfloat16' or 'float16', got {c.meta.compute_dtype!r}")
     for f in ('train.keep', 'train.val_tasks'):
         if f.split('.')[1] in c.train:
             _pos_int(c, f)
@@ -198,9 +198,9 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
         _require(0 < c.ecml.eps < 1, 'ecml.eps', f'must be in (0, 1), got {c.ecml.eps}')
     if c.method in ('metasgd',) or (c.method == 'ecml' and c.ecml.preconditioner == 'metasgd'):
         _require(c.inner.step_size > 0, 'inner.step_size', 'must be positive for Meta-SGD (log step size)')
-    for s in c.eval.get('shots', ()):
+    for s in c.eval.shots:
         _require(isinstance(s, int) and s > 0, 'eval.shots', f'must be positive integers, got {tuple(c.eval.shots)}')
     if c.task.name == 'sinusoid' and not own_source:
         _require(own_model or c.model.name == 'mlp', 'model.name', "the sinusoid task needs model.name='mlp'")
-        f = tuple(c.task.get('frequency', (1.0, 1.0)))
+        f = tuple(c.task.frequency)
         _require(len(f) == 2 and 0 < f[0] <= f[1], 'task.frequency', f'must be (lo, hi) with 0 < lo <= hi, got {f}')

@@ -197,8 +197,8 @@ def chunk_end(cfg, step: int, total: int, fused: bool) -> int:
     otherwise), checkpoint_every or eval_every, or ``total``. A pure function of ``step``, so a resumed run
     (which starts at a checkpoint, itself a chunk end) is chunked like an uninterrupted one."""
     ends = [total]
-    for every in (cfg.train.steps_per_call if fused else 1, cfg.train.get('checkpoint_every', 0),
-                  cfg.train.get('eval_every', 0)):
+    for every in (cfg.train.steps_per_call if fused else 1, cfg.train.checkpoint_every,
+                  cfg.train.eval_every):
         if every and every > 0:
             ends.append((step // every + 1) * every)
     return min(ends)
@@ -255,26 +255,28 @@ def _last_checkpoint_note(ckpt) -> str:
     return f' (last checkpoint {ckpt.path(steps[-1])})' if steps else ' (no checkpoint was written)'
 
 
-def train(exp: Experiment, workdir: str | None = None, log: Callable = print, state=None, resume: bool = True):
+def train(exp: Experiment, workdir: str | None = None, log: Callable = print, state=None, resume: bool = True,
+          timings: dict | None = None):
     """Runs up to config.meta.steps meta-steps with progress, rate and ETA; returns (meta, opt_state,
     history). With a workdir (see the module docstring) it holds the workdir's lock, writes config.json
     (refusing a workdir of another run: md_meta.workdirs.prepare), checkpoints, meta-validates, writes
-    metrics and, unless ``state`` is given or ``resume`` is False, resumes from the last good checkpoint."""
+    metrics and, unless ``state`` is given or ``resume`` is False, resumes from the last good checkpoint.
+    ``timings``, if given, receives the wall time and the harness overhead by kind, in seconds."""
     if not workdir or not distributed.is_main_process():
-        return _train(exp, workdir, log, state, resume)
+        return _train(exp, workdir, log, state, resume, timings)
     workdirs.make(workdir)
     with workdirs.lock(workdir):
         steps = checkpoint_lib.Checkpointer(workdir).steps()
         workdirs.prepare(exp.config, workdir, last_step=steps[-1] if steps else 0)
-        return _train(exp, workdir, log, state, resume)
+        return _train(exp, workdir, log, state, resume, timings)
 
 
-def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: bool):
+def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: bool, timings: dict | None):
     cfg = exp.config
     distributed.validate(cfg)
     total = cfg.meta.steps
     fused = exp.source.device_sample is not None
-    ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.train.get('keep', 3),
+    ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.train.keep,
                                        warn=lambda s: log(s)) if workdir else None
     step, consecutive_bad, skipped_total = 0, 0, 0
     if state is not None:
@@ -293,8 +295,8 @@ def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: b
                 skipped_total = int(record.get('skipped_total', 0))
                 log(f'resuming from {ckpt.path(step)} (step {step}/{total})')
     meta, opt_state = distributed.replicate((meta, opt_state), cfg)  # no-op on one device
-    writers = _Writers(workdir if distributed.is_main_process() else None, step, cfg.train.get('tensorboard', True))
-    ckpt_every, eval_every = cfg.train.get('checkpoint_every', 0), cfg.train.get('eval_every', 0)
+    writers = _Writers(workdir if distributed.is_main_process() else None, step, cfg.train.tensorboard)
+    ckpt_every, eval_every = cfg.train.checkpoint_every, cfg.train.eval_every
     eval_fn = make_evaluate(exp.learner) if eval_every and workdir is not None else None
     history, window, pending, last_val = [], [], [], None
     spent = {'checkpoints': 0.0, 'meta-validation': 0.0, 'logging': 0.0}   # harness overhead, seconds
@@ -341,7 +343,7 @@ def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: b
             at_ckpt = ckpt is not None and ((ckpt_every and step % ckpt_every == 0) or step == total)
             if eval_fn is not None and (step % eval_every == 0 or at_ckpt):
                 t_val = time.time()
-                r = evaluate(exp, distributed.to_local(meta), 'val', num_tasks=cfg.train.get('val_tasks', 100), eval_fn=eval_fn)
+                r = evaluate(exp, distributed.to_local(meta), 'val', num_tasks=cfg.train.val_tasks, eval_fn=eval_fn)
                 last_val = {k: v['mean'] for k, v in r['metrics'].items()}
                 writers.write({'step': step, **{f'val/{k}': v for k, v in last_val.items()},
                                **{f'val/{k}_ci': v['ci'] for k, v in r['metrics'].items()}})
@@ -373,7 +375,8 @@ def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: b
         log(f'[{cfg.method}] {step - start_step} meta-steps in {wall:.1f} s (first chunk incl. compilation '
             f'{compile_t:.1f} s); harness overhead {over:.2f} s = {100 * over / wall:.1f}% ('
             + ', '.join(f'{k} {v:.2f} s' for k, v in spent.items()) + ')')
-    train.last_overhead = dict(spent, wall=time.time() - t0 + (compile_t or 0.0))
+    if timings is not None:
+        timings.update(spent, wall=time.time() - t0 + (compile_t or 0.0))
     return distributed.to_local(meta), distributed.to_local(opt_state), history
 
 

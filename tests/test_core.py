@@ -151,12 +151,13 @@ def test_second_order_meta_gradient_matches_finite_differences(method):
 
 
 def test_monotonicity_on_random_pairs():
-    """(z - z')^T (g(z) - g(z')) > 0 for random bounded-scale maps; the monotone variant also meets
-    its certified margin C_mono |z - z'|^2."""
+    """The monotone blockIAF meets its certified margin, (z - z')^T (g(z) - g(z')) >= C_mono |z - z'|^2 > 0,
+    on random pairs of random maps. (The unconstrained map is not monotone in general: nothing to test.)"""
     with jax.enable_x64(True):
         params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), mlp_params())
-        for monotone in (False, True):
+        for monotone in (True,):
             spec = blockiaf.make_spec(params, scale='bounded', monotone=monotone)
+            assert blockiaf.monotone_margin(spec) > 0
             for seed in range(3):
                 theta = perturbed_theta(spec, params, scale=0.2, key=10 + seed)
                 fwd = jax.jit(lambda z: blockiaf.forward(theta, z, spec))
@@ -166,9 +167,7 @@ def test_monotonicity_on_random_pairs():
                     dz = jax.tree_util.tree_map(jnp.subtract, z, zp)
                     gap = tree_vdot(dz, jax.tree_util.tree_map(jnp.subtract, fwd(z), fwd(zp)))
                     norm2 = tree_vdot(dz, dz)
-                    assert gap > 0
-                    if monotone:
-                        assert gap >= blockiaf.monotone_margin(spec) * norm2 - 1e-9
+                    assert gap >= blockiaf.monotone_margin(spec) * norm2 - 1e-9
 
 
 def test_meta_step_traces_once_and_learns():

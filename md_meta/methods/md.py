@@ -14,7 +14,7 @@ from md_meta.geometry import Geometry, sgd_step
 def spec_from_config(config, params) -> blockiaf.BlockIAFSpec:
     c = config.md
     return blockiaf.make_spec(params, scale=c.scale, s_min=c.s_min, s_max=c.s_max, monotone=c.monotone,
-                              shift_lipschitz=c.get('shift_lipschitz', None),
+                              shift_lipschitz=c.shift_lipschitz,
                               encoder_layers=c.encoder_layers)
 
 

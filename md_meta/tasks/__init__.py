@@ -34,7 +34,7 @@ def make_source(config) -> TaskSource:
     if name == 'sinusoid':
         from md_meta.tasks import sinusoid
         shots = config.task.shots
-        frequency = tuple(float(f) for f in config.task.get('frequency', (1.0, 1.0)))
+        frequency = tuple(float(f) for f in config.task.frequency)
 
         def device_sample(key, num_tasks, split, query):
             del split  # one distribution; splits differ by key only
