@@ -156,3 +156,32 @@ def test_config_switch_builds_every_method(method):
     assert set(meta) == {'init', 'geom', 'net'}
     assert exp.learner.geometry.name == method
     assert (('warp' in meta['net']) == (exp.learner.geometry.transform != 'none'))
+
+
+def test_adding_a_method_is_one_module_and_one_registry_line(tmp_path, monkeypatch):
+    """WORKSPACE.md's "How to add a method", followed literally for a throwaway method (sign descent with a
+    meta-learned step size): a module with make(config) -> Geometry and a line in methods._MODULES; the
+    config, trainer, evaluator and results then take it like any other method."""
+    pkg = tmp_path / 'throwaway_methods'
+    pkg.mkdir()
+    (pkg / '__init__.py').write_text('')
+    (pkg / 'signgd.py').write_text(
+        '"""Sign descent: phi <- phi - exp(log_alpha) * sign(grad L(phi)); log_alpha is meta-learned."""\n'
+        'import jax\n'
+        'import jax.numpy as jnp\n'
+        'from md_meta.geometry import Geometry\n\n\n'
+        'def make(config):\n'
+        '    def step(theta, phi, grad):\n'
+        '        return jax.tree_util.tree_map(lambda p, g: p - jnp.exp(theta["log_alpha"]) * jnp.sign(g), phi, grad)\n'
+        '    return Geometry(name="signgd", init=lambda key, params: (params, {"log_alpha": jnp.log(0.01)}), step=step)\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(methods._MODULES, 'signgd', 'throwaway_methods.signgd')
+    from md_meta import training
+    c = tiny_config('signgd', **{'meta.steps': 30, 'meta.lr': 1e-2})
+    config_lib.validate(c)
+    exp = training.build(c)
+    meta, _, hist = training.train(exp, str(tmp_path / 'run'), log=lambda s: None)
+    assert float(meta['geom']['log_alpha']) != float(jnp.log(0.01))   # the step size is meta-learned
+    assert all(np.isfinite(h['meta_loss']) for h in hist)
+    r = training.evaluate(exp, meta, 'test', num_tasks=20)
+    assert np.isfinite(r['metrics']['loss']['mean'])

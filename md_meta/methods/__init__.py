@@ -5,7 +5,7 @@ import importlib
 
 from md_meta.geometry import Geometry
 
-# name -> module in md_meta.methods exposing make(config) -> Geometry
+# name -> module exposing make(config) -> Geometry: a module of md_meta.methods, or a dotted path to any module
 _MODULES = {
     'maml': 'maml',
     'metasgd': 'metasgd',
@@ -26,4 +26,5 @@ def names() -> tuple:
 def make_geometry(config) -> Geometry:
     if config.method not in _MODULES:
         raise ValueError(f'unknown method {config.method!r}; choose from {names()}')
-    return importlib.import_module(f'md_meta.methods.{_MODULES[config.method]}').make(config)
+    module = _MODULES[config.method]
+    return importlib.import_module(module if '.' in module else f'md_meta.methods.{module}').make(config)
