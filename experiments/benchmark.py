@@ -8,9 +8,10 @@ For every method in ``md_meta.methods.names()`` (or ``--methods``) and every sha
   (a) Omniglot 28x28x1, CNN4, 5-way 1-shot 15 query, 4 tasks, K=5, second order;
   (b) miniImageNet 84x84x3, same;
   (c) Omniglot 28x28x1, 32 tasks, K=1;
+  (r) ResNet-12 on (b)'s shapes (not in the default --shapes: ~12M parameters);
 it builds the experiment with ``md_meta.training.build`` (a ``base_config()`` config) and times
 ``md_meta.training.make_host_step`` -- the jitted meta-step the trainer runs -- on random episodes of
-the right shapes (no dataset needed). Reported: compile time, median / min seconds per meta-step after
+the right shapes (no dataset needed). Reported: compile time, the kernel count (``count_kernels``), median / min seconds per meta-step after
 two warm-up steps (``block_until_ready``), XLA's FLOP count (``cost_analysis`` of the compiled step; XLA
 counts a ``while`` body once, so when the inner loop is rolled or the tasks are mapped in chunks the
 FLOPs are taken from a lowering of the same step fully unrolled with the tasks in one vmap), achieved GFLOP/s and % of ``--peak_gflops``, compiled memory (arguments + outputs +
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import statistics
 import sys
@@ -61,6 +63,7 @@ SHAPES = {
     'a': dict(task='omniglot', size=28, channels=1, tasks=4, K=5),
     'b': dict(task='miniimagenet', size=84, channels=3, tasks=4, K=5),
     'c': dict(task='omniglot', size=28, channels=1, tasks=32, K=1),
+    'r': dict(task='miniimagenet', size=84, channels=3, tasks=4, K=5, model='resnet12'),
 }
 WAYS, SHOTS, QUERY = 5, 1, 15
 
@@ -80,7 +83,7 @@ def make_config(method: str, shape: str, K=None, num_tasks=None, overrides=()):
     c.method = method
     c.task.name = s['task']
     c.task.ways, c.task.shots, c.task.query = WAYS, SHOTS, QUERY
-    c.model.name = 'cnn4'
+    c.model.name = s.get('model', 'cnn4')
     c.inner.steps = K or s['K']
     c.inner.step_size = 0.4 if s['task'] == 'omniglot' else 0.01
     c.inner.first_order = False
@@ -114,17 +117,16 @@ def synthetic_source(config) -> tasks.TaskSource:
 
 
 def build(config):
-    """``training.build`` with the task source replaced by random episodes of the same shapes."""
-    original = tasks.make_source
-    tasks.make_source = synthetic_source
-    try:
-        exp = training.build(config)
-    finally:
-        tasks.make_source = original
-    dtype = config.meta.compute_dtype
-    if getattr(exp.learner, 'compute_dtype', 'float32') != dtype:  # in case build does not pass it yet
-        exp = exp._replace(learner=exp.learner._replace(compute_dtype=dtype))
-    return exp
+    """``training.build`` with random episodes of the config's shapes as the task source."""
+    return training.build(config, source=synthetic_source(config))
+
+
+def count_kernels(compiled) -> int:
+    """Fusions and custom calls in the optimised HLO of a compiled step: on an accelerator each is (at
+    least) one kernel launch per execution (a while loop's body counted once). A proxy for launch-bound
+    steps that CPU can measure."""
+    text = compiled.as_text()
+    return len(re.findall(r'= \S+ fusion\(', text)) + len(re.findall(r'= \S+ custom-call\(', text))
 
 
 def _cost(compiled) -> float:
@@ -161,11 +163,15 @@ def measure(config, repeats: int, count_flops: bool = True) -> dict:
     t = time.perf_counter()
     compiled = step_fn.lower(meta, opt_state, batch, step0).compile()
     compile_s = time.perf_counter() - t
+    kernels = count_kernels(compiled)
     flops = _cost(compiled)
+    flops_rolled = False
     learner = exp.learner
     unroll = resolve_unroll(learner.inner.unroll, learner.inner.steps)
     task_batching, task_chunk = task_batching_for(learner, batch)
-    if count_flops and (unroll < learner.inner.steps or task_batching == 'map'):
+    rolled = unroll < learner.inner.steps or task_batching == 'map'
+    flops_rolled = rolled and not count_flops   # a loop body counted once: not the step's FLOPs
+    if count_flops and rolled:
         # XLA counts a while loop's body once: count the FLOPs of the same step with the inner loop fully
         # unrolled and the tasks in one vmap.
         c2 = config.copy_and_resolve_references()
@@ -184,7 +190,8 @@ def measure(config, repeats: int, count_flops: bool = True) -> dict:
         jax.block_until_ready((meta, opt_state, m))
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    return dict(compile_s=compile_s, median_s=med, min_s=min(times), times=times, flops=flops,
+    return dict(compile_s=compile_s, kernels=kernels, flops_rolled=flops_rolled, median_s=med, min_s=min(times),
+                times=times, flops=flops,
                 gflops_per_s=flops / med / 1e9 if flops == flops else float('nan'), memory=mem,
                 max_rss_mb=max_rss_mb(), inner_unroll=unroll,
                 task_batching=task_batching,
@@ -226,15 +233,19 @@ def fmt_mb(b):
 
 
 def table(rows, peak):
-    lines = ['| method | shape | tasks | K | compile s | median s/step | min s/step | GFLOP/step | GFLOP/s | '
+    lines = ['| method | shape | tasks | K | compile s | kernels | median s/step | min s/step | GFLOP/step | GFLOP/s | '
              '% peak | compiled MiB | max RSS MiB | host sample s |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for r in rows:
         host = '-' if r.get('host_sample_s') is None else f"{r['host_sample_s']:.3f}"
+        rolled = r.get('flops_rolled', False)   # --flops=false on a rolled step: no honest FLOP figure
+        gflop = '-' if rolled else f"{r['flops'] / 1e9:.2f}"
+        rate = '-' if rolled else f"{r['gflops_per_s']:.1f}"
+        pct = '-' if rolled else f"{100 * r['gflops_per_s'] / peak:.0f}"
         lines.append(
-            f"| {r['method']} | {r['shape']} | {r['tasks']} | {r['K']} | {r['compile_s']:.1f} | {r['median_s']:.3f} | "
-            f"{r['min_s']:.3f} | {r['flops'] / 1e9:.2f} | {r['gflops_per_s']:.1f} | "
-            f"{100 * r['gflops_per_s'] / peak:.0f} | {fmt_mb(r['memory'].get('peak', 0))} | {r['max_rss_mb']:.0f} | {host} |")
+            f"| {r['method']} | {r['shape']} | {r['tasks']} | {r['K']} | {r['compile_s']:.1f} | {r.get('kernels', '?')} | "
+            f"{r['median_s']:.3f} | {r['min_s']:.3f} | {gflop} | {rate} | {pct} | "
+            f"{fmt_mb(r['memory'].get('peak', 0))} | {r['max_rss_mb']:.0f} | {host} |")
     return '\n'.join(lines)
 
 
@@ -300,9 +311,9 @@ def main(argv):
             r.update(method=method, shape=shape, tasks=cfg.meta.batch_size, K=cfg.inner.steps,
                      host_sample_s=host_cache[shape][0], host_sample_note=host_cache[shape][1])
             results['rows'].append(r)
-            print(f"{method} ({shape}): compile {r['compile_s']:.1f}s median {r['median_s']:.3f}s min "
-                  f"{r['min_s']:.3f}s {r['flops'] / 1e9:.2f} GFLOP {r['gflops_per_s']:.1f} GFLOP/s "
-                  f"mem {fmt_mb(r['memory'].get('peak', 0))} MiB", flush=True)
+            flops = '' if r['flops_rolled'] else f"{r['flops'] / 1e9:.2f} GFLOP {r['gflops_per_s']:.1f} GFLOP/s "
+            print(f"{method} ({shape}): compile {r['compile_s']:.1f}s kernels {r['kernels']} median {r['median_s']:.3f}s "
+                  f"min {r['min_s']:.3f}s {flops}mem {fmt_mb(r['memory'].get('peak', 0))} MiB", flush=True)
             save()
     ok_rows = [r for r in results['rows'] if 'error' not in r]
     md = [f"# md-meta benchmark\n\n`{' '.join(sys.argv)}`\n\njax {jax.__version__}, backend "
