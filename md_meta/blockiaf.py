@@ -147,8 +147,11 @@ class _Uniform:
     def __init__(self, key=None, total: int = 0):
         self.count = 0
         self.dtype = jax.dtypes.canonicalize_dtype(np.float64)   # float32, or float64 under jax_enable_x64
-        self.buffer = None if key is None else np.asarray(
-            jax.random.uniform(key, (max(total, 1),), self.dtype, -1.0, 1.0))
+        self.buffer = None
+        if key is not None:
+            draw = jax.random.uniform(key, (max(total, 1),), self.dtype, -1.0, 1.0)
+            # on the host when concrete; kept as a traced array under jit / vmap (e.g. a vmap over keys)
+            self.buffer = draw if isinstance(draw, jax.core.Tracer) else np.asarray(draw)
 
     def __call__(self, shape, fan_in):
         n = int(np.prod(shape))

@@ -352,3 +352,17 @@ def test_cnn4_torch_init_is_pytorch_default():
     assert np.all(np.asarray(params['layer_2']['norm']['bias']) == 0)
     with pytest.raises(Exception, match='model.init'):
         training.build(tiny_config('maml', **{'model.init': 'torch'}))  # the sinusoid MLP has no 'torch' init
+
+
+def test_blockiaf_init_same_under_jit_and_vmap():
+    """init builds theta on the host from one random draw, and traces too (vmap over keys, as the
+    monotonicity harness does): the same numbers either way, up to the rounding of the 1/sqrt(fan_in) scale."""
+    params = mlp_params()
+    spec = blockiaf.make_spec(params)
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    eager = [blockiaf.init(k, params, spec, head_init='learnable') for k in keys]
+    traced = jax.vmap(lambda k: blockiaf.init(k, params, spec, head_init='learnable'))(keys)
+    for i in range(2):
+        one = jax.tree_util.tree_map(lambda t: t[i], traced)
+        assert tree_max_abs_diff(one, eager[i]) < 1e-6
+    assert tree_max_abs_diff(eager[0], eager[1]) > 0
