@@ -17,7 +17,7 @@ The number of meta-steps is the CPU budget of docs/results.md (the paper trains 
 """
 import os
 
-from md_meta.config import base_config
+from experiments.configs import omniglot
 
 VARIANTS = {
     'maml': ('maml', {}),
@@ -35,31 +35,17 @@ def get_config(arg='md-paper,1'):
         raise ValueError(f'omniglot_paper.py: unknown variant {variant!r}; choose from {sorted(VARIANTS)}')
     method, md = VARIANTS[variant]
     shots = int(shots or 1)
-    c = base_config()
+    c = omniglot.get_config()   # the authors' settings: K = 5, alpha = 0.01, CNN4 64, Adam 1e-3, batch 4, ...
     c.method = method
     for k, v in md.items():
         c.md[k] = v
-    here = os.path.dirname(os.path.abspath(__file__))
-    c.task.name = 'omniglot'
     c.task.data_dir = os.environ.get('OMNIGLOT_DIR', os.path.normpath(
-        os.path.join(here, '..', '..', '..', 'shared', 'data', 'omniglot')))
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..', 'shared', 'data', 'omniglot')))
     c.task.split = 'minimal_alphabet'
     c.task.source = 'zip'
-    c.task.ways = 5
     c.task.shots = shots
-    c.task.query = 15
-    c.model.name = 'cnn4'
-    c.model.features = 64
-    c.inner.steps = 5
-    c.inner.step_size = 0.01
-    c.meta.optimizer = 'adam'
-    c.meta.lr = 1e-3
-    c.meta.batch_size = 4
-    c.meta.steps = 3000
-    c.eval.num_tasks = 1000
-    c.eval.batch_size = 100
     c.eval.query = shots
-    c.train.log_every = 100
+    c.meta.steps = 3000
     c.train.eval_every = 500
     c.train.val_tasks = 1000
     c.train.checkpoint_every = 500
