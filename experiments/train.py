@@ -48,21 +48,17 @@ def main(argv):
     from md_meta import checkpoint as checkpoint_lib
     from md_meta import distributed, training, workdirs
     distributed.initialize_from_config(config)  # multi-process runs only (config.dist)
-    exp = training.build(config)                # ConfigError / DataError: one line, exit 2 (experiments.run)
-    distributed.validate(config)                # the global batch must divide by the device count
+    # ConfigError (also for a global batch the devices cannot split) / DataError: one line, exit 2 (experiments.run)
+    exp = training.build(config)
     workdir = _WORKDIR.value or default_workdir(config)
     lead = distributed.is_main_process()  # only process 0 writes the workdir and prints
-    if lead:
-        workdirs.make(workdir)
-    with workdirs.lock(workdir) if lead else contextlib.nullcontext():   # WorkdirBusyError: one line, exit 2
+    # WorkdirBusyError / WorkdirMismatchError: one line, exit 2
+    with workdirs.claim(config, workdir) if lead else contextlib.nullcontext():
         ckpt = checkpoint_lib.Checkpointer(workdir)
-        if lead:
-            steps = ckpt.steps()
-            workdirs.prepare(config, workdir, last_step=steps[-1] if steps else 0)
         t0 = time.time()
         if lead:
             print(f'md-meta: {config.method} on {config.task.name} ({config.task.shots}-shot), '
-                  f'{config.meta.steps} meta-steps, workdir {workdir}{distributed.describe(config)}', flush=True)
+                  f'{config.meta.steps} meta-steps, workdir {workdir}{distributed.describe(exp.mesh)}', flush=True)
         try:
             meta, _, _ = training.train(exp, workdir, log=(lambda s: print(s, flush=True)) if lead else (lambda s: None))
         except training.NonFiniteError as e:

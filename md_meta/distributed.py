@@ -21,8 +21,10 @@ process then contributes its own share of every batch:
   same key and the sampled global batch is constrained to the task sharding, so each device only
   materialises its own tasks and the batch is identical to the one-device batch.
 
-Only process 0 writes logs, metrics and checkpoints (``is_main_process``). With one device every
-function here is the identity and the trainer runs exactly the code it ran before.
+Only process 0 writes logs, metrics and checkpoints (``is_main_process``). ``make_mesh`` validates the
+config's device request and builds the mesh once (``training.build`` keeps it in ``Experiment.mesh``);
+every helper below takes that mesh, None meaning a single device, where every function here is the
+identity and the trainer runs exactly the code it ran before.
 """
 from __future__ import annotations
 
@@ -147,17 +149,19 @@ def _mesh(num_devices: int) -> Optional[Mesh]:
     return Mesh(np.array(devices), (AXIS,))
 
 
-def mesh(config=None) -> Optional[Mesh]:
-    """The 1-D task mesh for this run, or None when it has a single device (nothing to shard).
+def make_mesh(config) -> Optional[Mesh]:
+    """The 1-D task mesh for this run, or None when it has a single device (nothing to shard), after
+    ``validate(config)``.
 
     ``config.dist.devices``: 0 = every device of every process; N > 0 = the first N local devices
     (single-process runs only)."""
+    validate(config)
     return _mesh(_requested_devices(config))
 
 
-def num_devices(config=None) -> int:
-    m = mesh(config)
-    return 1 if m is None else m.devices.size
+def num_devices(mesh: Optional[Mesh]) -> int:
+    """The number of devices the task batch is sharded over (1 for None)."""
+    return 1 if mesh is None else mesh.devices.size
 
 
 def replicated(m: Mesh) -> NamedSharding:
@@ -179,7 +183,7 @@ def validate(config) -> None:
         if n_req > jax.local_device_count():
             raise ConfigError(f'config.dist.devices: asks for {n_req} devices, this process has '
                               f'{jax.local_device_count()}')
-    n = num_devices(config)
+    n = num_devices(_mesh(n_req))
     b = config.meta.batch_size
     if b % n:
         lo, hi = b - b % n, b - b % n + n
@@ -192,25 +196,23 @@ def validate(config) -> None:
 # The sharded step and its inputs
 # ----------------------------------------------------------------------------------------------------
 
-def jit_step(fn: Callable, config, num_args: int, batch_argnum: Optional[int] = None,
+def jit_step(fn: Callable, mesh: Optional[Mesh], num_args: int, batch_argnum: Optional[int] = None,
              donate_argnums: Sequence[int] = (0, 1)):
     """``jax.jit(fn)`` with the batch argument task-sharded and everything else (inputs and outputs)
     replicated over the mesh; plain ``jax.jit(fn, donate_argnums)`` with one device."""
-    m = mesh(config)
-    if m is None:
+    if mesh is None:
         return jax.jit(fn, donate_argnums=tuple(donate_argnums))
-    rep, tasks = replicated(m), task_sharded(m)
+    rep, tasks = replicated(mesh), task_sharded(mesh)
     in_shardings = tuple(tasks if i == batch_argnum else rep for i in range(num_args))
     return jax.jit(fn, in_shardings=in_shardings, out_shardings=rep, donate_argnums=tuple(donate_argnums))
 
 
-def batch_constraint(config) -> Callable:
+def batch_constraint(mesh: Optional[Mesh]) -> Callable:
     """Inside a jitted function: pins a batch sampled on device to the task sharding (identity with
     one device)."""
-    m = mesh(config)
-    if m is None:
+    if mesh is None:
         return lambda batch: batch
-    sharding = task_sharded(m)
+    sharding = task_sharded(mesh)
     return lambda batch: jax.lax.with_sharding_constraint(batch, sharding)
 
 
@@ -221,13 +223,12 @@ def _global_replicated(x, sharding: NamedSharding):
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def replicate(tree, config):
+def replicate(tree, mesh: Optional[Mesh]):
     """Meta-parameters / optimizer state -> global arrays replicated on every device (no-op with one
     device). Every process must pass the same values (same seed, or the same checkpoint)."""
-    m = mesh(config)
-    if m is None:
+    if mesh is None:
         return tree
-    sharding = replicated(m)
+    sharding = replicated(mesh)
     if jax.process_count() > 1:
         # Every process must start from the same values (a process that restored another checkpoint, or
         # none, would silently diverge): compare a checksum across processes.
@@ -250,12 +251,11 @@ def to_local(tree):
     return jax.tree_util.tree_map(local, tree)
 
 
-def local_share(config, num_tasks: int) -> tuple[int, int]:
+def local_share(mesh: Optional[Mesh], num_tasks: int) -> tuple[int, int]:
     """(start, size) of this process's contiguous slice of a global batch of ``num_tasks`` tasks."""
-    m = mesh(config)
-    if m is None or jax.process_count() == 1:
+    if mesh is None or jax.process_count() == 1:
         return 0, num_tasks
-    devices = list(m.devices.flat)
+    devices = list(mesh.devices.flat)
     per_device = num_tasks // len(devices)
     mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
     return mine[0] * per_device, len(mine) * per_device
@@ -271,37 +271,35 @@ def sample_share(source, step: int, num_tasks: int, split: str, query: int, proc
     return source.sample(step * process_count + process_index, num_tasks // process_count, split, query)
 
 
-def host_batch(source, step: int, num_tasks: int, split: str, query: int, config):
+def host_batch(source, step: int, num_tasks: int, split: str, query: int, mesh: Optional[Mesh]):
     """The global training batch of a host sampler, task-sharded over the mesh: each process samples only
     its own share (``sample_share``) and ``jax.make_array_from_process_local_data`` assembles the global
     array. One device: ``source.sample(step, num_tasks, split, query)`` unchanged."""
-    m = mesh(config)
-    if m is None:
+    if mesh is None:
         return source.sample(step, num_tasks, split, query)
     p, n_proc = jax.process_index(), jax.process_count()
-    _, size = local_share(config, num_tasks)
+    _, size = local_share(mesh, num_tasks)
     if n_proc > 1 and size * n_proc != num_tasks:
         raise ConfigError(f'config.meta.batch_size: {num_tasks} tasks cannot be split evenly over '
                           f'{n_proc} processes with {size} tasks each')
     local = sample_share(source, step, num_tasks, split, query, p, n_proc)
-    sharding = task_sharded(m)
+    sharding = task_sharded(mesh)
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x),
                                                          (num_tasks,) + np.shape(x)[1:]), local)
 
 
-def step_scalar(step: int, config):
+def step_scalar(step: int, mesh: Optional[Mesh]):
     """The int32 step index as a replicated input of a sharded step."""
-    m = mesh(config)
     value = np.asarray(step, np.int32)
-    if m is None:
+    if mesh is None:
         return jax.numpy.asarray(value)
-    return _global_replicated(value, replicated(m))
+    return _global_replicated(value, replicated(mesh))
 
 
-def describe(config) -> str:
+def describe(mesh: Optional[Mesh]) -> str:
     """', sharded over N devices in P processes' for a log line ('' with one device)."""
-    n = num_devices(config)
+    n = num_devices(mesh)
     if n == 1 and jax.process_count() == 1:
         return ''
     return f', task batch sharded over {n} devices in {jax.process_count()} process(es)'

@@ -16,16 +16,18 @@ the chunking is the same with or without a resume).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from md_meta import checkpoint as checkpoint_lib
 from md_meta import config as config_lib
@@ -41,6 +43,7 @@ class Experiment(NamedTuple):
     learner: MetaLearner
     optimizer: optax.GradientTransformation
     source: tasks.TaskSource
+    mesh: Optional[Mesh] = None   # the task mesh (md_meta.distributed); None: one device
 
 
 class NonFiniteError(RuntimeError):
@@ -64,7 +67,15 @@ def build(config, source: tasks.TaskSource | None = None, model=None, loss=None)
     Bring your own: ``source`` a ``tasks.TaskSource`` instead of config.task; ``model`` a Flax module
     (or ``networks.Model``) mapping a batch of one task's inputs to outputs, instead of config.model;
     ``loss`` 'mse', 'xent' or a callable (outputs, targets) -> scalar instead of the source's. Methods that
-    insert layers into md-meta's own networks (tnet, mtnet, warpgrad) need config.model."""
+    insert layers into md-meta's own networks (tnet, mtnet, warpgrad) need config.model. The device
+    request (config.dist) and the global batch are checked against this machine's devices and the task
+    mesh is built here, once (``Experiment.mesh``)."""
+    exp = _build(config, source, model, loss)
+    return exp._replace(mesh=distributed.make_mesh(config))
+
+
+def _build(config, source, model, loss) -> Experiment:
+    """``build`` without a mesh (one device)."""
     config_lib.validate(config, own_source=source is not None, own_model=model is not None)
     source = source if source is not None else tasks.make_source(config)
     geometry = methods.make_geometry(config)
@@ -104,7 +115,7 @@ def make_train_chunk(exp: Experiment, num_steps: int):
     sampling each step's tasks on device from fold_in(train key, step)."""
     cfg, learner, source = exp.config, exp.learner, exp.source
     train_key = tasks.split_key(cfg.seed, 'train')
-    shard = distributed.batch_constraint(cfg)  # identity with one device
+    shard = distributed.batch_constraint(exp.mesh)  # identity with one device
 
     def chunk(meta, opt_state, step0):
         def body(carry, i):
@@ -118,7 +129,7 @@ def make_train_chunk(exp: Experiment, num_steps: int):
         (meta, opt_state), metrics = jax.lax.scan(body, (meta, opt_state), jnp.arange(num_steps))
         return meta, opt_state, metrics
 
-    return distributed.jit_step(chunk, cfg, num_args=3)  # jax.jit(chunk, donate_argnums=(0, 1)) on one device
+    return distributed.jit_step(chunk, exp.mesh, num_args=3)  # jax.jit(chunk, donate_argnums=(0, 1)) on one device
 
 
 def make_host_step(exp: Experiment):
@@ -130,7 +141,7 @@ def make_host_step(exp: Experiment):
         meta, opt_state, m = meta_update(exp.learner, exp.optimizer, meta, opt_state, batch, _step_key(cfg, step))
         return meta, opt_state, jax.tree_util.tree_map(lambda x: x[None], m)
 
-    return distributed.jit_step(step_fn, cfg, num_args=4, batch_argnum=2)  # plain jit on one device
+    return distributed.jit_step(step_fn, exp.mesh, num_args=4, batch_argnum=2)  # plain jit on one device
 
 
 def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None = None,
@@ -171,10 +182,12 @@ def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None =
 
 # ----------------------------------------------------------------------------- a run from its workdir
 def load_run(workdir: str, which: str = 'best', warn: Callable = None):
-    """(exp, meta, step) from a workdir's config.json and its best (or 'last') good checkpoint."""
+    """(exp, meta, step) from a workdir's config.json and its best (or 'last') good checkpoint. The
+    experiment is for evaluation, on one device (``exp.mesh`` None): the devices the run was trained on
+    need not fit this machine."""
     if which not in ('best', 'last'):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    exp = build(workdirs.load_config(workdir))
+    exp = _build(workdirs.load_config(workdir), None, None, None)
     template = init_state(exp)
     found = checkpoint_lib.Checkpointer(workdir, warn=warn).restore_latest(
         {'meta': template[0], 'opt_state': template[1]}, which=which)
@@ -185,11 +198,59 @@ def load_run(workdir: str, which: str = 'best', warn: Callable = None):
 
 
 # ----------------------------------------------------------------------------- training loop
-def _fmt_time(s: float) -> str:
-    if not np.isfinite(s):
-        return '?'
-    s = int(s)
-    return f'{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}'
+def train(exp: Experiment, workdir: str | None = None, log: Callable = print, state=None, resume: bool = True,
+          timings: dict | None = None):
+    """Runs up to config.meta.steps meta-steps with progress, rate and ETA; returns (meta, opt_state,
+    history). With a workdir (see the module docstring) it holds the workdir's lock, writes config.json
+    (refusing a workdir of another run: md_meta.workdirs.claim), checkpoints, meta-validates, writes
+    metrics and, unless ``state`` is given or ``resume`` is False, resumes from the last good checkpoint.
+    ``timings``, if given, receives the wall time and the harness overhead by kind, in seconds."""
+    owner = workdir and distributed.is_main_process()  # only process 0 writes the workdir
+    with workdirs.claim(exp.config, workdir) if owner else contextlib.nullcontext():
+        return _train(exp, workdir, log, state, resume, timings)
+
+
+def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: bool, timings: dict | None):
+    """The loop: a chunk of meta-steps (the pure step), its per-step bookkeeping (non-finite count,
+    metrics), then the periodic actions due at the chunk's end (validate, checkpoint, report progress)."""
+    cfg, total = exp.config, exp.config.meta.steps
+    ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.train.keep, warn=lambda s: log(s)) if workdir else None
+    step, (meta, opt_state), record = _initial_state(exp, ckpt, state, resume, log)
+    meta, opt_state = distributed.replicate((meta, opt_state), exp.mesh)  # no-op on one device
+    overhead = _Overhead()
+    writers = _Writers(workdir if distributed.is_main_process() else None, step, cfg.train.tensorboard)
+    nonfinite = _NonFiniteCounter(cfg, ckpt, record)
+    metrics = _MetricLog(cfg, writers, overhead)
+    validation = _Validation(exp, writers, enabled=workdir is not None)
+    checkpoints = _Checkpoints(cfg, ckpt, log)
+    run_steps = _StepRunner(exp)
+    progress = _Progress(cfg, step, log)
+    try:
+        while step < total:
+            end = chunk_end(cfg, step, total, run_steps.fused)
+            meta, opt_state, m = run_steps(meta, opt_state, step, end)
+            m = jax.device_get(m)
+            for i, s in enumerate(range(step + 1, end + 1)):
+                nonfinite.count(s, int(m['skipped'][i]))
+                metrics.add(s, {k: v[i] for k, v in m.items()}, nonfinite.total)
+            step = end
+            progress.chunk_done(step)
+            at_ckpt = checkpoints.due(step)
+            if validation.due(step, at_ckpt):
+                with overhead('meta-validation'):
+                    validation(step, meta)
+            if at_ckpt:  # every process calls orbax's save; only process 0 writes files
+                with overhead('checkpoints'):
+                    checkpoints(step, meta, opt_state,
+                                {**nonfinite.record(), 'val': validation.last, 'method': cfg.method})
+            with overhead('logging'):
+                progress.report(step, metrics.take_pending(), validation.last)
+    finally:
+        writers.close()
+    progress.summary(step, overhead)
+    if timings is not None:
+        timings.update(overhead, wall=progress.wall())
+    return distributed.to_local(meta), distributed.to_local(opt_state), metrics.history
 
 
 def chunk_end(cfg, step: int, total: int, fused: bool) -> int:
@@ -202,6 +263,89 @@ def chunk_end(cfg, step: int, total: int, fused: bool) -> int:
         if every and every > 0:
             ends.append((step // every + 1) * every)
     return min(ends)
+
+
+def _initial_state(exp: Experiment, ckpt, state, resume: bool, log: Callable):
+    """(step, (meta, opt_state), checkpoint record): ``state``, the last good checkpoint, or init_state."""
+    if state is not None:
+        meta, opt_state = state
+        return 0, (meta, opt_state), {}
+    meta, opt_state = init_state(exp)
+    if ckpt is None or not resume:
+        return 0, (meta, opt_state), {}
+    had = ckpt.steps()
+    found = ckpt.restore_latest({'meta': meta, 'opt_state': opt_state})
+    if found is None:
+        if had:
+            log(f'warning: no readable checkpoint is left in {ckpt.directory}; training restarts from step 0')
+        return 0, (meta, opt_state), {}
+    step, restored, record = found
+    log(f'resuming from {ckpt.path(step)} (step {step}/{exp.config.meta.steps})')
+    return step, (restored['meta'], restored['opt_state']), record
+
+
+class _StepRunner:
+    """Runs the meta-steps [step, end): a fused chunk (compiled once per length) or one host-sampled step."""
+
+    def __init__(self, exp: Experiment):
+        self.exp = exp
+        self.fused = exp.source.device_sample is not None
+        self.chunks = {}
+        self.host_step = None if self.fused else make_host_step(exp)
+
+    def __call__(self, meta, opt_state, step: int, end: int):
+        """(meta, opt_state, metrics stacked over the steps)."""
+        exp = self.exp
+        if self.fused:
+            n = end - step
+            if n not in self.chunks:
+                self.chunks[n] = make_train_chunk(exp, n)
+            return self.chunks[n](meta, opt_state, distributed.step_scalar(step, exp.mesh))
+        cfg = exp.config
+        batch = distributed.host_batch(exp.source, step, cfg.meta.batch_size, 'train', cfg.task.query, exp.mesh)
+        return self.host_step(meta, opt_state, batch, distributed.step_scalar(step, exp.mesh))
+
+
+class _Overhead(dict):
+    """Harness overhead by kind, in seconds: ``with overhead(kind):`` adds the block's wall time."""
+
+    def __init__(self):
+        super().__init__({'checkpoints': 0.0, 'meta-validation': 0.0, 'logging': 0.0})
+
+    @contextlib.contextmanager
+    def __call__(self, kind: str):
+        t = time.time()
+        yield
+        self[kind] += time.time() - t
+
+
+def _last_checkpoint_note(ckpt) -> str:
+    """' (last checkpoint PATH)' or ' (no checkpoint was written)', for the non-finite stop."""
+    steps = ckpt.steps()
+    return f' (last checkpoint {ckpt.path(steps[-1])})' if steps else ' (no checkpoint was written)'
+
+
+class _NonFiniteCounter:
+    """Counts skipped (non-finite) meta-updates; NonFiniteError after train.max_nonfinite in a row."""
+
+    def __init__(self, cfg, ckpt, record: dict):
+        self.cfg, self.ckpt = cfg, ckpt
+        self.consecutive = int(record.get('consecutive_nonfinite', 0))
+        self.total = int(record.get('skipped_total', 0))
+
+    def count(self, step: int, skipped: int) -> None:
+        """Counts meta-step ``step`` (1-based), skipped or not."""
+        self.total += skipped
+        self.consecutive = self.consecutive + 1 if skipped else 0
+        if self.consecutive >= self.cfg.train.max_nonfinite:
+            raise NonFiniteError(
+                f'method {self.cfg.method}: {self.consecutive} consecutive non-finite meta-updates up to step '
+                f'{step} (first at step {step - self.consecutive + 1}); training stopped, the parameters '
+                'are at their last finite value' + (_last_checkpoint_note(self.ckpt) if self.ckpt else ''))
+
+    def record(self) -> dict:
+        """The counts a checkpoint keeps, so that a resumed run counts on."""
+        return {'consecutive_nonfinite': self.consecutive, 'skipped_total': self.total}
 
 
 class _Writers:
@@ -250,134 +394,118 @@ class _Writers:
             self.tb.close()
 
 
-def _last_checkpoint_note(ckpt) -> str:
-    steps = ckpt.steps()
-    return f' (last checkpoint {ckpt.path(steps[-1])})' if steps else ' (no checkpoint was written)'
+class _MetricLog:
+    """Per-step metrics averaged over train.log_every steps: the history, the writers, the progress lines."""
+
+    def __init__(self, cfg, writers: _Writers, overhead: _Overhead):
+        self.every, self.total = cfg.train.log_every, cfg.meta.steps
+        self.writers, self.overhead = writers, overhead
+        self.window, self.history, self.pending = [], [], []
+
+    def add(self, step: int, metrics: dict, skipped_total: int) -> None:
+        """Adds meta-step ``step``'s metrics; at a logging step, writes the window's record."""
+        self.window.append(metrics)
+        if step % self.every == 0 or step == self.total:
+            ok = [w for w in self.window if not w['skipped']] or self.window  # skipped updates report NaN
+            rec = {'step': step, **{k: float(np.mean([w[k] for w in ok])) for k in self.window[0]}}
+            rec['skipped'] = int(sum(w['skipped'] for w in self.window))
+            rec['skipped_total'] = skipped_total
+            self.window = []
+            self.history.append(rec)
+            with self.overhead('logging'):
+                self.writers.write(rec)
+            self.pending.append(rec)
+
+    def take_pending(self) -> list:
+        """The records written since the last call (the progress lines to print)."""
+        pending, self.pending = self.pending, []
+        return pending
 
 
-def train(exp: Experiment, workdir: str | None = None, log: Callable = print, state=None, resume: bool = True,
-          timings: dict | None = None):
-    """Runs up to config.meta.steps meta-steps with progress, rate and ETA; returns (meta, opt_state,
-    history). With a workdir (see the module docstring) it holds the workdir's lock, writes config.json
-    (refusing a workdir of another run: md_meta.workdirs.prepare), checkpoints, meta-validates, writes
-    metrics and, unless ``state`` is given or ``resume`` is False, resumes from the last good checkpoint.
-    ``timings``, if given, receives the wall time and the harness overhead by kind, in seconds."""
-    if not workdir or not distributed.is_main_process():
-        return _train(exp, workdir, log, state, resume, timings)
-    workdirs.make(workdir)
-    with workdirs.lock(workdir):
-        steps = checkpoint_lib.Checkpointer(workdir).steps()
-        workdirs.prepare(exp.config, workdir, last_step=steps[-1] if steps else 0)
-        return _train(exp, workdir, log, state, resume, timings)
+class _Validation:
+    """Meta-validation on the fixed set of train.val_tasks 'val' tasks, written to the metrics."""
+
+    def __init__(self, exp: Experiment, writers: _Writers, enabled: bool):
+        self.exp, self.writers = exp, writers
+        self.every = exp.config.train.eval_every if enabled else 0
+        self.eval_fn = make_evaluate(exp.learner) if self.every else None   # compiled once
+        self.last = None   # the means of the latest validation
+
+    def due(self, step: int, at_checkpoint: bool) -> bool:
+        """Every train.eval_every steps and at every checkpoint (whose record keeps the validation)."""
+        return bool(self.every) and (step % self.every == 0 or at_checkpoint)
+
+    def __call__(self, step: int, meta) -> None:
+        """Validates ``meta`` and writes the means and CIs as val/* at ``step``."""
+        r = evaluate(self.exp, distributed.to_local(meta), 'val', num_tasks=self.exp.config.train.val_tasks,
+                     eval_fn=self.eval_fn)
+        self.last = {k: v['mean'] for k, v in r['metrics'].items()}
+        self.writers.write({'step': step, **{f'val/{k}': v for k, v in self.last.items()},
+                            **{f'val/{k}_ci': v['ci'] for k, v in r['metrics'].items()}})
 
 
-def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: bool, timings: dict | None):
-    cfg = exp.config
-    distributed.validate(cfg)
-    total = cfg.meta.steps
-    fused = exp.source.device_sample is not None
-    ckpt = checkpoint_lib.Checkpointer(workdir, keep=cfg.train.keep,
-                                       warn=lambda s: log(s)) if workdir else None
-    step, consecutive_bad, skipped_total = 0, 0, 0
-    if state is not None:
-        meta, opt_state = state
-    else:
-        meta, opt_state = init_state(exp)
-        if ckpt and resume:
-            had = ckpt.steps()
-            found = ckpt.restore_latest({'meta': meta, 'opt_state': opt_state})
-            if found is None and had:
-                log(f'warning: no readable checkpoint is left in {ckpt.directory}; training restarts from step 0')
-            if found is not None:
-                step, restored, record = found
-                meta, opt_state = restored['meta'], restored['opt_state']
-                consecutive_bad = int(record.get('consecutive_nonfinite', 0))
-                skipped_total = int(record.get('skipped_total', 0))
-                log(f'resuming from {ckpt.path(step)} (step {step}/{total})')
-    meta, opt_state = distributed.replicate((meta, opt_state), cfg)  # no-op on one device
-    writers = _Writers(workdir if distributed.is_main_process() else None, step, cfg.train.tensorboard)
-    ckpt_every, eval_every = cfg.train.checkpoint_every, cfg.train.eval_every
-    eval_fn = make_evaluate(exp.learner) if eval_every and workdir is not None else None
-    history, window, pending, last_val = [], [], [], None
-    spent = {'checkpoints': 0.0, 'meta-validation': 0.0, 'logging': 0.0}   # harness overhead, seconds
-    chunk_fns = {}
-    host_step = None if fused else make_host_step(exp)
-    start_step, t0, done0, compile_t = step, time.time(), step, None
-    try:
-        while step < total:
-            end = chunk_end(cfg, step, total, fused)
-            n = end - step
-            if fused:
-                if n not in chunk_fns:
-                    chunk_fns[n] = make_train_chunk(exp, n)
-                meta, opt_state, m = chunk_fns[n](meta, opt_state, distributed.step_scalar(step, cfg))
-            else:
-                batch = distributed.host_batch(exp.source, step, cfg.meta.batch_size, 'train', cfg.task.query, cfg)
-                meta, opt_state, m = host_step(meta, opt_state, batch, distributed.step_scalar(step, cfg))
-            m = jax.device_get(m)
-            for i in range(n):
-                step += 1
-                s = int(m['skipped'][i])
-                skipped_total += s
-                consecutive_bad = consecutive_bad + 1 if s else 0
-                window.append({k: v[i] for k, v in m.items()})
-                if consecutive_bad >= cfg.train.max_nonfinite:
-                    raise NonFiniteError(
-                        f'method {cfg.method}: {consecutive_bad} consecutive non-finite meta-updates up to step '
-                        f'{step} (first at step {step - consecutive_bad + 1}); training stopped, the parameters '
-                        'are at their last finite value' + (_last_checkpoint_note(ckpt) if ckpt else ''))
-                if step % cfg.train.log_every == 0 or step == total:
-                    ok = [w for w in window if not w['skipped']] or window  # skipped updates report NaN
-                    rec = {'step': step, **{k: float(np.mean([w[k] for w in ok])) for k in window[0]}}
-                    rec['skipped'] = int(sum(w['skipped'] for w in window))
-                    rec['skipped_total'] = skipped_total
-                    window = []
-                    history.append(rec)
-                    t_log = time.time()
-                    writers.write(rec)
-                    spent['logging'] += time.time() - t_log
-                    pending.append(rec)
-            if compile_t is None:
-                compile_t = time.time() - t0
-                t0, done0 = time.time(), step
-            at_ckpt = ckpt is not None and ((ckpt_every and step % ckpt_every == 0) or step == total)
-            if eval_fn is not None and (step % eval_every == 0 or at_ckpt):
-                t_val = time.time()
-                r = evaluate(exp, distributed.to_local(meta), 'val', num_tasks=cfg.train.val_tasks, eval_fn=eval_fn)
-                last_val = {k: v['mean'] for k, v in r['metrics'].items()}
-                writers.write({'step': step, **{f'val/{k}': v for k, v in last_val.items()},
-                               **{f'val/{k}_ci': v['ci'] for k, v in r['metrics'].items()}})
-                spent['meta-validation'] += time.time() - t_val
-            if at_ckpt:  # every process calls orbax's save; only process 0 writes files
-                record = {'consecutive_nonfinite': consecutive_bad, 'skipped_total': skipped_total,
-                          'val': last_val if eval_fn is not None else None, 'method': cfg.method}
-                t_ck = time.time()
-                try:
-                    ckpt.save(step, {'meta': meta, 'opt_state': opt_state}, record)
-                except checkpoint_lib.NonFiniteCheckpointError as e:
-                    log(f'warning: {e}; keeping the previous checkpoint')
-                spent['checkpoints'] += time.time() - t_ck
-            t_log = time.time()
-            rate = (step - done0) / max(time.time() - t0, 1e-9) if step > done0 else 0.0
-            for rec in pending:  # the progress lines of this chunk
-                rate_s = f' {rate:.1f} steps/s ETA {_fmt_time((total - rec["step"]) / rate)}' if rate > 0 else ''
-                val_s = '' if last_val is None else ' val ' + ' '.join(f'{k} {v:.4f}' for k, v in last_val.items())
-                skip_s = f' skipped {rec["skipped_total"]}' if rec['skipped_total'] else ''
-                log(f'[{cfg.method}] step {rec["step"]}/{total} ({100 * rec["step"] / total:.0f}%) meta-loss '
-                    f'{rec["meta_loss"]:.4f}{val_s}{skip_s}{rate_s}')
-            pending = []
-            spent['logging'] += time.time() - t_log
-    finally:
-        writers.close()
-    if compile_t is not None and step > start_step:
-        wall = time.time() - t0 + compile_t
-        over = sum(spent.values())
-        log(f'[{cfg.method}] {step - start_step} meta-steps in {wall:.1f} s (first chunk incl. compilation '
-            f'{compile_t:.1f} s); harness overhead {over:.2f} s = {100 * over / wall:.1f}% ('
-            + ', '.join(f'{k} {v:.2f} s' for k, v in spent.items()) + ')')
-    if timings is not None:
-        timings.update(spent, wall=time.time() - t0 + (compile_t or 0.0))
-    return distributed.to_local(meta), distributed.to_local(opt_state), history
+class _Checkpoints:
+    """Checkpoints every train.checkpoint_every steps and at the end; a non-finite state is not saved."""
+
+    def __init__(self, cfg, ckpt, log: Callable):
+        self.every, self.total, self.ckpt, self.log = cfg.train.checkpoint_every, cfg.meta.steps, ckpt, log
+
+    def due(self, step: int) -> bool:
+        """At multiples of train.checkpoint_every and at the last step (never without a workdir)."""
+        return self.ckpt is not None and (bool(self.every and step % self.every == 0) or step == self.total)
+
+    def __call__(self, step: int, meta, opt_state, record: dict) -> None:
+        """Saves; a non-finite state keeps the previous checkpoint, with a warning."""
+        try:
+            self.ckpt.save(step, {'meta': meta, 'opt_state': opt_state}, record)
+        except checkpoint_lib.NonFiniteCheckpointError as e:
+            self.log(f'warning: {e}; keeping the previous checkpoint')
+
+
+def _fmt_time(s: float) -> str:
+    """h:mm:ss, or '?' for an unknown time."""
+    if not np.isfinite(s):
+        return '?'
+    s = int(s)
+    return f'{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}'
+
+
+class _Progress:
+    """Progress lines with rate and ETA (timed from the end of the first, compiling chunk) and the summary."""
+
+    def __init__(self, cfg, start_step: int, log: Callable):
+        self.method, self.total, self.log = cfg.method, cfg.meta.steps, log
+        self.start_step, self.done0 = start_step, start_step
+        self.t0, self.compile_t = time.time(), None
+
+    def chunk_done(self, step: int) -> None:
+        """Called at the end of every chunk; the rate is measured from the end of the first."""
+        if self.compile_t is None:  # the first chunk, its compilation included
+            self.compile_t = time.time() - self.t0
+            self.t0, self.done0 = time.time(), step
+
+    def report(self, step: int, records: list, last_val: dict | None) -> None:
+        """One line per record: step, meta-loss, the last validation, skipped updates, rate and ETA."""
+        rate = (step - self.done0) / max(time.time() - self.t0, 1e-9) if step > self.done0 else 0.0
+        for rec in records:
+            rate_s = f' {rate:.1f} steps/s ETA {_fmt_time((self.total - rec["step"]) / rate)}' if rate > 0 else ''
+            val_s = '' if last_val is None else ' val ' + ' '.join(f'{k} {v:.4f}' for k, v in last_val.items())
+            skip_s = f' skipped {rec["skipped_total"]}' if rec['skipped_total'] else ''
+            self.log(f'[{self.method}] step {rec["step"]}/{self.total} ({100 * rec["step"] / self.total:.0f}%) '
+                     f'meta-loss {rec["meta_loss"]:.4f}{val_s}{skip_s}{rate_s}')
+
+    def wall(self) -> float:
+        """Seconds since the start, compilation included."""
+        return time.time() - self.t0 + (self.compile_t or 0.0)
+
+    def summary(self, step: int, overhead: _Overhead) -> None:
+        """The final line: meta-steps, wall time, compilation time and the harness overhead by kind."""
+        if self.compile_t is None or step <= self.start_step:
+            return
+        wall, over = self.wall(), sum(overhead.values())
+        self.log(f'[{self.method}] {step - self.start_step} meta-steps in {wall:.1f} s (first chunk incl. '
+                 f'compilation {self.compile_t:.1f} s); harness overhead {over:.2f} s = {100 * over / wall:.1f}% ('
+                 + ', '.join(f'{k} {v:.2f} s' for k, v in overhead.items()) + ')')
 
 
 def result_table(rows: list) -> str:

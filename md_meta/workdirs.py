@@ -6,12 +6,15 @@ every results file carries.
 * ``lock`` takes an exclusive ``flock`` on ``<workdir>/.lock`` for the run's lifetime; the OS releases it
   when the process ends, so a kill -9 never leaves a stale lock. ``holder`` tells another process (e.g.
   experiments.evaluate) whether training is still running there, and its pid.
+* ``claim`` does both for a training run: creates the workdir, holds its lock for the run and
+  ``prepare``s it.
 * ``provenance`` is the header of results.json and evaluation.json: md-meta version, git commit, the
   meta-step, the planned total, which parameters (final/best/last) and the fingerprint of the checkpoint
   they came from (md_meta.checkpoint), so that a result can be checked against the run's current state.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -216,6 +219,18 @@ class lock:
             del _HELD[self.path]
             held[0].close()   # releases the flock
         return False
+
+
+@contextlib.contextmanager
+def claim(config, workdir: str):
+    """``with workdirs.claim(config, workdir): ...``: creates the workdir (``make``), holds its lock for the
+    block and writes config.json (``prepare``, checked against the step of its newest checkpoint)."""
+    from md_meta import checkpoint as checkpoint_lib  # imported here: reading a workdir needs no orbax
+    make(workdir)
+    with lock(workdir):
+        steps = checkpoint_lib.Checkpointer(workdir).steps()
+        prepare(config, workdir, last_step=steps[-1] if steps else 0)
+        yield
 
 
 def _read_pid(path: str) -> Optional[int]:

@@ -80,9 +80,8 @@ def _devices_main(out_path):
     for method, host in (('maml', False), ('maml', True), ('md', False)):
         params = {}
         for n in (1, 4):
-            cfg = _config(method, **{'dist.devices': n})
-            assert distributed.num_devices(cfg) == n
-            exp = training.build(cfg)
+            exp = training.build(_config(method, **{'dist.devices': n}))
+            assert distributed.num_devices(exp.mesh) == n
             exp = _host_only(exp) if host else exp
             meta, opt_state, hist = training.train(exp, None, log=lambda s: None)
             params[n] = _leaves((meta, opt_state))
@@ -91,16 +90,16 @@ def _devices_main(out_path):
             'max_abs_change': max(float(np.max(np.abs(a))) for a in params[4]),
             'finite': bool(all(np.all(np.isfinite(a)) for a in params[4]))}
     # The sharded step really is partitioned: XLA inserted the cross-device reduction of the task mean.
-    cfg = _config('maml')
-    exp = _host_only(training.build(cfg))
-    meta, opt_state = distributed.replicate(training.init_state(exp), cfg)
-    batch = distributed.host_batch(exp.source, 0, BATCH, 'train', cfg.task.query, cfg)
-    hlo = training.make_host_step(exp).lower(meta, opt_state, batch, distributed.step_scalar(0, cfg)).compile().as_text()
+    exp = _host_only(training.build(_config('maml')))
+    meta, opt_state = distributed.replicate(training.init_state(exp), exp.mesh)
+    batch = distributed.host_batch(exp.source, 0, BATCH, 'train', exp.config.task.query, exp.mesh)
+    step0 = distributed.step_scalar(0, exp.mesh)
+    hlo = training.make_host_step(exp).lower(meta, opt_state, batch, step0).compile().as_text()
     result['all_reduce_in_hlo'] = 'all-reduce' in hlo
     result['batch_shards'] = [list(s.index[0].indices(BATCH)) for s in batch.support_x.addressable_shards]
-    # A global batch that does not divide by the device count is refused.
+    # A global batch that does not divide by the device count is refused (by build, which builds the mesh).
     try:
-        distributed.validate(_config('md', **{'meta.batch_size': 6}))
+        training.build(_config('md', **{'meta.batch_size': 6}))
         result['refusal'] = None
     except Exception as e:  # noqa: BLE001
         result['refusal'] = f'{type(e).__name__}: {e}'
@@ -119,8 +118,7 @@ def _worker_main(process_id, port, out_path):
     import jax
     from md_meta import training
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
-    exp = training.build(cfg)
-    distributed.validate(cfg)
+    exp = training.build(cfg)   # validates the device request and the batch, builds the mesh
     fused, _, _ = training.train(exp, None, log=lambda s: None)
     host, _, _ = training.train(_host_only(exp), None, log=lambda s: None)
     if distributed.is_main_process():
