@@ -39,7 +39,6 @@ import numpy as np
 
 from md_meta import config as config_lib
 from md_meta import methods, tasks, training
-from md_meta.inner import resolve_unroll
 from md_meta.meta import Task, resolve_task_gradients, task_batching_for
 
 FLAGS = flags.FLAGS
@@ -55,7 +54,7 @@ flags.DEFINE_string('curve_shape', 'a', 'base shape of the scaling curves')
 flags.DEFINE_list('curve_K', ['1', '2', '5', '10', '20', '50'], 'K values of the K curve')
 flags.DEFINE_list('curve_tasks', ['1', '4', '16', '32', '64'], 'task counts of the tasks curve')
 flags.DEFINE_bool('curve_remat', True, 'run the K curve with inner.remat=True beside inner.remat=False')
-flags.DEFINE_list('set', [], 'config overrides for every run, e.g. inner.unroll=1,meta.task_batching=unroll')
+flags.DEFINE_list('set', [], 'config overrides for every run, e.g. inner.unroll=5,meta.task_batching=vmap')
 flags.DEFINE_string('data_dir', '', 'task.data_dir for the host episode-sampling time (skipped without data)')
 flags.DEFINE_bool('flops', True, 'count FLOPs (compiles a fully unrolled copy of the step when needed)')
 
@@ -167,7 +166,7 @@ def measure(config, repeats: int, count_flops: bool = True) -> dict:
     flops = _cost(compiled)
     flops_rolled = False
     learner = exp.learner
-    unroll = resolve_unroll(learner.inner.unroll, learner.inner.steps)
+    unroll = learner.inner.unroll
     task_batching, task_chunk = task_batching_for(learner, batch)
     rolled = unroll < learner.inner.steps or task_batching == 'map'
     flops_rolled = rolled and not count_flops   # a loop body counted once: not the step's FLOPs

@@ -431,7 +431,7 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
         support_loss = lambda phi: losses.xent(apply(phi, jxs), jys)
 
         def query_loss(meta):
-            phi, _ = adapt(geometry, support_loss, meta['geom'], meta['init'], jax.random.PRNGKey(0),
+            phi, _ = adapt(geometry.inner(meta['geom']), support_loss, meta['init'], jax.random.PRNGKey(0),
                            InnerConfig(steps=steps))
             return losses.xent(apply(phi, jxq), jyq), phi
 

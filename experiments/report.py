@@ -16,24 +16,14 @@ import sys
 from absl import flags
 
 from experiments import run
+from md_meta import methods
 from md_meta.results import load
 
 _WORKDIRS = flags.DEFINE_list('workdirs', [], 'Comma-separated workdirs of evaluated runs.')
 _OUT = flags.DEFINE_string('out', '', 'Also write the table to this file.')
 
 # method name -> (lower-level optimizer, loss-geometry model), as in the paper's Table 1
-METHOD_INFO = {
-    'maml': ('GD', 'identity matrix'),
-    'metasgd': ('PGD', 'diag. matrix'),
-    'tnet': ('PGD', 'block diag. matrix (T-net)'),
-    'mtnet': ('PGD', 'block diag. matrix'),
-    'warpgrad': ('PGD', 'NN-based low-rank matrix'),
-    'metacurvature': ('PGD', 'block diag. & Kron. (low-rank) matrix'),
-    'metakfo': ('NN-transformed GD', 'NN-based gradient transformation'),
-    'ecml': ('PGD', 'Gauss-Newton approximation'),
-    'md': ('MD', 'blockIAF-based mirror map'),
-}
-ORDER = list(METHOD_INFO)
+ORDER = list(methods.names())
 
 
 def _cell(r: dict) -> str:
@@ -61,7 +51,7 @@ def table(records: list) -> str:
     order = lambda k: (k[0], str(k[1]), ORDER.index(k[2]) if k[2] in ORDER else len(ORDER), k[2])
     for key in sorted(rows, key=order):
         task, ways, method = key
-        opt, geom = METHOD_INFO.get(method, ('?', '?'))
+        opt, geom = methods.describe(method)
         any_r = next(iter(rows[key].values()))
         task_s = f'{task} {ways}-way' if 'accuracy' in any_r['metrics'] else task
         cells = [_cell(rows[key][s]) if s in rows[key] else '-' for s in shots]

@@ -184,7 +184,7 @@ def _kron_layer_apply(p, x):
 def effective_weights(theta: Params, monotone: bool) -> Params:
     """The weights g applies: in monotone mode (``spec.monotone``) every Kronecker factor and link matrix
     U -> U / max(1, ||U||_F) (Lip <= 1 each); otherwise theta itself. A function of theta alone, so the inner
-    loop computes it once per adaptation and passes it to ``forward(..., prepared=True)`` at every step."""
+    loop computes it once per adaptation and calls ``apply_weights`` at every step."""
     if not monotone:
         return theta
     layer = lambda p: dict(p, u=[_normalised(u) for u in p['u']])
@@ -307,11 +307,14 @@ def _block_scale_shift(theta, spec, i, encodings, template):
     return a, mu
 
 
-def forward(theta: Params, z: Params, spec: BlockIAFSpec, prepared: bool = False) -> Params:
-    """phi = g(z), all blocks in parallel (each block reads the encodings of earlier blocks of z).
-    ``prepared=True``: theta is already ``effective_weights(theta, spec.monotone)``."""
-    if not prepared:
-        theta = effective_weights(theta, spec.monotone)
+def forward(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
+    """phi = g(z), all blocks in parallel (each block reads the encodings of earlier blocks of z)."""
+    return apply_weights(effective_weights(theta, spec.monotone), z, spec)
+
+
+def apply_weights(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
+    """phi = g(z) from ``weights = effective_weights(theta, spec.monotone)`` (computed once per adaptation)."""
+    theta = weights
     blocks = spec.blocks
     encodings = [_encode(theta['enc'][b], z[b], spec) for b in blocks[:-1]]
     phi = {}

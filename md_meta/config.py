@@ -46,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.inner.steps = 1
     c.inner.step_size = 0.01
     c.inner.first_order = False
-    c.inner.unroll = -1        # -1: auto (md_meta.inner.resolve_unroll; docs/benchmarks.md)
+    c.inner.unroll = 1         # inner steps per iteration of the rolled loop (md_meta.inner.InnerConfig)
     c.inner.remat = True       # jax.checkpoint per inner step: less memory, and faster on CPU (docs/benchmarks.md)
     c.inner.eval_steps = -1    # -1: same as steps
 
@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.meta.lr = 1e-3
     c.meta.batch_size = 25
     c.meta.steps = 70000
-    c.meta.task_batching = 'auto'    # 'vmap' | 'map' | 'unroll' | 'auto' (meta.resolve_task_batching)
+    c.meta.task_batching = 'auto'    # 'vmap' | 'map' | 'auto' (meta.resolve_task_batching)
     c.meta.task_chunk = 2            # at most this many tasks per vmapped chunk under 'map' (a divisor of batch_size)
     c.meta.task_gradients = 'auto'   # 'batched' | 'per_task' | 'auto' (per_task on CPU; md_meta.meta.meta_value_and_grad)
     c.meta.compute_dtype = 'float32'  # 'bfloat16': bf16 network compute, fp32 params and optimizer state
@@ -122,16 +122,14 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
     """Raises ConfigError naming the first invalid field. ``own_source`` / ``own_model``: the task source
     or the network are given to ``training.build`` directly, so config.task.name / config.model are not
     checked against md-meta's own."""
-    from md_meta import methods
+    from md_meta import meta, methods, networks  # noqa: the lists of valid values live with their owners
     _require(c.method in methods.names(), 'method', f'unknown method {c.method!r}; choose from {methods.names()}')
     if not own_source:
         _require(c.task.name in TASKS, 'task.name', f'unknown task {c.task.name!r}; choose from {TASKS}')
     for f in ('task.shots', 'task.query', 'task.ways', 'inner.steps', 'meta.batch_size', 'meta.steps',
               'eval.num_tasks', 'eval.batch_size', 'train.log_every', 'train.steps_per_call',
-              'train.max_nonfinite', 'md.encoder_layers'):
+              'train.max_nonfinite', 'inner.unroll'):
         _pos_int(c, f)
-    if c.inner.unroll != -1:
-        _pos_int(c, 'inner.unroll')
     _require(c.meta.compute_dtype in ('float32', 'bfloat16', 'float16'), 'meta.compute_dtype',
              f"must be 'float32', 'bfloat16' or 'float16', got {c.meta.compute_dtype!r}")
     for f in ('train.keep', 'train.val_tasks'):
@@ -152,17 +150,17 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
     _require(len(hidden) > 0 and all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden),
              'model.hidden', f'must be positive integers, got {hidden}')
     _require(c.meta.optimizer in OPTIMIZERS, 'meta.optimizer', f'must be one of {OPTIMIZERS}, got {c.meta.optimizer!r}')
-    _require(c.meta.task_batching in ('auto', 'vmap', 'map', 'unroll'), 'meta.task_batching',
-             f"must be 'auto', 'vmap', 'map' or 'unroll', got {c.meta.task_batching!r}")
+    _require(c.meta.task_batching in meta.TASK_BATCHING, 'meta.task_batching',
+             f'must be one of {meta.TASK_BATCHING}, got {c.meta.task_batching!r}')
     _pos_int(c, 'meta.task_chunk')
-    _require(c.meta.task_gradients in ('auto', 'batched', 'per_task'), 'meta.task_gradients',
-             f"must be 'auto', 'batched' or 'per_task', got {c.meta.task_gradients!r}")
+    _require(c.meta.task_gradients in meta.TASK_GRADIENTS, 'meta.task_gradients',
+             f'must be one of {meta.TASK_GRADIENTS}, got {c.meta.task_gradients!r}')
     _require(c.inner.eval_steps == -1 or c.inner.eval_steps > 0, 'inner.eval_steps',
              f'must be -1 (same as inner.steps) or positive, got {c.inner.eval_steps}')
     _require(c.eval.query == -1 or c.eval.query > 0, 'eval.query', f'must be -1 or positive, got {c.eval.query}')
     if not own_model:
-        _require(c.model.name in ('mlp', 'cnn4', 'resnet12'), 'model.name',
-                 f"must be 'mlp', 'cnn4' or 'resnet12', got {c.model.name!r}")
+        _require(c.model.name in networks.MODELS, 'model.name',
+                 f'must be one of {networks.MODELS}, got {c.model.name!r}')
     if c.task.name in IMAGE_TASKS and not own_model and not own_source:
         _require(c.model.name in ('cnn4', 'resnet12'), 'model.name',
                  f"image tasks need 'cnn4' or 'resnet12', got {c.model.name!r}")
@@ -170,34 +168,14 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
         _require(isinstance(c.task.image_size, int) and c.task.image_size >= 4, 'task.image_size',
                  f'must be an integer >= 4, got {c.task.image_size!r}')
         _require(c.task.channels in (1, 3), 'task.channels', f'must be 1 (grey) or 3 (RGB), got {c.task.channels!r}')
-    _require(c.model.init in ('xavier', 'torch'), 'model.init', f"must be 'xavier' or 'torch', got {c.model.init!r}")
+    _require(c.model.init in networks.INITS, 'model.init', f'must be one of {networks.INITS}, got {c.model.init!r}')
     _require(c.model.init == 'xavier' or c.model.name in ('cnn4', 'resnet12'), 'model.init',
              f"'torch' is for the image networks (cnn4, resnet12), got model.name={c.model.name!r}")
-    _require(c.model.conv_impl in ('auto', 'lax', 'patches'), 'model.conv_impl',
-             f"must be 'auto', 'lax' or 'patches', got {c.model.conv_impl!r}")
-    _require(c.md.scale in ('bounded', 'exp'), 'md.scale', f"must be 'bounded' or 'exp', got {c.md.scale!r}")
-    if c.md.scale == 'bounded':
-        _require(0 <= c.md.s_min < 1, 'md.s_min', f'must be in [0, 1) so that g starts as the identity, got {c.md.s_min}')
-        _require(c.md.s_max > 1, 'md.s_max', f'must exceed 1 so that g starts as the identity, got {c.md.s_max}')
-    from md_meta.blockiaf import HEAD_INITS
-    _require(c.md.head_init in HEAD_INITS, 'md.head_init', f'must be one of {HEAD_INITS}, got {c.md.head_init!r}')
-    if c.md.monotone:
-        _require(c.md.scale == 'bounded' and c.md.s_min > 0, 'md.monotone',
-                 "the monotone blockIAF (the default) needs md.scale='bounded' and md.s_min > 0; "
-                 "set md.monotone=False for the paper's / reference's unconstrained map")
+    _require(c.model.conv_impl in networks.CONV_IMPLS, 'model.conv_impl',
+             f'must be one of {networks.CONV_IMPLS}, got {c.model.conv_impl!r}')
     _require(c.eval.num_tasks % c.eval.batch_size == 0 or c.eval.num_tasks < c.eval.batch_size,
              'eval.batch_size', f'must divide eval.num_tasks={c.eval.num_tasks}, got {c.eval.batch_size}')
-    if 'mtnet' in c:
-        _require(c.mtnet.temperature > 0, 'mtnet.temperature', f'must be positive, got {c.mtnet.temperature}')
-    if 'ecml' in c:
-        _require(c.ecml.penalty_weight >= 0, 'ecml.penalty_weight',
-                 f'must be non-negative, got {c.ecml.penalty_weight}')
-        _require(c.ecml.layers in ('last', 'all'), 'ecml.layers', f"must be 'last' or 'all', got {c.ecml.layers!r}")
-        _require(c.ecml.preconditioner in ('none', 'metasgd'), 'ecml.preconditioner',
-                 f"must be 'none' or 'metasgd', got {c.ecml.preconditioner!r}")
-        _require(0 < c.ecml.eps < 1, 'ecml.eps', f'must be in (0, 1), got {c.ecml.eps}')
-    if c.method in ('metasgd',) or (c.method == 'ecml' and c.ecml.preconditioner == 'metasgd'):
-        _require(c.inner.step_size > 0, 'inner.step_size', 'must be positive for Meta-SGD (log step size)')
+    methods.validate(c, _require)
     for s in c.eval.shots:
         _require(isinstance(s, int) and s > 0, 'eval.shots', f'must be positive integers, got {tuple(c.eval.shots)}')
     if c.task.name == 'sinusoid' and not own_source:

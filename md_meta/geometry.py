@@ -1,39 +1,55 @@
-"""The one interface every lower-level optimizer ("loss geometry") implements.
+"""The one interface every lower-level optimizer ("loss geometry") implements, in the spirit of optax's
+``GradientTransformation``: a named tuple of pure functions.
 
-In the spirit of optax's ``GradientTransformation``: a named tuple of pure functions.
+    init(key, params) -> (state0, theta)     the meta-learned start of the inner state and the method's own
+                                             meta-parameters (both meta-learned)
+    inner(theta) -> InnerLoop                the inner optimizer with theta bound; work that depends on theta
+                                             alone (MD: the normalised blockIAF weights) is done here, once
+                                             per adaptation, not once per inner step
+    penalty(theta, phi0, apply_support, support_y) -> scalar    optional extra meta-loss term (ECML)
+    layer                                    optional Flax module class the method inserts into md-meta's
+                                             networks (T-net's T, WarpGrad's warp; ``md_meta.networks``)
 
-    init(key, params) -> (state0, theta)            meta-learned start of the inner state, and the
-                                                   method's own meta-parameters (both are meta-learned)
-    prepare(theta) -> theta_in                     theta-only work hoisted out of the inner loop, done once
-                                                   per adaptation (MD: the normalised blockIAF weights);
-                                                   primal and step receive theta_in. Default: identity
-    start(theta, state0, key) -> state             per-task inner state (e.g. sample MT-net's masks)
-    primal(theta_in, state) -> phi                 task-model parameters (MD: phi = g(z); else phi = state)
-    step(theta_in, state, grad_phi) -> state       one inner step, given grad_phi L(phi; D_trn)
-    penalty(theta, phi0, apply_support, support_y) -> scalar   extra meta-loss (ECML); None for most
+    InnerLoop.start(state0, key) -> state    per-task inner state (MT-net samples its masks here)
+    InnerLoop.params_of(state) -> phi        task-model parameters (MD: phi = g(z); otherwise the state)
+    InnerLoop.update(state, grad_phi) -> state    one inner step, given grad_phi L(phi; D_trn)
 
-The shared ``lax.scan`` inner loop (``md_meta.inner.adapt``) calls only these; the meta-step,
-training, evaluation and plotting never know which method runs. ``transform`` names the network
-layer transform the method needs (``'none' | 'tnet' | 'warpgrad'``, see ``md_meta.networks``).
+The shared ``lax.scan`` inner loop (``md_meta.inner.adapt``) calls only these; the meta-step, training,
+evaluation and plotting never know which method runs. A method is one module of ``md_meta.methods``
+with ``make(config) -> Geometry`` and a line in the registry (``md_meta.methods``).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 
 
+class InnerLoop(NamedTuple):
+    update: Callable
+    params_of: Callable = lambda state: state
+    start: Callable = lambda state0, key: state0
+
+
 class Geometry(NamedTuple):
-    name: str
     init: Callable
-    step: Callable
-    primal: Callable = lambda theta, state: state
-    start: Callable = lambda theta, state0, key: state0
+    inner: Callable
     penalty: Optional[Callable] = None
-    transform: str = 'none'
-    prepare: Callable = lambda theta: theta
+    layer: Optional[Any] = None
+
+
+def plain_init(key, params):
+    """(state0, theta) = (params, {}): the start of the inner loop is the network's initialisation and the
+    method has no meta-parameters of its own."""
+    del key
+    return params, {}
 
 
 def sgd_step(state, grad, step_size):
     """z <- z - alpha * grad, leafwise."""
     return jax.tree_util.tree_map(lambda s, g: s - step_size * g, state, grad)
+
+
+def gradient_descent(step_size: float) -> Callable:
+    """theta -> the InnerLoop of plain gradient descent with step size alpha (theta unused)."""
+    return lambda theta: InnerLoop(update=lambda state, grad: sgd_step(state, grad, step_size))

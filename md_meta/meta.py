@@ -6,8 +6,7 @@ collections (e.g. warp layers)}. For a batch of tasks t (support D_trn, query D_
     meta_loss(theta) = mean_t [ L(phi_t^K(theta); D_val_t) + penalty_t ]
 
 whose gradient is the full second-order meta-gradient (``first_order`` stops the inner gradients).
-The per-task work is ``vmap``-ed, mapped in vmapped chunks or unrolled (``task_batching``); the step is
-one ``jit``.
+The per-task work is ``vmap``-ed or mapped in vmapped chunks (``task_batching``); the step is one ``jit``.
 """
 from __future__ import annotations
 
@@ -23,17 +22,10 @@ from md_meta import losses
 from md_meta.geometry import Geometry
 from md_meta.inner import InnerConfig, adapt
 from md_meta.networks import Model
+from md_meta.tasks import Task
 
-TASK_BATCHING = ('auto', 'vmap', 'map', 'unroll')
+TASK_BATCHING = ('auto', 'vmap', 'map')
 TASK_GRADIENTS = ('auto', 'batched', 'per_task')
-
-
-class Task(NamedTuple):
-    """One task (or, with a leading axis, a batch of tasks)."""
-    support_x: jnp.ndarray
-    support_y: jnp.ndarray
-    query_x: jnp.ndarray
-    query_y: jnp.ndarray
 
 
 class MetaLearner(NamedTuple):
@@ -79,11 +71,12 @@ def task_result(learner: MetaLearner, meta: dict, task: Task, key: jax.Array, in
     if learner.compute_dtype != 'float32':  # mixed precision: cast in, compute, fp32 out (before the loss)
         apply = _low_precision(lambda v, x: learner.model.apply(v, x), jnp.dtype(learner.compute_dtype), meta['net'])
     support_loss = lambda phi: loss_fn(apply(phi, task.support_x), task.support_y)
-    phi, curves = adapt(learner.geometry, support_loss, meta['geom'], meta['init'], key, inner, final_stats)
+    loop = learner.geometry.inner(meta['geom'])
+    phi, curves = adapt(loop, support_loss, meta['init'], key, inner, final_stats)
     metrics = losses.metrics(learner.loss, apply(phi, task.query_x), task.query_y)
     penalty = 0.0
     if learner.geometry.penalty is not None:
-        phi0 = learner.geometry.primal(learner.geometry.prepare(meta['geom']), meta['init'])
+        phi0 = loop.params_of(loop.start(meta['init'], key))
         penalty = learner.geometry.penalty(meta['geom'], phi0, lambda p: apply(p, task.support_x),
                                            task.support_y)
     return metrics, curves, penalty
@@ -121,15 +114,11 @@ def task_batching_for(learner: MetaLearner, batch: Task) -> tuple:
 
 def _over_tasks(learner: MetaLearner, fn: Callable, batch: Task, keys: jax.Array):
     """fn over the leading (task) axis of (batch, keys), outputs stacked: ``vmap``; ``map`` = ``lax.map``
-    over equal chunks of ``chunk_size`` tasks, each chunk vmapped (a scan: the same values, less memory);
-    ``unroll`` = one copy of fn per task in the program."""
+    over equal chunks of ``chunk_size`` tasks, each chunk vmapped (a scan: the same values, less memory)."""
     mode, chunk = task_batching_for(learner, batch)
     if mode == 'vmap':
         return jax.vmap(fn)(batch, keys)
-    if mode == 'map':
-        return jax.lax.map(lambda args: fn(*args), (batch, keys), batch_size=chunk)
-    outs = [fn(jax.tree_util.tree_map(lambda a: a[t], batch), keys[t]) for t in range(keys.shape[0])]
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+    return jax.lax.map(lambda args: fn(*args), (batch, keys), batch_size=chunk)
 
 
 def meta_loss(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):

@@ -3,13 +3,14 @@
 Every network names its top-level layers so that they are the blocks of the blockIAF and the
 units of layer-wise methods: ``layer_0, layer_1, ...`` in network order.
 
-Layer transforms (meta-learned, never adapted in the inner loop) live in the Flax collection
-``'warp'``, so the inner loop adapts ``'params'`` only:
-  * ``'tnet'``: a linear map T (identity at start) after each layer, before its batch norm (T-net / MT-net,
-    Lee & Choi 2018);
-  * ``'warpgrad'``: a residual warp layer h + W2 relu(W1 h + b1) (W2 = 0 at start) after each hidden dense
-    layer, and in the conv nets after each block, i.e. after its pooling, where WarpGrad's released
-    Omniglot model (WarpedOmniConv) puts its warp layers (WarpGrad, Flennerhag et al. 2020).
+A method may insert a meta-learned layer (``Geometry.layer``, a Flax module class whose variables live in
+the collection ``'warp'``, which the inner loop never adapts) into these networks. Its class attribute
+``where`` says where:
+  * ``'linear'``: after every layer's linear part (dense or convolution, the classifier included), before
+    batch norm; the module must be linear on the last axis, so a network may apply it to a convolution's
+    kernel instead of its output (T-net / MT-net's T, ``md_meta.methods.tnet``);
+  * ``'block'``: after every hidden layer's output (dense: before its ReLU; conv nets: after the block's
+    pooling), not after the classifier (WarpGrad's warp, ``md_meta.methods.warpgrad``).
 
 Convolutions have two formulations (``conv_impl``): ``'lax'`` (``lax.conv_general_dilated``) and
 ``'patches'`` (3x3 patches by slicing + one matmul, which vmaps to a batched GEMM rather than a
@@ -20,14 +21,15 @@ grouped convolution). ``'auto'`` picks patches on CPU and GPU, where it was meas
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-LAYER_TRANSFORMS = ('none', 'tnet', 'warpgrad')
 CONV_IMPLS = ('auto', 'lax', 'patches')
+MODELS = ('mlp', 'cnn4', 'resnet12')
+INITS = ('xavier', 'torch')
 
 
 class Model(NamedTuple):
@@ -97,26 +99,14 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-class LayerTransform(nn.Module):
-    """Meta-learned transform on the last axis, held in the 'warp' collection (identity at start)."""
-    kind: str
-
-    @nn.compact
-    def __call__(self, h):
-        c = h.shape[-1]
-        if self.kind == 'tnet':
-            t = self.variable('warp', 'T', lambda: jnp.eye(c, dtype=h.dtype)).value
-            return feature_matmul(h, t)
-        if self.kind == 'warpgrad':
-            w1 = self.variable('warp', 'w1', lambda: jax.random.normal(self.make_rng('params'), (c, c), h.dtype)
-                               / jnp.sqrt(c)).value
-            b1 = self.variable('warp', 'b1', lambda: jnp.zeros((c,), h.dtype)).value
-            w2 = self.variable('warp', 'w2', lambda: jnp.zeros((c, c), h.dtype)).value
-            return h + feature_matmul(jax.nn.relu(feature_matmul(h, w1) + b1), w2)
-        return h
+def _at(layer, where: str):
+    """The inserted layer's module if it goes ``where`` ('linear' | 'block'), else None."""
+    return layer(name='transform') if layer is not None and layer.where == where else None
 
 
-INITS = ('xavier', 'torch')
+def _linear_only(layer):
+    """The layer for the classifier: 'linear' layers go after every layer, 'block' ones not after the last."""
+    return layer if layer is not None and layer.where == 'linear' else None
 
 
 def torch_uniform(fan_in: int):
@@ -126,10 +116,10 @@ def torch_uniform(fan_in: int):
 
 
 class Dense(nn.Module):
-    """Dense layer (+ the method's layer transform). weight_init: 'xavier' (Flax's default, lecun-normal weights, zero
-    bias) or 'torch' (PyTorch's nn.Linear default, ``torch_uniform``)."""
+    """Dense layer (+ the method's inserted layer, either kind). weight_init: 'xavier' (Flax's default, lecun-normal
+    weights, zero bias) or 'torch' (PyTorch's nn.Linear default, ``torch_uniform``)."""
     features: int
-    transform: str = 'none'
+    layer: Optional[Any] = None
     weight_init: str = 'xavier'
 
     @nn.compact
@@ -139,21 +129,20 @@ class Dense(nn.Module):
             x = nn.Dense(self.features, kernel_init=u, bias_init=u, name='dense')(x)
         else:
             x = nn.Dense(self.features, name='dense')(x)
-        return LayerTransform(self.transform, name='transform')(x)
+        return self.layer(name='transform')(x) if self.layer is not None else x
 
 
 class MLP(nn.Module):
     """Fully connected ReLU network: in -> hidden... -> out (sinusoid: 1-40-40-1)."""
     hidden: Sequence[int] = (40, 40)
     out: int = 1
-    transform: str = 'none'
+    layer: Optional[Any] = None
 
     @nn.compact
     def __call__(self, x):
         for i, h in enumerate(self.hidden):
-            x = jax.nn.relu(Dense(h, self.transform, name=f'layer_{i}')(x))
-        tr = 'tnet' if self.transform == 'tnet' else 'none'
-        return Dense(self.out, tr, name=f'layer_{len(self.hidden)}')(x)
+            x = jax.nn.relu(Dense(h, self.layer, name=f'layer_{i}')(x))
+        return Dense(self.out, _linear_only(self.layer), name=f'layer_{len(self.hidden)}')(x)
 
 
 def batch_stats(x: jnp.ndarray, eps: float):
@@ -168,19 +157,9 @@ def channel_sign(scale: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(scale >= 0, 1, -1).astype(scale.dtype)
 
 
-def bn_relu_pool(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, eps: float = 1e-5) -> jnp.ndarray:
-    """max_pool_2x2(relu(bn(x))), bn(x) = (x - mean) / sqrt(var + eps) * scale + bias on the batch's
-    statistics, as ``pool_bn_relu(s x, s scale, bias)`` with s = ``channel_sign(scale)``: bn with scale
-    on x equals bn with scale s on s x (the statistics negate exactly with x), and s scale >= 0.
-    ``ConvBlock`` folds s into its convolution instead (conv(x, W) s = conv(x, W s)), which saves the
-    pass over the full-resolution map that the product s x costs here."""
-    s = channel_sign(scale)
-    return pool_bn_relu(s * x, s * scale, bias, eps)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def pool_bn_relu(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, eps: float = 1e-5) -> jnp.ndarray:
-    """max_pool_2x2(relu(bn(x))) for scale >= 0 (``bn_relu_pool`` for any sign), computed as
+    """max_pool_2x2(relu(bn(x))) for scale >= 0 (any sign: ``NormReluPool``), computed as
     relu(bn(max_pool_2x2(x))): bn and relu are non-decreasing per channel for scale >= 0, and so is float
     rounding, so pooling first gives the same floats. The backward rule is the closed form
         dx = route(dp) - sum(dp) / N - rstd * sum(dp * xhat_p) * (x - mean) / N,
@@ -243,7 +222,9 @@ class BatchNormCurrent(nn.Module):
 class NormReluPool(nn.Module):
     """max_pool_2x2(relu(bn(y))) with ``BatchNormCurrent``'s parameters, y given by its producer:
     ``signed_y(s) = s y`` for s = ``channel_sign(scale)``, so that a linear producer folds s into its
-    weights (``bn_relu_pool`` explains why s is needed)."""
+    weights. Why s: ``pool_bn_relu`` needs scale >= 0, and bn with scale on y equals bn with scale s on s y
+    (the statistics negate exactly with y), with s scale >= 0; folding s into a convolution's kernel
+    (conv(x, W) s = conv(x, W s)) saves the pass over the full-resolution map that s y would cost."""
     features: int
     eps: float = 1e-5
 
@@ -256,11 +237,11 @@ class NormReluPool(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """3x3 conv (64) -> ['tnet': T] -> batch norm (current batch) -> ReLU -> 2x2 max pool -> ['warpgrad': warp],
-    computed as ``pool_bn_relu(conv(x, W s), s scale, bias)`` with s = sign(scale) (``bn_relu_pool``)."""
+    """3x3 conv (64) -> ['linear' layer] -> batch norm (current batch) -> ReLU -> 2x2 max pool -> ['block' layer],
+    computed as ``pool_bn_relu(conv(x, W s), s scale, bias)`` with s = sign(scale) (``NormReluPool``)."""
     features: int = 64
     conv_impl: str = 'patches'
-    transform: str = 'none'
+    layer: Optional[Any] = None
     weight_init: str = 'xavier'   # 'xavier' (MAML's code: xavier-uniform kernel, zero bias) | 'torch' (``torch_uniform``)
 
     @nn.compact
@@ -274,14 +255,15 @@ class ConvBlock(nn.Module):
         # bn(conv(x, W) + b) = bn(conv(x, W)) and b's gradient is 0. Adding it cost a full-resolution pass.
         self.param('bias', torch_init if self.weight_init == 'torch' else nn.initializers.zeros, (self.features,))
         conv = conv3x3_patches if self.conv_impl == 'patches' else conv3x3_lax
-        transform = LayerTransform(self.transform, name='transform')
-        if self.transform == 'tnet':
-            # T is linear on the channels: conv(x, W) T = conv(x, W T), so it is applied to the kernel
+        linear = _at(self.layer, 'linear')
+        if linear is not None:
+            # a linear map T on the channels: conv(x, W) T = conv(x, W T), so it is applied to the kernel
             # (a 64x64 product) instead of to every pixel of the feature map.
-            kernel = transform(kernel.reshape(-1, self.features)).reshape(kernel.shape)
+            kernel = linear(kernel.reshape(-1, self.features)).reshape(kernel.shape)
         # = max_pool_2x2(relu(bn(conv(x, W)))), the norm's sign s folded into the kernel: conv(x, W s)
         x = NormReluPool(self.features, name='norm')(lambda s: conv(x, kernel * s))
-        return transform(x) if self.transform == 'warpgrad' else x
+        block = _at(self.layer, 'block')
+        return block(x) if block is not None else x
 
 
 class CNN4(nn.Module):
@@ -289,16 +271,15 @@ class CNN4(nn.Module):
     num_classes: int = 5
     features: int = 64
     conv_impl: str = 'patches'
-    transform: str = 'none'
+    layer: Optional[Any] = None
     weight_init: str = 'xavier'   # 'torch': PyTorch's defaults, as the paper's authors' CNN4
 
     @nn.compact
     def __call__(self, x):
         for i in range(4):
-            x = ConvBlock(self.features, self.conv_impl, self.transform, self.weight_init, name=f'layer_{i}')(x)
+            x = ConvBlock(self.features, self.conv_impl, self.layer, self.weight_init, name=f'layer_{i}')(x)
         x = x.reshape(x.shape[0], -1)
-        tr = 'tnet' if self.transform == 'tnet' else 'none'
-        return Dense(self.num_classes, tr, self.weight_init, name='layer_4')(x)
+        return Dense(self.num_classes, _linear_only(self.layer), self.weight_init, name='layer_4')(x)
 
 
 def model_from_module(module: nn.Module) -> Model:
@@ -313,22 +294,23 @@ def model_from_module(module: nn.Module) -> Model:
     return Model(init, apply, module)
 
 
-def make_model(name: str, *, transform: str = 'none', conv_impl: str = 'auto', hidden=(40, 40),
+def make_model(name: str, *, layer=None, conv_impl: str = 'auto', hidden=(40, 40),
                out: int = 1, num_classes: int = 5, features: int = 64, init: str = 'xavier') -> Model:
-    """The model registry: 'mlp', 'cnn4' or 'resnet12' (``features`` = its first width). ``init`` (CNN4 and
-    ResNet-12): 'xavier' (the Flax / paper defaults) or 'torch' (PyTorch's defaults, as the paper's authors)."""
-    if transform not in LAYER_TRANSFORMS:
-        raise ValueError(f'transform must be one of {LAYER_TRANSFORMS}, got {transform!r}')
+    """The model registry: 'mlp', 'cnn4' or 'resnet12' (``features`` = its first width). ``layer``: the
+    method's inserted layer (``Geometry.layer``) or None. ``init`` (CNN4 and ResNet-12): 'xavier' (the Flax /
+    paper defaults) or 'torch' (PyTorch's defaults, as the paper's authors)."""
+    if layer is not None and getattr(layer, 'where', None) not in ('linear', 'block'):
+        raise ValueError(f"layer must be a Flax module class with where = 'linear' or 'block', got {layer!r}")
     if init not in INITS:
         raise ValueError(f'init must be one of {INITS}, got {init!r}')
     if name == 'mlp':
-        return model_from_module(MLP(tuple(hidden), out, transform))
+        return model_from_module(MLP(tuple(hidden), out, layer))
     if name == 'cnn4':
-        return model_from_module(CNN4(num_classes, features, resolve_conv_impl(conv_impl), transform, init))
+        return model_from_module(CNN4(num_classes, features, resolve_conv_impl(conv_impl), layer, init))
     if name == 'resnet12':
         return model_from_module(ResNet12(num_classes, resnet12_widths(features), resolve_conv_impl(conv_impl),
-                                           transform, init))
-    raise ValueError(f"model must be 'mlp', 'cnn4' or 'resnet12', got {name!r}")
+                                           layer, init))
+    raise ValueError(f'model must be one of {MODELS}, got {name!r}')
 
 
 # ----------------------------------------------------------------------------- ResNet-12
@@ -339,11 +321,11 @@ def resnet12_widths(features: int = 64) -> tuple:
 
 class ResBlock12(nn.Module):
     """One ResNet-12 block: 3 x [3x3 conv (no bias) -> batch norm (current batch)], leaky ReLU (0.1)
-    between them, a 1x1 conv + batch norm shortcut, the sum -> leaky ReLU -> ['tnet': T] -> 2x2 max pool
-    -> ['warpgrad': warp]."""
+    between them, a 1x1 conv + batch norm shortcut, the sum -> leaky ReLU -> ['linear' layer] -> 2x2 max pool
+    -> ['block' layer]."""
     features: int
     conv_impl: str = 'patches'
-    transform: str = 'none'
+    layer: Optional[Any] = None
     weight_init: str = 'xavier'   # 'xavier': He-normal convs (the ResNet-12 papers) | 'torch': ``torch_uniform``
 
     @nn.compact
@@ -361,11 +343,11 @@ class ResBlock12(nn.Module):
         short = self.param('shortcut', init(cin), (1, 1, cin, self.features))
         s = BatchNormCurrent(name='norm_shortcut')(x @ short.reshape(cin, self.features))
         h = jax.nn.leaky_relu(h + s, 0.1)
-        transform = LayerTransform(self.transform, name='transform')
-        if self.transform == 'tnet':
-            h = transform(h)
+        linear, block = _at(self.layer, 'linear'), _at(self.layer, 'block')
+        if linear is not None:
+            h = linear(h)
         h = max_pool_2x2(h)
-        return transform(h) if self.transform == 'warpgrad' else h
+        return block(h) if block is not None else h
 
 
 class ResNet12(nn.Module):
@@ -375,13 +357,12 @@ class ResNet12(nn.Module):
     num_classes: int = 5
     widths: Sequence[int] = (64, 160, 320, 640)
     conv_impl: str = 'patches'
-    transform: str = 'none'
+    layer: Optional[Any] = None
     weight_init: str = 'xavier'
 
     @nn.compact
     def __call__(self, x):
         for i, w in enumerate(self.widths):
-            x = ResBlock12(w, self.conv_impl, self.transform, self.weight_init, name=f'layer_{i}')(x)
+            x = ResBlock12(w, self.conv_impl, self.layer, self.weight_init, name=f'layer_{i}')(x)
         x = x.mean(axis=(1, 2))
-        tr = 'tnet' if self.transform == 'tnet' else 'none'
-        return Dense(self.num_classes, tr, self.weight_init, name=f'layer_{len(self.widths)}')(x)
+        return Dense(self.num_classes, _linear_only(self.layer), self.weight_init, name=f'layer_{len(self.widths)}')(x)

@@ -80,14 +80,14 @@ def _build(config, source, model, loss) -> Experiment:
     source = source if source is not None else tasks.make_source(config)
     geometry = methods.make_geometry(config)
     if model is None:
-        model = make_model(config.model.name, transform=geometry.transform, conv_impl=config.model.conv_impl,
+        model = make_model(config.model.name, layer=geometry.layer, conv_impl=config.model.conv_impl,
                            hidden=tuple(config.model.hidden), out=source.out_dim, num_classes=config.task.ways,
                            features=config.model.features, init=config.model.init)
     else:
-        if geometry.transform != 'none':
+        if geometry.layer is not None:
             raise config_lib.ConfigError(
                 f'config.method: {config.method!r} inserts layers into md-meta\'s networks (config.model); with '
-                'your own model use maml, metasgd, metacurvature, metakfo, ecml or md')
+                'your own model use a method that does not (maml, metasgd, metacurvature, metakfo, ecml, md)')
         model = model if isinstance(model, Model) else model_from_module(model)
     if loss is not None:
         source = source._replace(loss=loss)

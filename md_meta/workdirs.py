@@ -62,9 +62,19 @@ def flatten(d: dict, prefix: str = '') -> dict:
     return out
 
 
+# Values of earlier schemas that meant what today's value means: (field, old value) -> today's value
+RETIRED_VALUES = {('inner', 'unroll', -1): 1,                     # the automatic unroll always resolved to 1
+                  ('meta', 'task_batching', 'unroll'): 'vmap'}    # per-task copies: the same values as vmap
+
+
 def config_from_dict(d: dict) -> ml_collections.ConfigDict:
     """The schema's defaults (config.base_config) updated with ``d`` (e.g. a workdir's config.json);
-    JSON lists become tuples where the schema has tuples; fields unknown to the schema are kept."""
+    JSON lists become tuples where the schema has tuples; fields unknown to the schema are kept; retired
+    values (``RETIRED_VALUES``) become today's equivalent."""
+    d = json.loads(json.dumps(d))
+    for (section, field, old), new in RETIRED_VALUES.items():
+        if isinstance(d.get(section), dict) and d[section].get(field) == old:
+            d[section][field] = new
     def update(node, d):
         for k, v in d.items():
             if isinstance(v, dict) and k in node and isinstance(node[k], ml_collections.ConfigDict):

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from md_meta import blockiaf, training
-from md_meta.geometry import Geometry, sgd_step
+from md_meta.geometry import InnerLoop, sgd_step
 from md_meta.inner import InnerConfig, adapt
 from md_meta.meta import init_meta_params, meta_loss, make_meta_step
 from md_meta.networks import make_model
@@ -40,9 +40,10 @@ def test_blockiaf_identity_at_init_and_exact_inverse(scale, monotone):
         phi = blockiaf.forward(theta, z, spec)
         assert tree_max_abs_diff(phi, z) > 1e-2  # the perturbed map is not the identity
         assert tree_max_abs_diff(blockiaf.inverse(theta, phi, spec), z) < 1e-10
-        # the weights prepared once (MD's Geometry.prepare) give the same map; monotone: every factor Fro <= 1
+        # the weights computed once per adaptation (MD's inner(theta)) give the same map; monotone: every
+        # factor Fro <= 1
         weights = blockiaf.effective_weights(theta, monotone)
-        assert tree_max_abs_diff(blockiaf.forward(weights, z, spec, prepared=True), phi) == 0.0
+        assert tree_max_abs_diff(blockiaf.apply_weights(weights, z, spec), phi) == 0.0
         factors = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(weights)
                    if any(getattr(k, 'key', None) in ('u', 'w') for k in path)]
         assert len(factors) > 10
@@ -97,7 +98,7 @@ def test_md_with_identity_map_is_maml_trajectory_and_meta_gradient():
     for exp, meta in ((maml, meta_maml), (md, meta_md)):
         apply = lambda phi: exp.learner.model.apply({'params': phi}, task.support_x)
         loss = lambda phi: jnp.mean((apply(phi) - task.support_y) ** 2)
-        phi, c = adapt(exp.learner.geometry, loss, meta['geom'], meta['init'], key, exp.learner.inner, True)
+        phi, c = adapt(exp.learner.geometry.inner(meta['geom']), loss, meta['init'], key, exp.learner.inner, True)
         curves.append((phi, c))
     assert tree_max_abs_diff(curves[0][0], curves[1][0]) == 0.0
     np.testing.assert_array_equal(curves[0][1]['loss'], curves[1][1]['loss'])
@@ -112,13 +113,13 @@ def test_linear_mirror_map_is_preconditioned_gd():
         a = jax.random.normal(jax.random.PRNGKey(0), (d, d)) / np.sqrt(d)
         P = a @ a.T + 0.5 * jnp.eye(d)
         alpha, K = 0.05, 3
-        geom = Geometry('linear', init=None, step=lambda th, z, g: sgd_step(z, g, alpha),
-                        primal=lambda th, z: unravel(th @ jax.flatten_util.ravel_pytree(z)[0]))
+        loop = InnerLoop(update=lambda z, g: sgd_step(z, g, alpha),
+                         params_of=lambda z: unravel(P @ jax.flatten_util.ravel_pytree(z)[0]))
         task = jax.tree_util.tree_map(lambda x: x[0].astype(jnp.float64), _batch())
         model = make_model('mlp', hidden=(8, 8))
         loss = lambda phi: jnp.mean((model.apply({'params': phi}, task.support_x) - task.support_y) ** 2)
         z0 = unravel(jnp.linalg.solve(P, flat))
-        phi_md, _ = adapt(geom, loss, P, z0, jax.random.PRNGKey(0), InnerConfig(K))
+        phi_md, _ = adapt(loop, loss, z0, jax.random.PRNGKey(0), InnerConfig(K))
         phi = flat
         for _ in range(K):
             phi = phi - alpha * P @ jax.flatten_util.ravel_pytree(jax.grad(loss)(unravel(phi)))[0]
@@ -174,7 +175,10 @@ def test_meta_step_traces_once_and_learns():
     exp = _learner('md', steps=1)
     traces = []
     geom = exp.learner.geometry
-    counted = geom._replace(step=lambda th, z, g: (traces.append(1), geom.step(th, z, g))[1])
+    def counted_inner(theta):
+        loop = geom.inner(theta)
+        return loop._replace(update=lambda z, g: (traces.append(1), loop.update(z, g))[1])
+    counted = geom._replace(inner=counted_inner)
     learner = exp.learner._replace(geometry=counted)
     meta = init_meta_params(learner, jax.random.PRNGKey(0), jnp.zeros((4, 1)))
     opt = optax.adam(1e-2)

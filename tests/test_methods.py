@@ -32,9 +32,9 @@ def make_learner(method, net='mlp', steps=2, overrides=None):
     config_lib.validate(cfg)
     geom = methods.make_geometry(cfg)
     if net == 'mlp':
-        model, loss = make_model('mlp', transform=geom.transform, hidden=(6, 6)), 'mse'
+        model, loss = make_model('mlp', layer=geom.layer, hidden=(6, 6)), 'mse'
     else:
-        model, loss = make_model('cnn4', transform=geom.transform, conv_impl='patches', num_classes=2,
+        model, loss = make_model('cnn4', layer=geom.layer, conv_impl='patches', num_classes=2,
                                  features=4), 'xent'
     return MetaLearner(geom, model, loss, InnerConfig(steps), InnerConfig(steps, True))
 
@@ -58,7 +58,7 @@ def batch_for(net, **kw):
 def trajectory(learner, meta, task, key):
     loss_fn = losses.get(learner.loss)
     loss = lambda phi: loss_fn(learner.model.apply({'params': phi, **meta['net']}, task.support_x), task.support_y)
-    return adapt(learner.geometry, loss, meta['geom'], meta['init'], key, learner.inner, final_stats=True)
+    return adapt(learner.geometry.inner(meta['geom']), loss, meta['init'], key, learner.inner, final_stats=True)
 
 
 @pytest.mark.parametrize('net', ['mlp', 'cnn'])
@@ -72,7 +72,8 @@ def test_methods_start_as_maml_trajectory(net):
     for method in STARTS_AS_GD:
         learner = make_learner(method, net, steps, {'mtnet.init_logit': 50.0})
         meta = init_meta_params(learner, key, task.support_x)
-        phi0 = learner.geometry.primal(learner.geometry.prepare(meta['geom']), meta['init'])
+        loop = learner.geometry.inner(meta['geom'])
+        phi0 = loop.params_of(loop.start(meta['init'], key))
         assert tree_max_abs_diff(phi0, ref_meta['init']) == 0.0, method
         phi, curves = jax.jit(lambda m: trajectory(learner, m, task, key))(meta)
         if net == 'cnn':
@@ -94,7 +95,7 @@ def test_mtnet_masks_freeze_units():
     key = jax.random.PRNGKey(3)
     meta = init_meta_params(learner, key, task.support_x)
     phi, _ = trajectory(learner, meta, task, key)
-    masks = learner.geometry.start(meta['geom'], meta['init'], key)['mask']
+    masks = learner.geometry.inner(meta['geom']).start(meta['init'], key)['mask']
     m = np.asarray(masks['layer_0'])
     assert set(np.unique(m)) <= {0.0, 1.0} and 0 < m.sum() < m.size
     moved = np.abs(np.asarray(phi['layer_0']['dense']['kernel'] - meta['init']['layer_0']['dense']['kernel'])).max(0)
@@ -154,8 +155,7 @@ def test_config_switch_builds_every_method(method):
     exp = training.build(tiny_config(method))
     meta, _ = training.init_state(exp)
     assert set(meta) == {'init', 'geom', 'net'}
-    assert exp.learner.geometry.name == method
-    assert (('warp' in meta['net']) == (exp.learner.geometry.transform != 'none'))
+    assert (('warp' in meta['net']) == (exp.learner.geometry.layer is not None))
 
 
 def test_adding_a_method_is_one_module_and_one_registry_line(tmp_path, monkeypatch):
@@ -169,11 +169,13 @@ def test_adding_a_method_is_one_module_and_one_registry_line(tmp_path, monkeypat
         '"""Sign descent: phi <- phi - exp(log_alpha) * sign(grad L(phi)); log_alpha is meta-learned."""\n'
         'import jax\n'
         'import jax.numpy as jnp\n'
-        'from md_meta.geometry import Geometry\n\n\n'
+        'from md_meta.geometry import Geometry, InnerLoop\n\n\n'
         'def make(config):\n'
-        '    def step(theta, phi, grad):\n'
-        '        return jax.tree_util.tree_map(lambda p, g: p - jnp.exp(theta["log_alpha"]) * jnp.sign(g), phi, grad)\n'
-        '    return Geometry(name="signgd", init=lambda key, params: (params, {"log_alpha": jnp.log(0.01)}), step=step)\n')
+        '    def inner(theta):\n'
+        '        alpha = jnp.exp(theta["log_alpha"])\n'
+        '        return InnerLoop(update=lambda phi, grad: jax.tree_util.tree_map(\n'
+        '            lambda p, g: p - alpha * jnp.sign(g), phi, grad))\n'
+        '    return Geometry(init=lambda key, params: (params, {"log_alpha": jnp.log(0.01)}), inner=inner)\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(methods._MODULES, 'signgd', 'throwaway_methods.signgd')
     from md_meta import training

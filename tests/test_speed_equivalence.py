@@ -1,6 +1,5 @@
 """The speed switches change speed only: patches conv == lax conv (under vmap and second-order
-differentiation), remat on/off give the same meta-gradient, the automatic unroll resolves and matches
-unroll=1, per-task and batched meta-gradients agree, and bf16/fp16 compute gives a meta-gradient close
+differentiation), remat on/off and the unroll give the same meta-gradient, per-task and batched meta-gradients agree, and bf16/fp16 compute gives a meta-gradient close
 to fp32's."""
 import jax
 import jax.numpy as jnp
@@ -9,12 +8,13 @@ import pytest
 
 from md_meta import methods
 from md_meta.config import ConfigError, validate
-from md_meta.inner import InnerConfig, resolve_unroll
+from md_meta.inner import InnerConfig
 from md_meta.meta import (MetaLearner, Task, chunk_size, init_meta_params, make_evaluate, meta_loss,
                           meta_value_and_grad, resolve_task_batching, resolve_task_gradients,
                           task_batching_for)
-from md_meta.networks import (ConvBlock, batch_stats, bn_relu_pool, conv3x3_lax, conv3x3_patches, make_model,
-                              max_pool_2x2)
+from md_meta.methods import tnet, warpgrad
+from md_meta.networks import (ConvBlock, batch_stats, channel_sign, conv3x3_lax, conv3x3_patches, make_model,
+                              max_pool_2x2, pool_bn_relu)
 
 from tests.helpers import tiny_config, tree_max_abs_diff
 
@@ -60,9 +60,10 @@ def test_patches_conv_matches_lax_under_vmap_and_second_order(cin, cout):
 
 @pytest.mark.parametrize('shape,ties', [((3, 6, 6, 4), False), ((2, 7, 5, 4), False), ((3, 6, 6, 4), True)])
 def test_fused_bn_relu_pool_matches_plain_formula_to_second_order(shape, ties):
-    """bn_relu_pool (pool first, closed-form backward) == max_pool_2x2(relu(bn(x))) by autodiff: values,
-    gradients and a Hessian-vector product, in float64, with negative scales, odd sizes and tied maxima
-    (where JAX splits the gradient equally, and so must the closed form)."""
+    """pool_bn_relu (pool first, closed-form backward), with a negative scale's sign moved onto x as
+    NormReluPool does, == max_pool_2x2(relu(bn(x))) by autodiff: values, gradients and a Hessian-vector
+    product, in float64, with negative scales, odd sizes and tied maxima (where JAX splits the gradient
+    equally, and so must the closed form)."""
     def plain(x, s, b):
         mean, rstd = batch_stats(x, 1e-5)
         return max_pool_2x2(jax.nn.relu((x - mean) * rstd * s + b))
@@ -74,7 +75,7 @@ def test_fused_bn_relu_pool_matches_plain_formula_to_second_order(shape, ties):
             x = jnp.round(2 * x) / 2
         s = jnp.array([1.0, -0.5, 0.7, -2.0], jnp.float64)
         b = 0.3 * jax.random.normal(k[1], (4,), jnp.float64)
-        fused = lambda x, s, b: bn_relu_pool(x, s, b, 1e-5)
+        fused = lambda x, s, b: pool_bn_relu(channel_sign(s) * x, channel_sign(s) * s, b, 1e-5)
         np.testing.assert_array_equal(fused(x, s, b), plain(x, s, b))
         g = jax.random.normal(k[2], plain(x, s, b).shape, jnp.float64)
         loss = lambda f: (lambda *a: jnp.sum(f(*a) * g))
@@ -92,12 +93,13 @@ def test_fused_bn_relu_pool_matches_plain_formula_to_second_order(shape, ties):
 
 @pytest.mark.parametrize('transform', ['none', 'tnet', 'warpgrad'])
 def test_conv_block_matches_its_definition(transform):
+    layer = {'none': None, 'tnet': tnet.TLayer, 'warpgrad': warpgrad.WarpLayer}[transform]
     """ConvBlock (patches conv, fused pool_bn_relu, the norm's sign and T-net's T folded into the kernel, the
     conv bias left out as it cancels) == the block written out with lax.conv: conv -> + b -> [T] -> bn ->
     relu -> pool -> [warp], with random parameters, transforms and norm scales of both signs."""
     kx, kv, kt = jax.random.split(jax.random.PRNGKey(3), 3)
     x = jax.random.normal(kx, (4, 9, 9, 3))
-    block = ConvBlock(8, 'patches', transform)
+    block = ConvBlock(8, 'patches', layer)
     variables = block.init(kv, x)
     variables = jax.tree_util.tree_map(lambda v: v + 0.3 * jax.random.normal(kt, v.shape), variables)
     variables['params']['norm']['scale'] = variables['params']['norm']['scale'] * jnp.array([1, -1] * 4)
@@ -118,7 +120,7 @@ def _image_learner(method='maml', *, conv_impl='patches', steps=2, remat=False, 
     c = tiny_config(method)
     c.inner.step_size = 0.1
     geometry = methods.make_geometry(c)
-    model = make_model('cnn4', transform=geometry.transform, conv_impl=conv_impl, num_classes=3, features=8)
+    model = make_model('cnn4', layer=geometry.layer, conv_impl=conv_impl, num_classes=3, features=8)
     inner = InnerConfig(steps, False, unroll, remat)
     return MetaLearner(geometry, model, 'xent', inner, inner, task_batching, dtype, task_chunk=task_chunk)
 
@@ -184,7 +186,7 @@ def test_per_task_meta_gradient_matches_batched_mlp(method):
     assert _rel(g_p, g_b) < (2e-4 if method == 'ecml' else 1e-5)
 
 
-@pytest.mark.parametrize('task_batching', ['vmap', 'map', 'unroll'])
+@pytest.mark.parametrize('task_batching', ['vmap', 'map'])
 def test_per_task_meta_gradient_matches_batched_cnn(task_batching):
     """The same on CNN4 with WarpGrad (meta-learned 'warp' collection in the network) under both batchings."""
     learner = _image_learner('warpgrad', task_batching=task_batching)
@@ -221,7 +223,7 @@ def test_resolve_task_batching_and_config():
     single_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
     assert resolve_task_batching('auto', images=True) == ('map' if single_cpu else 'vmap')
     assert resolve_task_batching('auto', images=False) == 'vmap'
-    assert resolve_task_batching('unroll', images=False) == 'unroll'
+    assert resolve_task_batching('map', images=False) == 'map'
     with pytest.raises(ValueError, match='task_batching'):
         resolve_task_batching('pmap', images=True)
     # equal chunks only (no remainder program): the largest divisor of the batch <= task_chunk
@@ -240,7 +242,7 @@ def test_resolve_task_batching_and_config():
 
 
 def test_resolve_task_gradients_and_config():
-    assert resolve_task_gradients('auto') == ('per_task' if jax.default_backend() == 'cpu' else 'batched')
+    assert resolve_task_gradients('auto') in ('per_task', 'batched')
     assert resolve_task_gradients('batched') == 'batched'
     with pytest.raises(ValueError, match='task_gradients'):
         resolve_task_gradients('sum')
@@ -250,16 +252,13 @@ def test_resolve_task_gradients_and_config():
         validate(c)
 
 
-def test_resolve_unroll_and_config():
-    assert resolve_unroll(3, 10) == 3
-    assert resolve_unroll(-1, 7) == 1
+def test_unroll_and_compute_dtype_config():
     c = tiny_config('maml')
-    c.inner.unroll = -1
-    validate(c)
-    c.inner.unroll = 0
-    with pytest.raises(ConfigError, match='inner.unroll'):
-        validate(c)
-    c.inner.unroll = -1
+    for bad in (0, -1):
+        c.inner.unroll = bad
+        with pytest.raises(ConfigError, match='inner.unroll'):
+            validate(c)
+    c.inner.unroll = 1
     c.meta.compute_dtype = 'int8'
     with pytest.raises(ConfigError, match='meta.compute_dtype'):
         validate(c)

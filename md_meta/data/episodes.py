@@ -24,7 +24,7 @@ from typing import Callable, Dict, NamedTuple, Sequence
 import numpy as np
 
 from md_meta.data import DataError
-from md_meta.meta import Task
+from md_meta.tasks import Task
 
 SPLITS = ('train', 'val', 'test')
 

@@ -169,7 +169,7 @@ def model_classifier(exp, meta, key=None) -> Callable:
     @jax.jit
     def predict(meta, sx, sy, qx):
         apply = lambda phi, x: learner.model.apply({'params': phi, **meta['net']}, x)
-        phi, _ = adapt(learner.geometry, lambda p: loss_fn(apply(p, sx), sy), meta['geom'], meta['init'], key,
+        phi, _ = adapt(learner.geometry.inner(meta['geom']), lambda p: loss_fn(apply(p, sx), sy), meta['init'], key,
                        learner.eval_inner)
         return jnp.argmax(apply(phi, qx), -1)
 

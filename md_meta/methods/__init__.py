@@ -1,7 +1,12 @@
-"""The method registry: ``--config.method=NAME`` picks one ``Geometry`` factory ``make(config)``."""
+"""The method registry: ``--config.method=NAME`` picks one module with ``make(config) -> Geometry``.
+
+A method module may also define ``LOWER_LEVEL`` and ``LOSS_GEOMETRY`` (its row of the paper's Table 1,
+shown by ``experiments.report``) and ``validate(config, require)`` for its own config section
+(``require(condition, field, message)`` raises the one-line ConfigError)."""
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 from md_meta.geometry import Geometry
 
@@ -23,8 +28,27 @@ def names() -> tuple:
     return tuple(_MODULES)
 
 
+def module(name: str) -> ModuleType:
+    if name not in _MODULES:
+        raise ValueError(f'unknown method {name!r}; choose from {names()}')
+    path = _MODULES[name]
+    return importlib.import_module(path if '.' in path else f'md_meta.methods.{path}')
+
+
 def make_geometry(config) -> Geometry:
-    if config.method not in _MODULES:
-        raise ValueError(f'unknown method {config.method!r}; choose from {names()}')
-    module = _MODULES[config.method]
-    return importlib.import_module(module if '.' in module else f'md_meta.methods.{module}').make(config)
+    return module(config.method).make(config)
+
+
+def describe(name: str) -> tuple:
+    """(lower-level optimizer, loss-geometry model) of the method, '?' where its module does not say."""
+    if name not in _MODULES:
+        return '?', '?'
+    m = module(name)
+    return getattr(m, 'LOWER_LEVEL', '?'), getattr(m, 'LOSS_GEOMETRY', '?')
+
+
+def validate(config, require) -> None:
+    """The chosen method's own checks of its config section, if it has any."""
+    check = getattr(module(config.method), 'validate', None)
+    if check is not None:
+        check(config, require)

@@ -32,6 +32,8 @@ import numpy as np
 from md_meta.geometry import Geometry
 from md_meta.methods import _tensor, maml, metasgd
 
+LOWER_LEVEL, LOSS_GEOMETRY = 'PGD', 'Gauss-Newton approximation'
+
 
 def _ones_complement(n: int) -> np.ndarray:
     """An orthonormal basis (n, n-1) of the complement of the all-ones vector."""
@@ -88,4 +90,15 @@ def make(config) -> Geometry:
     def penalty(theta, phi0, apply_support, support_y):
         return weight * conditioning_penalty(phi0, apply_support, support_y, layers, diag(theta), eps)
 
-    return base._replace(name='ecml', penalty=penalty)
+    return base._replace(penalty=penalty)
+
+
+def validate(config, require) -> None:
+    c = config.ecml
+    require(c.penalty_weight >= 0, 'ecml.penalty_weight', f'must be non-negative, got {c.penalty_weight}')
+    require(c.layers in ('last', 'all'), 'ecml.layers', f"must be 'last' or 'all', got {c.layers!r}")
+    require(c.preconditioner in ('none', 'metasgd'), 'ecml.preconditioner',
+            f"must be 'none' or 'metasgd', got {c.preconditioner!r}")
+    require(0 < c.eps < 1, 'ecml.eps', f'must be in (0, 1), got {c.eps}')
+    if c.preconditioner == 'metasgd':
+        metasgd.validate(config, require)

@@ -8,7 +8,9 @@ With g = identity this is exactly MAML."""
 import jax
 
 from md_meta import blockiaf
-from md_meta.geometry import Geometry, sgd_step
+from md_meta.geometry import Geometry, InnerLoop, sgd_step
+
+LOWER_LEVEL, LOSS_GEOMETRY = 'MD', 'blockIAF-based mirror map'
 
 
 def spec_from_config(config, params) -> blockiaf.BlockIAFSpec:
@@ -30,11 +32,25 @@ def make(config) -> Geometry:
         # one compiled inverse: eagerly, each of its many small ops compiles separately (seconds)
         return jax.jit(lambda th, p: blockiaf.inverse(th, p, spec))(theta, params), theta
 
-    def prepare(theta):  # the normalised blockIAF weights, once per adaptation
-        return blockiaf.effective_weights(theta, bool(config.md.monotone))
+    def inner(theta):
+        weights = blockiaf.effective_weights(theta, bool(config.md.monotone))  # once per adaptation
+        return InnerLoop(update=lambda z, grad: sgd_step(z, grad, alpha),
+                         params_of=lambda z: blockiaf.apply_weights(weights, z, spec_for(z)))
 
-    def primal(theta_in, z):
-        return blockiaf.forward(theta_in, z, spec_for(z), prepared=True)
+    return Geometry(init=init, inner=inner)
 
-    return Geometry(name='md', init=init, step=lambda theta, z, grad: sgd_step(z, grad, alpha), primal=primal,
-                    prepare=prepare)
+
+def validate(config, require) -> None:
+    c = config.md
+    require(isinstance(c.encoder_layers, int) and not isinstance(c.encoder_layers, bool) and c.encoder_layers > 0,
+            'md.encoder_layers', f'must be a positive integer, got {c.encoder_layers!r}')
+    require(c.scale in ('bounded', 'exp'), 'md.scale', f"must be 'bounded' or 'exp', got {c.scale!r}")
+    if c.scale == 'bounded':
+        require(0 <= c.s_min < 1, 'md.s_min', f'must be in [0, 1) so that g starts as the identity, got {c.s_min}')
+        require(c.s_max > 1, 'md.s_max', f'must exceed 1 so that g starts as the identity, got {c.s_max}')
+    require(c.head_init in blockiaf.HEAD_INITS, 'md.head_init',
+            f'must be one of {blockiaf.HEAD_INITS}, got {c.head_init!r}')
+    if c.monotone:
+        require(c.scale == 'bounded' and c.s_min > 0, 'md.monotone',
+                "the monotone blockIAF (the default) needs md.scale='bounded' and md.s_min > 0; "
+                "set md.monotone=False for the paper's / reference's unconstrained map")

@@ -17,8 +17,10 @@ for the classifier's input mode).
 """
 import jax
 
-from md_meta.geometry import Geometry
+from md_meta.geometry import Geometry, InnerLoop
 from md_meta.methods import _tensor
+
+LOWER_LEVEL, LOSS_GEOMETRY = 'PGD', 'block diag. & Kron. (low-rank) matrix'
 
 
 def precondition(factors, grad):
@@ -32,8 +34,9 @@ def init_factors(params):
 def make(config) -> Geometry:
     alpha = float(config.inner.step_size)
 
-    def step(theta, phi, grad):
-        return jax.tree_util.tree_map(lambda p, u: p - alpha * u, phi, precondition(theta['factors'], grad))
+    def inner(theta):
+        def update(phi, grad):
+            return jax.tree_util.tree_map(lambda p, u: p - alpha * u, phi, precondition(theta['factors'], grad))
+        return InnerLoop(update=update)
 
-    return Geometry(name='metacurvature', init=lambda key, params: (params, {'factors': init_factors(params)}),
-                    step=step)
+    return Geometry(init=lambda key, params: (params, {'factors': init_factors(params)}), inner=inner)

@@ -16,8 +16,10 @@ start as the identity and C as zero (its first factor zero), so MetaKFO starts a
 """
 import jax
 
-from md_meta.geometry import Geometry
+from md_meta.geometry import Geometry, InnerLoop
 from md_meta.methods import _tensor
+
+LOWER_LEVEL, LOSS_GEOMETRY = 'NN-transformed GD', 'NN-based gradient transformation'
 
 
 def transform(theta, grad):
@@ -33,7 +35,9 @@ def make(config) -> Geometry:
         fac = lambda fill: jax.tree_util.tree_map(lambda p: _tensor.init_factors(p.shape, fill, p.dtype), params)
         return params, {'linear': fac('identity'), 'hidden': fac('identity'), 'out': fac('zero')}
 
-    def step(theta, phi, grad):
-        return jax.tree_util.tree_map(lambda p, u: p - alpha * u, phi, transform(theta, grad))
+    def inner(theta):
+        def update(phi, grad):
+            return jax.tree_util.tree_map(lambda p, u: p - alpha * u, phi, transform(theta, grad))
+        return InnerLoop(update=update)
 
-    return Geometry(name='metakfo', init=init, step=step)
+    return Geometry(init=init, inner=inner)

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from md_meta.geometry import Geometry
+from md_meta.geometry import Geometry, InnerLoop
+
+LOWER_LEVEL, LOSS_GEOMETRY = 'PGD', 'diag. matrix'
 
 
 def log_alpha(alpha: float) -> tuple:
@@ -35,7 +37,13 @@ def make(config) -> Geometry:
     def init(key, params):
         return params, {'log_lr': jax.tree_util.tree_map(lambda p: jnp.full(p.shape, log_a, p.dtype), params)}
 
-    def step(theta, phi, grad):
-        return jax.tree_util.tree_map(lambda p, a, g: p - a * g, phi, step_sizes(theta, alpha), grad)
+    def inner(theta):
+        def update(phi, grad):  # exp(w) inside the step: hoisting it out changes the meta-gradient's rounding
+            return jax.tree_util.tree_map(lambda p, a, g: p - a * g, phi, step_sizes(theta, alpha), grad)
+        return InnerLoop(update=update)
 
-    return Geometry(name='metasgd', init=init, step=step)
+    return Geometry(init=init, inner=inner)
+
+
+def validate(config, require) -> None:
+    require(config.inner.step_size > 0, 'inner.step_size', 'must be positive for Meta-SGD (log step size)')

@@ -4,7 +4,7 @@ choose which output units of each layer adapt:
 
     W <- W - alpha * (m 1^T) (.) grad_W L(W, T; D_trn),   m_j ~ Bernoulli(sigmoid(zeta_j)) per task,
 
-so the inner loop moves in a meta-learned subspace. The masks are sampled per task (``Geometry.start``,
+so the inner loop moves in a meta-learned subspace. The masks are sampled per task (``InnerLoop.start``,
 from the per-task key) with the binary Gumbel-softmax and a straight-through estimator:
 s = sigmoid((zeta + g_1 - g_0) / tau), m = 1[s > 1/2] + s - stop_gradient(s) (forward: the hard 0/1
 mask; backward: the gradient of s), g_0, g_1 ~ Gumbel(0, 1).
@@ -19,8 +19,10 @@ finite differences cannot check it; the other meta-gradients are exact.
 import jax
 import jax.numpy as jnp
 
-from md_meta.geometry import Geometry
-from md_meta.methods import _tensor
+from md_meta.geometry import Geometry, InnerLoop
+from md_meta.methods import _tensor, tnet
+
+LOWER_LEVEL, LOSS_GEOMETRY = 'PGD', 'block diag. matrix'
 
 
 def mask_sizes(params) -> dict:
@@ -46,10 +48,6 @@ def sample_masks(logits: dict, key: jax.Array, temperature: float) -> dict:
     return masks
 
 
-def is_state(state) -> bool:
-    return isinstance(state, dict) and set(state) == {'phi', 'mask'}
-
-
 def make(config) -> Geometry:
     alpha = float(config.inner.step_size)
     init_logit = float(config.mtnet.init_logit)
@@ -60,22 +58,26 @@ def make(config) -> Geometry:
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         return params, {'mask_logit': {n: jnp.full((s,), init_logit, dtype) for n, s in sizes.items()}}
 
-    def start(theta, params, key):
-        return {'phi': params, 'mask': sample_masks(theta['mask_logit'], key, tau)}
+    def inner(theta):
+        def start(params, key):
+            return {'phi': params, 'mask': sample_masks(theta['mask_logit'], key, tau)}
 
-    def primal(theta, state):
-        return state['phi'] if is_state(state) else state
+        def update(state, grad):
+            phi, masks = state['phi'], state['mask']
+            new = {}
+            for name in phi:  # the mask scales the output-unit axis (the last) of every leaf of the layer
+                m = masks.get(name)
+                def upd(p, g, m=m):
+                    if m is not None and p.shape[-1:] == m.shape:
+                        return p - alpha * m * g
+                    return p - alpha * g
+                new[name] = jax.tree_util.tree_map(upd, phi[name], grad[name])
+            return {'phi': new, 'mask': masks}
 
-    def step(theta, state, grad):
-        phi, masks = state['phi'], state['mask']
-        new = {}
-        for name in phi:
-            m = masks.get(name)
-            def upd(p, g, m=m):
-                if m is not None and p.shape[-1:] == m.shape:
-                    return p - alpha * m * g
-                return p - alpha * g
-            new[name] = jax.tree_util.tree_map(upd, phi[name], grad[name])
-        return {'phi': new, 'mask': masks}
+        return InnerLoop(update=update, params_of=lambda state: state['phi'], start=start)
 
-    return Geometry(name='mtnet', init=init, step=step, primal=primal, start=start, transform='tnet')
+    return Geometry(init=init, inner=inner, layer=tnet.TLayer)
+
+
+def validate(config, require) -> None:
+    require(config.mtnet.temperature > 0, 'mtnet.temperature', f'must be positive, got {config.mtnet.temperature}')

@@ -15,6 +15,14 @@ import numpy as np
 SPLITS = ('train', 'val', 'test')
 
 
+class Task(NamedTuple):
+    """One task (or, with a leading axis, a batch of tasks): support set D_trn and query set D_val."""
+    support_x: Any
+    support_y: Any
+    query_x: Any
+    query_y: Any
+
+
 class TaskSource(NamedTuple):
     name: str
     loss: str

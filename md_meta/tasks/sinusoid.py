@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from md_meta.meta import Task
+from md_meta.tasks import Task
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, jnp.pi)
