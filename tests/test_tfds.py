@@ -9,7 +9,6 @@ import shutil
 import threading
 import zipfile
 
-import numpy as np
 import pytest
 
 from conftest import OMNIGLOT_DIR

@@ -1,11 +1,11 @@
 """Shared helpers of the per-tensor methods: tensor views, Kronecker-factored maps (mode products),
 layer grouping of a parameter pytree.
 
-A gradient tensor is viewed as a small multi-way array (``view_shape``): 1-D stays 1-D (handled
-elementwise), a matrix (in, out) keeps its two modes, a conv kernel (kh, kw, cin, cout) becomes
-(kh*kw, cin, cout), any other tensor keeps its modes. A Kronecker-factored linear map multiplies every
-mode by its own matrix (tensor mode products):  X x_1 M_1 x_2 M_2 ... , which is
-(M_1 kron M_2 kron ...) vec(X) at O(d * sum_k n_k) cost instead of O(d^2).
+A gradient tensor is viewed as a small multi-way array, the blockIAF's view (``blockiaf.mode_shape``):
+1-D stays 1-D (handled elementwise; a scalar is a 1-vector), a matrix (in, out) keeps its two modes, a conv
+kernel (kh, kw, cin, cout) becomes (kh*kw, cin, cout), any other tensor keeps its modes. A
+Kronecker-factored linear map multiplies every mode by its own matrix (tensor mode products):
+X x_1 M_1 x_2 M_2 ... , which is (M_1 kron M_2 kron ...) vec(X) at O(d * sum_k n_k) cost instead of O(d^2).
 """
 from __future__ import annotations
 
@@ -14,11 +14,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-
-def view_shape(shape) -> tuple:
-    if len(shape) == 4:
-        return (shape[0] * shape[1], shape[2], shape[3])
-    return tuple(shape)
+from md_meta.blockiaf import mode_shape
 
 
 def mode_product(x: jnp.ndarray, m: jnp.ndarray, mode: int) -> jnp.ndarray:
@@ -28,9 +24,9 @@ def mode_product(x: jnp.ndarray, m: jnp.ndarray, mode: int) -> jnp.ndarray:
 
 def init_factors(shape, fill: str = 'identity', dtype=jnp.float32):
     """Factors of a Kronecker-factored map for a tensor of ``shape``: a vector (1-D tensors, elementwise)
-    or one square matrix per mode of ``view_shape``. fill: 'identity' (ones / I) or 'zero' (the first
+    or one square matrix per mode of ``mode_shape``. fill: 'identity' (ones / I) or 'zero' (the first
     factor zero, the others identity: the map is 0 but its gradient w.r.t. the zero factor is not)."""
-    vs = view_shape(shape)
+    vs = mode_shape(shape)
     if len(vs) <= 1:
         return jnp.ones(vs, dtype) if fill == 'identity' else jnp.zeros(vs, dtype)
     mats = [jnp.eye(n, dtype=dtype) for n in vs]
@@ -42,8 +38,8 @@ def init_factors(shape, fill: str = 'identity', dtype=jnp.float32):
 def kron_apply(factors, g: jnp.ndarray) -> jnp.ndarray:
     """Applies the Kronecker-factored map ``factors`` (from ``init_factors``) to the tensor g."""
     if not isinstance(factors, (list, tuple)):
-        return factors * g
-    x = g.reshape(view_shape(g.shape))
+        return (factors * g.reshape(factors.shape)).reshape(g.shape)
+    x = g.reshape(mode_shape(g.shape))
     for k, m in enumerate(factors):
         x = mode_product(x, m, k)
     return x.reshape(g.shape)

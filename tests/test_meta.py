@@ -1,23 +1,78 @@
-"""The speed switches change speed only: patches conv == lax conv (under vmap and second-order
-differentiation), remat on/off and the unroll give the same meta-gradient, per-task and batched meta-gradients agree, and bf16/fp16 compute gives a meta-gradient close
-to fp32's."""
+"""The meta-step (md_meta.meta): the second-order meta-gradient against finite differences, one trace,
+learning; the speed switches (remat, unroll, task batching, task gradients, low precision) change speed
+only."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from md_meta import methods
+from md_meta import methods, training
 from md_meta.config import ConfigError, validate
 from md_meta.inner import InnerConfig
-from md_meta.meta import (MetaLearner, Task, chunk_size, init_meta_params, make_evaluate, meta_loss,
-                          meta_value_and_grad, resolve_task_batching, resolve_task_gradients,
-                          task_batching_for)
-from md_meta.methods import tnet, warpgrad
-from md_meta.networks import (ConvBlock, batch_stats, channel_sign, conv3x3_lax, conv3x3_patches, make_model,
-                              max_pool_2x2, pool_bn_relu)
+from md_meta.meta import (MetaLearner, Task, chunk_size, init_meta_params, make_evaluate, make_meta_step, meta_loss,
+                          meta_value_and_grad, resolve_task_batching, resolve_task_gradients, task_batching_for)
+from md_meta.networks import make_model
+from md_meta.tasks import sinusoid
+from tests.helpers import random_like, tiny_config, tree_vdot
 
-from tests.helpers import tiny_config, tree_max_abs_diff
 
+def _learner(method, steps=2, first_order=False, hidden=(8, 8)):
+    cfg = tiny_config(method, **{'inner.steps': steps, 'inner.first_order': first_order, 'model.hidden': hidden})
+    return training.build(cfg)
+
+
+def _batch(key=0, tasks=3, shots=4):
+    return sinusoid.sample(jax.random.PRNGKey(key), tasks, shots, shots)
+
+
+@pytest.mark.parametrize('method', ['maml', 'md'])
+def test_second_order_meta_gradient_matches_finite_differences(method):
+    with jax.enable_x64(True):
+        exp = _learner(method, steps=2, hidden=(6,))
+        meta = init_meta_params(exp.learner, jax.random.PRNGKey(0), jnp.zeros((4, 1)))
+        meta = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), meta)
+        # move away from the identity map so that the MD-specific terms matter
+        meta = jax.tree_util.tree_map(lambda t, n: t + n, meta, random_like(jax.random.PRNGKey(9), meta, 0.1))
+        batch = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), _batch(tasks=2))
+        key = jax.random.PRNGKey(1)
+        f = lambda m: meta_loss(exp.learner, m, batch, key)[0]
+        grad = jax.grad(f)(meta)
+        v = random_like(jax.random.PRNGKey(2), meta)
+        eps = 1e-5
+        plus = jax.tree_util.tree_map(lambda m, d: m + eps * d, meta, v)
+        minus = jax.tree_util.tree_map(lambda m, d: m - eps * d, meta, v)
+        fd = (f(plus) - f(minus)) / (2 * eps)
+        an = tree_vdot(grad, v)
+        np.testing.assert_allclose(float(an), float(fd), rtol=1e-6)
+        # first-order drops the second-order terms: it must differ from the full meta-gradient
+        exp_fo = _learner(method, steps=2, first_order=True, hidden=(6,))
+        g_fo = jax.grad(lambda m: meta_loss(exp_fo.learner, m, batch, key)[0])(meta)
+        assert abs(float(tree_vdot(g_fo, v)) - float(an)) > 1e-8
+
+
+def test_meta_step_traces_once_and_learns():
+    exp = _learner('md', steps=1)
+    traces = []
+    geom = exp.learner.geometry
+    def counted_inner(theta):
+        loop = geom.inner(theta)
+        return loop._replace(update=lambda z, g: (traces.append(1), loop.update(z, g))[1])
+    counted = geom._replace(inner=counted_inner)
+    learner = exp.learner._replace(geometry=counted)
+    meta = init_meta_params(learner, jax.random.PRNGKey(0), jnp.zeros((4, 1)))
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(meta)
+    step = make_meta_step(learner, opt)
+    held_out = _batch(key=999, tasks=50)
+    before = float(meta_loss(learner, meta, held_out, jax.random.PRNGKey(0))[0])
+    for i in range(40):
+        meta, opt_state, m = step(meta, opt_state, _batch(key=i, tasks=10), jax.random.PRNGKey(i))
+        if i == 0:
+            n_after_first = len(traces)
+    assert len(traces) == n_after_first and step._cache_size() == 1
+    after = float(meta_loss(learner, meta, held_out, jax.random.PRNGKey(0))[0])
+    assert after < 0.9 * before, (before, after)
 
 
 def _cos(a, b):
@@ -30,89 +85,6 @@ def _rel(a, b):
     num = sum(float(jnp.sum(jnp.square(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
     den = sum(float(jnp.sum(jnp.square(y))) for y in jax.tree_util.tree_leaves(b))
     return (num / den) ** 0.5
-
-
-def _conv_inner_outer(conv):
-    """A per-task MAML-like objective through one inner gradient step: second order in the kernel."""
-    def outer(kernel, x, y):
-        inner = lambda k: jnp.mean(jnp.square(jnp.tanh(conv(x, k)) - y))
-        k1 = kernel - 0.5 * jax.grad(inner)(kernel)
-        return jnp.mean(jnp.square(jnp.tanh(conv(x, k1)) - y))
-    return outer
-
-
-@pytest.mark.parametrize('cin,cout', [(3, 5), (1, 16)])  # both branches of feature_matmul's weight gradient
-def test_patches_conv_matches_lax_under_vmap_and_second_order(cin, cout):
-    kx, kk, ky = jax.random.split(jax.random.PRNGKey(0), 3)
-    tasks, n, h, w = 3, 4, 7, 9  # odd sizes exercise the padding
-    x = jax.random.normal(kx, (tasks, n, h, w, cin))
-    kernel = 0.3 * jax.random.normal(kk, (tasks, 3, 3, cin, cout))
-    y = jax.random.normal(ky, (tasks, n, h, w, cout))
-    out_p = jax.vmap(conv3x3_patches)(x, kernel)
-    out_l = jax.vmap(conv3x3_lax)(x, kernel)
-    np.testing.assert_allclose(out_p, out_l, rtol=1e-5, atol=1e-5)
-    # the gradient of a loss through an inner gradient step (second order), w.r.t. kernel and inputs
-    grad = lambda conv: jax.jit(jax.vmap(jax.grad(_conv_inner_outer(conv), argnums=(0, 1))))
-    gp, gl = grad(conv3x3_patches)(kernel, x, y), grad(conv3x3_lax)(kernel, x, y)
-    scale = max(1.0, max(float(jnp.max(jnp.abs(g))) for g in gl))
-    assert tree_max_abs_diff(gp, gl) < 1e-5 * scale
-
-
-@pytest.mark.parametrize('shape,ties', [((3, 6, 6, 4), False), ((2, 7, 5, 4), False), ((3, 6, 6, 4), True)])
-def test_fused_bn_relu_pool_matches_plain_formula_to_second_order(shape, ties):
-    """pool_bn_relu (pool first, closed-form backward), with a negative scale's sign moved onto x as
-    NormReluPool does, == max_pool_2x2(relu(bn(x))) by autodiff: values, gradients and a Hessian-vector
-    product, in float64, with negative scales, odd sizes and tied maxima (where JAX splits the gradient
-    equally, and so must the closed form)."""
-    def plain(x, s, b):
-        mean, rstd = batch_stats(x, 1e-5)
-        return max_pool_2x2(jax.nn.relu((x - mean) * rstd * s + b))
-
-    with jax.enable_x64(True):
-        k = jax.random.split(jax.random.PRNGKey(0), 6)
-        x = jax.random.normal(k[0], shape, jnp.float64)
-        if ties:
-            x = jnp.round(2 * x) / 2
-        s = jnp.array([1.0, -0.5, 0.7, -2.0], jnp.float64)
-        b = 0.3 * jax.random.normal(k[1], (4,), jnp.float64)
-        fused = lambda x, s, b: pool_bn_relu(channel_sign(s) * x, channel_sign(s) * s, b, 1e-5)
-        np.testing.assert_array_equal(fused(x, s, b), plain(x, s, b))
-        g = jax.random.normal(k[2], plain(x, s, b).shape, jnp.float64)
-        loss = lambda f: (lambda *a: jnp.sum(f(*a) * g))
-        g_plain, g_fused = jax.grad(loss(plain), (0, 1, 2))(x, s, b), jax.grad(loss(fused), (0, 1, 2))(x, s, b)
-        assert tree_max_abs_diff(g_fused, g_plain) < 1e-12
-        v = (jax.random.normal(k[3], x.shape, jnp.float64), jax.random.normal(k[4], (4,), jnp.float64),
-             jax.random.normal(k[5], (4,), jnp.float64))
-        hvp = lambda f: jax.grad(lambda *a: sum(jnp.vdot(gi, vi) for gi, vi in zip(jax.grad(loss(f), (0, 1, 2))(*a), v)),
-                                 (0, 1, 2))(x, s, b)
-        h_plain, h_fused = hvp(plain), hvp(fused)
-        assert tree_max_abs_diff(h_fused, h_plain) < 1e-10 * max(1.0, max(float(jnp.max(jnp.abs(h))) for h in h_plain))
-        per_task = jax.vmap(jax.grad(loss(fused)), in_axes=(0, None, None))(jnp.stack([x, 2 * x]), s, b)
-        np.testing.assert_allclose(per_task[0], g_fused[0], atol=1e-12)
-
-
-@pytest.mark.parametrize('transform', ['none', 'tnet', 'warpgrad'])
-def test_conv_block_matches_its_definition(transform):
-    layer = {'none': None, 'tnet': tnet.TLayer, 'warpgrad': warpgrad.WarpLayer}[transform]
-    """ConvBlock (patches conv, fused pool_bn_relu, the norm's sign and T-net's T folded into the kernel, the
-    conv bias left out as it cancels) == the block written out with lax.conv: conv -> + b -> [T] -> bn ->
-    relu -> pool -> [warp], with random parameters, transforms and norm scales of both signs."""
-    kx, kv, kt = jax.random.split(jax.random.PRNGKey(3), 3)
-    x = jax.random.normal(kx, (4, 9, 9, 3))
-    block = ConvBlock(8, 'patches', layer)
-    variables = block.init(kv, x)
-    variables = jax.tree_util.tree_map(lambda v: v + 0.3 * jax.random.normal(kt, v.shape), variables)
-    variables['params']['norm']['scale'] = variables['params']['norm']['scale'] * jnp.array([1, -1] * 4)
-    variables['params']['bias'] = variables['params']['bias'] + 2.0
-    p, warp = variables['params'], variables.get('warp', {}).get('transform', {})
-    h = conv3x3_lax(x, p['kernel']) + p['bias']
-    if transform == 'tnet':
-        h = h @ warp['T']
-    mean, rstd = batch_stats(h, 1e-5)
-    h = max_pool_2x2(jax.nn.relu((h - mean) * rstd * p['norm']['scale'] + p['norm']['bias']))
-    if transform == 'warpgrad':
-        h = h + jax.nn.relu(h @ warp['w1'] + warp['b1']) @ warp['w2']
-    np.testing.assert_allclose(block.apply(variables, x), h, rtol=1e-4, atol=1e-5)
 
 
 def _image_learner(method='maml', *, conv_impl='patches', steps=2, remat=False, unroll=1, dtype='float32',
@@ -139,11 +111,10 @@ def _meta_grad(learner, batch, meta=None):
     return meta, g
 
 
-def test_cnn4_patches_and_lax_same_meta_gradient():
-    batch = _image_batch()
-    meta, g_p = _meta_grad(_image_learner(conv_impl='patches'), batch)
-    _, g_l = _meta_grad(_image_learner(conv_impl='lax'), batch, meta)
-    assert _rel(g_p, g_l) < 1e-4
+def _value_and_grad_both_ways(learner, batch, meta):
+    key = jax.random.PRNGKey(3)
+    return [jax.jit(lambda m, tg=tg: meta_value_and_grad(learner._replace(task_gradients=tg), m, batch, key))(meta)
+            for tg in ('batched', 'per_task')]
 
 
 def test_remat_same_meta_gradient_cnn():
@@ -163,12 +134,6 @@ def test_remat_and_unroll_same_meta_gradient_md_mlp():
     for inner in (base.inner._replace(remat=True, unroll=2),):
         _, g = _meta_grad(base._replace(inner=inner), batch, meta)
         assert _rel(g, g0) < 1e-5, inner
-
-
-def _value_and_grad_both_ways(learner, batch, meta):
-    key = jax.random.PRNGKey(3)
-    return [jax.jit(lambda m, tg=tg: meta_value_and_grad(learner._replace(task_gradients=tg), m, batch, key))(meta)
-            for tg in ('batched', 'per_task')]
 
 
 @pytest.mark.parametrize('method', ['md', 'mtnet', 'ecml'])  # blockIAF; per-task random masks; a penalty

@@ -1,0 +1,137 @@
+"""The blockIAF (md_meta.blockiaf): identity at init, exact inverse, autoregressive structure, certified
+monotonicity, initialisation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from md_meta import blockiaf
+from md_meta.networks import make_model
+from tests.helpers import random_like, tree_max_abs_diff, tree_vdot
+
+
+def mlp_params(key=0, hidden=(8, 8)):
+    return make_model('mlp', hidden=hidden).init(jax.random.PRNGKey(key), jnp.zeros((4, 1)))['params']
+
+
+def perturbed_theta(spec, params, scale=0.3, key=1):
+    theta = blockiaf.init(jax.random.PRNGKey(key), params, spec)
+    return jax.tree_util.tree_map(lambda t, n: t + n, theta, random_like(jax.random.PRNGKey(key + 1), theta, scale))
+
+
+def _geom_grads_after_one_step(head_init, monotone):
+    """The blockIAF's meta-gradient, by leaf path, after one Adam meta-step from init, for one MD step on a
+    random regression task with a 1-32-32-16 MLP (wide enough that no encoder or decoder ReLU of this draw is
+    dead: the authors' encoders and decoders start or end in a ReLU, and a tensor of 8 or fewer entries per mode
+    reaches a one-number bottleneck, dead for about half of all draws)."""
+    params = make_model('mlp', hidden=(32, 32), out=16).init(jax.random.PRNGKey(0), jnp.zeros((4, 1)))['params']
+    spec = blockiaf.make_spec(params, monotone=monotone)
+    theta = blockiaf.init(jax.random.PRNGKey(10), params, spec, head_init=head_init)  # an open draw
+    meta = {'z': blockiaf.inverse(theta, params, spec), 'theta': theta}
+    ks = jax.random.split(jax.random.PRNGKey(2), 4)
+    xs, ys, xq, yq = (jax.random.normal(k, (10, d)) for k, d in zip(ks, (1, 16, 1, 16)))
+    apply = make_model('mlp', hidden=(32, 32), out=16).apply
+    loss = lambda phi, x, y: jnp.mean((apply({'params': phi}, x) - y) ** 2)
+
+    def query_loss(m):  # one mirror-descent step, gradient at the primal phi = g(z)
+        g = jax.grad(loss)(blockiaf.forward(m['theta'], m['z'], spec), xs, ys)
+        z1 = jax.tree_util.tree_map(lambda z, d: z - 0.1 * d, m['z'], g)
+        return loss(blockiaf.forward(m['theta'], z1, spec), xq, yq)
+
+    opt = optax.adam(1e-2)
+    updates, _ = opt.update(jax.grad(query_loss)(meta), opt.init(meta))
+    grad = jax.grad(query_loss)(optax.apply_updates(meta, updates))
+    return {jax.tree_util.keystr(p): np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grad['theta'])}
+
+
+@pytest.mark.parametrize('scale,monotone', [('bounded', False), ('exp', False), ('bounded', True)])
+def test_blockiaf_identity_at_init_and_exact_inverse(scale, monotone):
+    with jax.enable_x64(True):
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), mlp_params())
+        spec = blockiaf.make_spec(params, scale=scale, monotone=monotone)
+        theta0 = blockiaf.init(jax.random.PRNGKey(0), params, spec)
+        z = random_like(jax.random.PRNGKey(5), params)
+        assert tree_max_abs_diff(blockiaf.forward(theta0, z, spec), z) == 0.0
+        theta = perturbed_theta(spec, params)
+        phi = blockiaf.forward(theta, z, spec)
+        assert tree_max_abs_diff(phi, z) > 1e-2  # the perturbed map is not the identity
+        assert tree_max_abs_diff(blockiaf.inverse(theta, phi, spec), z) < 1e-10
+        # the weights computed once per adaptation (MD's inner(theta)) give the same map; monotone: every
+        # factor Fro <= 1
+        weights = blockiaf.effective_weights(theta, monotone)
+        assert tree_max_abs_diff(blockiaf.apply_weights(weights, z, spec), phi) == 0.0
+        factors = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(weights)
+                   if any(getattr(k, 'key', None) in ('u', 'w') for k in path)]
+        assert len(factors) > 10
+        frob = max(float(jnp.linalg.norm(u)) for u in factors)
+        assert (frob <= 1.0 + 1e-12) if monotone else (frob > 1.0)
+
+
+def test_blockiaf_is_autoregressive():
+    """Block i depends on blocks < i only: perturbing the last block changes nothing before it,
+    perturbing the first block changes later blocks. (The encoders end in a ReLU and decoders start with one,
+    as the authors'; the last layer's small tensors reach one- to five-number bottlenecks that a random map
+    often zeroes: docs/methods.md. This draw, width 40 as the sinusoid MLP, keeps the path open.)"""
+    params = mlp_params(hidden=(40, 40))
+    spec = blockiaf.make_spec(params)
+    theta = perturbed_theta(spec, params, key=2)
+    z = random_like(jax.random.PRNGKey(3), params)
+    phi = blockiaf.forward(theta, z, spec)
+    first, last = spec.blocks[0], spec.blocks[-1]
+    z_last = dict(z, **{last: jax.tree_util.tree_map(lambda x: x + 1.0, z[last])})
+    phi2 = blockiaf.forward(theta, z_last, spec)
+    for b in spec.blocks[:-1]:
+        assert tree_max_abs_diff(phi2[b], phi[b]) == 0.0
+    z_first = dict(z, **{first: jax.tree_util.tree_map(lambda x: x + 1.0, z[first])})
+    phi3 = blockiaf.forward(theta, z_first, spec)
+    assert tree_max_abs_diff(phi3[last], phi[last]) > 1e-4
+
+
+def test_monotonicity_on_random_pairs():
+    """The monotone blockIAF meets its certified margin, (z - z')^T (g(z) - g(z')) >= C_mono |z - z'|^2 > 0,
+    on random pairs of random maps. (The unconstrained map is not monotone in general: nothing to test.)"""
+    with jax.enable_x64(True):
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), mlp_params())
+        for monotone in (True,):
+            spec = blockiaf.make_spec(params, scale='bounded', monotone=monotone)
+            assert blockiaf.monotone_margin(spec) > 0
+            for seed in range(3):
+                theta = perturbed_theta(spec, params, scale=0.2, key=10 + seed)
+                fwd = jax.jit(lambda z: blockiaf.forward(theta, z, spec))
+                for pair in range(20):
+                    z = random_like(jax.random.PRNGKey(100 * seed + pair), params, 2.0)
+                    zp = random_like(jax.random.PRNGKey(100 * seed + pair + 50), params, 2.0)
+                    dz = jax.tree_util.tree_map(jnp.subtract, z, zp)
+                    gap = tree_vdot(dz, jax.tree_util.tree_map(jnp.subtract, fwd(z), fwd(zp)))
+                    norm2 = tree_vdot(dz, dz)
+                    assert gap >= blockiaf.monotone_margin(spec) * norm2 - 1e-9
+
+
+@pytest.mark.parametrize('monotone', [False, True])
+def test_blockiaf_learnable_head_init_every_parameter_learns(monotone):
+    """md.head_init='learnable' (only the last factor of each decoder head at zero): after one meta-step every
+    blockIAF array has a non-zero meta-gradient. 'zero' (the paper's / authors' init): the head factors of
+    every kernel (two modes) have exactly zero meta-gradient, then and forever (each is a product of zeros)."""
+    learn = _geom_grads_after_one_step('learnable', monotone)
+    dead = [k for k, g in learn.items() if not np.any(g)]
+    assert not dead, dead
+    zero = _geom_grads_after_one_step('zero', monotone)
+    multi_mode = {k.split("['u']")[0] for k in zero if "['u'][1]" in k}  # heads of kernels (>= 2 factors)
+    heads = [k for k in zero if k.split("['u']")[0] in multi_mode and ("['mu']" in k or "['a']" in k)]
+    assert heads and all(not np.any(zero[k]) for k in heads), [k for k in heads if np.any(zero[k])]
+    assert all(np.any(learn[k]) for k in heads)
+
+
+def test_blockiaf_init_same_under_jit_and_vmap():
+    """init builds theta on the host from one random draw, and traces too (vmap over keys, as the
+    monotonicity harness does): the same numbers either way, up to the rounding of the 1/sqrt(fan_in) scale."""
+    params = mlp_params()
+    spec = blockiaf.make_spec(params)
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    eager = [blockiaf.init(k, params, spec, head_init='learnable') for k in keys]
+    traced = jax.vmap(lambda k: blockiaf.init(k, params, spec, head_init='learnable'))(keys)
+    for i in range(2):
+        one = jax.tree_util.tree_map(lambda t: t[i], traced)
+        assert tree_max_abs_diff(one, eager[i]) < 1e-6
+    assert tree_max_abs_diff(eager[0], eager[1]) > 0
