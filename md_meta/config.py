@@ -128,15 +128,12 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
         _require(c.task.name in TASKS, 'task.name', f'unknown task {c.task.name!r}; choose from {TASKS}')
     for f in ('task.shots', 'task.query', 'task.ways', 'inner.steps', 'meta.batch_size', 'meta.steps',
               'eval.num_tasks', 'eval.batch_size', 'train.log_every', 'train.steps_per_call',
-              'train.max_nonfinite', 'inner.unroll'):
+              'train.max_nonfinite', 'inner.unroll', 'train.keep', 'train.val_tasks'):
         _pos_int(c, f)
     _require(c.meta.compute_dtype in ('float32', 'bfloat16', 'float16'), 'meta.compute_dtype',
              f"must be 'float32', 'bfloat16' or 'float16', got {c.meta.compute_dtype!r}")
-    for f in ('train.keep', 'train.val_tasks'):
-        if f.split('.')[1] in c.train:
-            _pos_int(c, f)
     for f in ('checkpoint_every', 'eval_every'):
-        v = c.train.get(f, 0)
+        v = c.train[f]
         _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f'train.{f}',
                  f'must be a non-negative integer (0: never), got {v!r}')
     _require(math.isfinite(c.inner.step_size) and c.inner.step_size >= 0, 'inner.step_size',
