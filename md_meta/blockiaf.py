@@ -184,7 +184,7 @@ def _kron_layer_apply(p, x):
 def effective_weights(theta: Params, monotone: bool) -> Params:
     """The weights g applies: in monotone mode (``spec.monotone``) every Kronecker factor and link matrix
     U -> U / max(1, ||U||_F) (Lip <= 1 each); otherwise theta itself. A function of theta alone, so the inner
-    loop computes it once per adaptation and calls ``apply_weights`` at every step."""
+    loop computes it once per adaptation (``prepare``) and applies it at every step (``apply_prepared``)."""
     if not monotone:
         return theta
     layer = lambda p: dict(p, u=[_normalised(u) for u in p['u']])
@@ -309,17 +309,142 @@ def _block_scale_shift(theta, spec, i, encodings, template):
 
 def forward(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
     """phi = g(z), all blocks in parallel (each block reads the encodings of earlier blocks of z)."""
-    return apply_weights(effective_weights(theta, spec.monotone), z, spec)
+    return apply_prepared(prepare(theta, spec), z, spec)
 
 
-def apply_weights(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
-    """phi = g(z) from ``weights = effective_weights(theta, spec.monotone)`` (computed once per adaptation)."""
-    theta = weights
+def forward_per_leaf(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
+    """g(z) leaf by leaf, one small product per leaf, layer and mode: the definition ``forward`` computes
+    with grouped products (the reference of the tests; ``inverse`` inverts it block by block)."""
+    theta = effective_weights(theta, spec.monotone)
     blocks = spec.blocks
     encodings = [_encode(theta['enc'][b], z[b], spec) for b in blocks[:-1]]
     phi = {}
     for i, b in enumerate(blocks):
         a, mu = _block_scale_shift(theta, spec, i, encodings, z[b])
+        phi[b] = jax.tree_util.tree_map(lambda zz, aa, mm: zz * _sigma(aa, spec) + mm, z[b], a, mu)
+    return phi
+
+
+# ----------------------------------------------------------------------------- grouped products
+#
+# The per-leaf map issues one small dot per leaf, layer and mode (hundreds on CNN4, each with its second-order
+# backward), which makes the meta-step's program large (compile time) and, on accelerators, many small
+# kernels. Leaves whose layers have the same factor shapes (CNN4: the 64-vectors of every block, the 64x64
+# kernels of layers 1-3) run as one batched product per layer and mode: the factors are stacked once per
+# adaptation (``prepare``) and the leaves once per call. The same sums, up to the order of float rounding.
+
+def _groups(items) -> list:
+    """[[member, ...], ...]: the members (block, leaf index) of equal key, in first-seen order. The key is
+    the leaf's mode shape, which fixes the shapes of all its encoder / decoder layers."""
+    out = {}
+    for key, member in items:
+        out.setdefault(key, []).append(member)
+    return list(out.values())
+
+
+def _plan(mode_shapes: dict, spec: BlockIAFSpec, part: str) -> list:
+    """Groups of ``part`` ('enc': blocks but the last; 'dec': blocks but the first) from {block: [mode shape
+    of each leaf]}; the same for theta (``prepare``) and for z (``apply_prepared``)."""
+    blocks = spec.blocks[:-1] if part == 'enc' else spec.blocks[1:]
+    return _groups((s, (b, j)) for b in blocks for j, s in enumerate(mode_shapes[b]))
+
+
+def _theta_mode_shapes(theta, spec) -> dict:
+    """{block: [mode shape of each leaf]} read off theta: the input modes of the encoders' first layers, and
+    for the last block the output modes of its decoder heads."""
+    shapes = {b: [tuple(u.shape[1] for u in layers[0]['u']) for layers in theta['enc'][b]] for b in spec.blocks[:-1]}
+    last = spec.blocks[-1]
+    shapes[last] = [tuple(u.shape[0] for u in d['mu']['u']) for d in theta['dec'][last]]
+    return shapes
+
+
+def _stack(trees):
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _decoder_layers(dec, monotone: bool) -> list:
+    return list(dec['trunk']) + [dec['mu']] + ([] if monotone else [dec['a']])
+
+
+def prepare(theta: Params, spec: BlockIAFSpec) -> Params:
+    """The weights ``apply_prepared`` needs, computed from theta alone (once per adaptation): the normalised
+    weights (``effective_weights``) with the encoder and decoder layers of equal shapes stacked per group."""
+    shapes = _theta_mode_shapes(theta, spec)
+    enc = [_stack([theta['enc'][b][j] for b, j in members]) for members in _plan(shapes, spec, 'enc')]
+    dec = [_stack([_decoder_layers(theta['dec'][b][j], spec.monotone) for b, j in members])
+           for members in _plan(shapes, spec, 'dec')]
+    link = theta['link']
+    if spec.monotone:  # effective_weights on the stacks: one batched norm per stacked factor
+        normalise = lambda layers: [dict(p, u=[_normalised_stack(u) for u in p['u']]) for p in layers]
+        enc, dec = [normalise(layers) for layers in enc], [normalise(layers) for layers in dec]
+        link = {b: dict(l, w=_normalised(l['w'])) for b, l in link.items()}
+    out = {'first': theta['first'], 'link': link, 'enc': enc, 'dec': dec}
+    if spec.monotone:
+        out['a'] = theta['a']
+    return out
+
+
+def _normalised_stack(u: jnp.ndarray) -> jnp.ndarray:
+    """``_normalised`` of each matrix of a stack (G, n', n)."""
+    fro = jnp.sqrt(jnp.sum(u * u, axis=(1, 2), keepdims=True) + 1e-12)
+    return u / jnp.maximum(1.0, fro)
+
+
+def _batched_layer(p, x):
+    """X x_1 U_1 ... x_m U_m + b for a stack of G tensors X (G, n_1..n_m) and factors U_k (G, n'_k, n_k): one
+    batched dot_general per mode, contracting the leading mode and appending the new one last (as
+    ``mode_product``)."""
+    for u in p['u']:
+        x = jax.lax.dot_general(x, u, (((1,), (2,)), ((0,), (0,))))
+    return x + p['b']
+
+
+def apply_prepared(prepared: Params, z: Params, spec: BlockIAFSpec) -> Params:
+    """phi = g(z) from ``prepare(theta, spec)``: equal to ``forward_per_leaf`` up to float rounding."""
+    blocks, w = spec.blocks, prepared
+    template = {b: _leaves(z[b]) for b in blocks}
+    shapes = {b: [mode_shape(leaf.shape) for leaf in leaves] for b, leaves in template.items()}
+    # encoders: every leaf of every block but the last, grouped
+    codes = {}
+    for layers, members in zip(w['enc'], _plan(shapes, spec, 'enc')):
+        x = jnp.stack([template[b][j].reshape(mode_shape(template[b][j].shape)) for b, j in members])
+        for p in layers:
+            x = jax.nn.relu(_batched_layer(p, x))
+        for g, member in enumerate(members):
+            codes[member] = x[g].reshape(-1)
+    encodings = [jnp.concatenate([codes[(b, j)] for j in range(len(template[b]))]) for b in blocks[:-1]]
+    # links: one dense layer per block on the encodings of the earlier blocks; decoders grouped
+    inputs = {}
+    for i, b in enumerate(blocks[1:], start=1):
+        link = w['link'][b]
+        h = link['w'] @ jnp.concatenate(encodings[:i]) + link['b']
+        start = 0
+        for j, s in enumerate(shapes[b]):
+            shape = _shrink_sequence(s, spec.encoder_layers)[-1]
+            n = int(np.prod(shape))
+            inputs[(b, j)] = jax.nn.relu(h[start:start + n].reshape(shape))
+            start += n
+    heads = {}
+    trunk_len = spec.encoder_layers - 1
+    for layers, members in zip(w['dec'], _plan(shapes, spec, 'dec')):
+        x = jnp.stack([inputs[m] for m in members])
+        for p in layers[:trunk_len]:
+            x = jax.nn.relu(_batched_layer(p, x))
+        outs = [_batched_layer(p, x) for p in layers[trunk_len:]]   # mu, then a (unconstrained form)
+        for g, (b, j) in enumerate(members):
+            heads[(b, j)] = [o[g].reshape(template[b][j].shape) for o in outs]
+    phi = {}
+    for i, b in enumerate(blocks):
+        treedef = jax.tree_util.tree_structure(z[b])
+        if i == 0:
+            a, mu = w['first']['a'], w['first']['mu']
+        else:
+            mu = jax.tree_util.tree_unflatten(treedef, [heads[(b, j)][0] for j in range(len(template[b]))])
+            if spec.monotone:
+                a = w['a'][b]
+                mu = jax.tree_util.tree_map(lambda m: spec.shift_lipschitz * m, mu)
+            else:
+                a = jax.tree_util.tree_unflatten(treedef, [heads[(b, j)][1] for j in range(len(template[b]))])
         phi[b] = jax.tree_util.tree_map(lambda zz, aa, mm: zz * _sigma(aa, spec) + mm, z[b], a, mu)
     return phi
 
