@@ -3,6 +3,8 @@ r"""Meta-step benchmark: time, FLOPs, throughput and memory of the trainer's own
     python -m experiments.benchmark --out_dir=/tmp/bench                 # table for every method, shapes a,b,c
     python -m experiments.benchmark --quick --out_dir=/tmp/bench         # fewer repeats, no curves
     python -m experiments.benchmark --methods=maml,md --shapes=a --curves=K,tasks --curve_shape=a
+    python -m experiments.benchmark --methods=maml,metasgd,metacurvature,md --authors_code=PATH \
+        --authors_python=/path/to/torch/venv/bin/python      # + the authors' code on the same episodes
 
 For every method in ``md_meta.methods.names()`` (or ``--methods``) and every shape
   (a) Omniglot 28x28x1, CNN4, 5-way 1-shot 15 query, 4 tasks, K=5, second order;
@@ -26,6 +28,7 @@ import os
 import re
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -57,6 +60,10 @@ flags.DEFINE_bool('curve_remat', True, 'run the K curve with inner.remat=True be
 flags.DEFINE_list('set', [], 'config overrides for every run, e.g. inner.unroll=5,meta.task_batching=vmap')
 flags.DEFINE_string('data_dir', '', 'task.data_dir for the host episode-sampling time (skipped without data)')
 flags.DEFINE_bool('flops', True, 'count FLOPs (compiles a fully unrolled copy of the step when needed)')
+flags.DEFINE_string('authors_code', '', "checkout of github.com/zhangyilang/MetaMirrorDescent: also time the authors' "
+                    'MAML, Meta-SGD, MetaCurvature and MD on the same episodes (experiments.authors_yardstick) and '
+                    "print md-meta's speed-up")
+flags.DEFINE_string('authors_python', '', "a Python with torch and torchmeta for --authors_code (default: this one)")
 
 SHAPES = {
     'a': dict(task='omniglot', size=28, channels=1, tasks=4, K=5),
@@ -248,6 +255,39 @@ def table(rows, peak):
     return '\n'.join(lines)
 
 
+AUTHORS_METHODS, AUTHORS_SHAPES = ('maml', 'metasgd', 'metacurvature', 'md'), ('a', 'b', 'c')
+
+
+def authors_times(reference_dir: str, python: str, method_list, shapes, repeats: int) -> list:
+    """The authors' seconds per meta-step (``experiments.authors_yardstick``, run by ``python`` in a
+    subprocess, one row per JSON line) for the methods and shapes they have."""
+    ms = [m for m in method_list if m in AUTHORS_METHODS]
+    ss = [s for s in shapes if s in AUTHORS_SHAPES]
+    if not ms or not ss:
+        return []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [python, '-m', 'experiments.authors_yardstick', f'--reference_dir={reference_dir}',
+           f"--methods={','.join(ms)}", f"--shapes={','.join(ss)}", f'--repeats={repeats}']
+    print('authors\' code:', ' '.join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+    if proc.returncode != 0:
+        print(f"authors' code: exit status {proc.returncode} (see its messages above)", flush=True)
+    return rows
+
+
+def authors_table(rows, authors) -> str:
+    """md-meta's and the authors' median seconds per meta-step, same machine and episodes, and the ratio."""
+    by = {(r['method'], r['shape']): r for r in rows}
+    lines = ["| method | shape | authors' s/step | md-meta s/step | md-meta speed-up |", '| --- | --- | --- | --- | --- |']
+    for a in authors:
+        r = by.get((a['method'], a['shape']))
+        ours = f"{r['median_s']:.3f}" if r else '-'
+        speed = f"{a['median_s'] / r['median_s']:.2f}x" if r else '-'
+        lines.append(f"| {a['method']} | {a['shape']} | {a['median_s']:.3f} | {ours} | {speed} |")
+    return "Against the authors' code (experiments.authors_yardstick, same episodes, this machine):\n\n" + '\n'.join(lines)
+
+
 def plot_curve(points, x_key, path, title):
     try:
         import matplotlib
@@ -323,6 +363,11 @@ def main(argv):
               for s in FLAGS.shapes for m in method_list if m != 'maml' and (m, s) in by and ('maml', s) in by]
     if ratios:
         md.append('\nMedian time relative to MAML (same run):\n\n' + '\n'.join(ratios))
+    if FLAGS.authors_code:
+        results['authors'] = authors_times(FLAGS.authors_code, FLAGS.authors_python or sys.executable,
+                                           method_list, FLAGS.shapes, repeats)
+        md.append('\n' + authors_table(ok_rows, results['authors']))
+        save()
 
     quick = FLAGS.quick
     for curve in FLAGS.curves:

@@ -248,3 +248,23 @@ def test_low_precision_meta_gradient_close_to_fp32():
     floor = _cos(g_floor, g32)
     assert 0.5 < floor < 0.99  # the problem is as sensitive as stated (else tighten this test)
     assert _cos(gb16, g32) > floor - 0.05, (_cos(gb16, g32), floor)
+
+
+def test_benchmark_reads_the_authors_yardstick_and_prints_the_speed_up(tmp_path):
+    """experiments.benchmark --authors_code runs experiments.authors_yardstick with --authors_python in a
+    subprocess, keeps its JSON lines for the methods and shapes the authors have, and prints the ratio (here a
+    stand-in Python that answers like the yardstick; the real one needs torch and the authors' checkout)."""
+    import sys as sys_lib
+    from experiments import benchmark
+    fake = tmp_path / 'python'
+    fake.write_text(f"#!{sys_lib.executable}\nimport json, sys\n"
+                    "args = dict(a[2:].split('=', 1) for a in sys.argv[3:])\n"
+                    "assert sys.argv[1:3] == ['-m', 'experiments.authors_yardstick'] and args['reference_dir'] == 'REF'\n"
+                    "for s in args['shapes'].split(','):\n"
+                    "    for m in args['methods'].split(','):\n"
+                    "        print(json.dumps({'method': m, 'shape': s, 'median_s': 2.0}))\n")
+    fake.chmod(0o755)
+    rows = benchmark.authors_times('REF', str(fake), ['maml', 'warpgrad', 'md'], ['a', 'r'], 1)
+    assert [(r['method'], r['shape']) for r in rows] == [('maml', 'a'), ('md', 'a')]
+    text = benchmark.authors_table([{'method': 'maml', 'shape': 'a', 'median_s': 0.5}], rows)
+    assert '| maml | a | 2.000 | 0.500 | 4.00x |' in text and '| md | a | 2.000 | - | - |' in text
