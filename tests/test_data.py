@@ -464,8 +464,9 @@ def test_resnet12_layers_and_shapes():
         assert jax.eval_shape(m.apply, v, jnp.ones(shape)).shape == (5, 5)
         if shape[-1] == 3:
             assert sum(x.size for x in jax.tree_util.tree_leaves(v)) == 12427525  # the usual ~12.4M
-    for transform in ('tnet', 'warpgrad'):  # T before the pool, the warp after it
-        m = make_model('resnet12', transform=transform, num_classes=5, features=8)
+    from md_meta.methods import tnet, warpgrad
+    for transform, layer in (('tnet', tnet.TLayer), ('warpgrad', warpgrad.WarpLayer)):  # T before the pool, warp after
+        m = make_model('resnet12', layer=layer, num_classes=5, features=8)
         v = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.ones((5, 28, 28, 1)))
         assert jax.eval_shape(m.apply, v, jnp.ones((5, 28, 28, 1))).shape == (5, 5)
         assert set(v['warp']['layer_3']['transform']) == ({'T'} if transform == 'tnet' else {'w1', 'b1', 'w2'})
