@@ -42,7 +42,8 @@ import numpy as np
 
 from md_meta import config as config_lib
 from md_meta import methods, tasks, training
-from md_meta.meta import Task, resolve_task_gradients, task_batching_for
+from md_meta.meta import resolve_task_gradients, task_batching_for
+from md_meta.tasks import Task
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('methods', [], 'methods to benchmark (default: every registered method)')
