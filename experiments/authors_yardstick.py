@@ -101,7 +101,11 @@ def time_method(reference_dir: str, method: str, shape: str, repeats: int) -> di
 
 def main(argv):
     del argv
-    import torch
+    from experiments.authors_code import ReferenceUnavailable, load_reference
+    try:
+        torch = load_reference(FLAGS.reference_dir)[0]
+    except ReferenceUnavailable as e:
+        raise SystemExit(f'authors_yardstick: {e}')
     if FLAGS.threads:
         torch.set_num_threads(FLAGS.threads)
     for shape in FLAGS.shapes:

@@ -31,6 +31,7 @@ All functions are pure; ``spec`` is static (hashable) and the map parameters are
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -60,8 +61,14 @@ class BlockIAFSpec(NamedTuple):
 
 
 def default_blocks(params: Params) -> tuple:
-    """One block per top-level entry (one per network layer), in the network's order."""
-    return tuple(params.keys())
+    """One block per top-level entry (one per network layer), in the network's order whatever the dict's key
+    order: md-meta's networks name their layers ``layer_0, layer_1, ...`` (ordered by the number, so
+    ``layer_10`` follows ``layer_9``); other names (a Flax module's ``Conv_0, Conv_1, Dense_0``) in sorted
+    order, the order JAX gives a traced dict's keys. Only the keys are read."""
+    keys = list(params.keys())
+    if keys and all(re.fullmatch(r'layer_\d+', k) for k in keys):
+        return tuple(sorted(keys, key=lambda k: int(k[len('layer_'):])))
+    return tuple(sorted(keys))
 
 
 def make_spec(params: Params, *, blocks: Sequence[str] | None = None, scale: str = 'bounded',
@@ -354,7 +361,10 @@ def _theta_mode_shapes(theta, spec) -> dict:
     for the last block the output modes of its decoder heads."""
     shapes = {b: [tuple(u.shape[1] for u in layers[0]['u']) for layers in theta['enc'][b]] for b in spec.blocks[:-1]}
     last = spec.blocks[-1]
-    shapes[last] = [tuple(u.shape[0] for u in d['mu']['u']) for d in theta['dec'][last]]
+    if len(spec.blocks) == 1:  # one block: no encoder or decoder; its constant scale and shift give the shapes
+        shapes[last] = [mode_shape(np.shape(l)) for l in _leaves(theta['first']['mu'])]
+    else:
+        shapes[last] = [tuple(u.shape[0] for u in d['mu']['u']) for d in theta['dec'][last]]
     return shapes
 
 

@@ -62,7 +62,7 @@ def flatten(d: dict, prefix: str = '') -> dict:
     return out
 
 
-# Values of earlier schemas that meant what today's value means: (field, old value) -> today's value
+# Values of earlier schemas that meant what today's value means: (section, field, old value) -> today's value
 RETIRED_VALUES = {('inner', 'unroll', -1): 1,                     # the automatic unroll always resolved to 1
                   ('meta', 'task_batching', 'unroll'): 'vmap'}    # per-task copies: the same values as vmap
 

@@ -8,7 +8,7 @@ import pytest
 
 from md_meta import blockiaf
 from md_meta.networks import make_model
-from tests.helpers import random_like, tree_max_abs_diff, tree_vdot
+from tests.helpers import random_like, tiny_config, tree_max_abs_diff, tree_vdot
 
 
 def mlp_params(key=0, hidden=(8, 8)):
@@ -57,8 +57,7 @@ def test_blockiaf_identity_at_init_and_exact_inverse(scale, monotone):
         phi = blockiaf.forward(theta, z, spec)
         assert tree_max_abs_diff(phi, z) > 1e-2  # the perturbed map is not the identity
         assert tree_max_abs_diff(blockiaf.inverse(theta, phi, spec), z) < 1e-10
-        # the weights computed once per adaptation (MD's inner(theta)) give the same map; monotone: every
-        # factor Fro <= 1
+        # monotone: every factor of the weights g applies has Frobenius norm <= 1
         weights = blockiaf.effective_weights(theta, monotone)
         # the grouped products (forward) compute the per-leaf definition up to rounding
         assert tree_max_abs_diff(blockiaf.forward_per_leaf(theta, z, spec), phi) < 1e-12
@@ -165,3 +164,21 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone):
         assert tree_max_abs_diff(jax.jit(grouped)(theta, z), per_leaf(theta, z)) < 1e-12
         assert tree_max_abs_diff(blockiaf.inverse(theta, jax.jit(lambda t, zz: blockiaf.forward(t, zz, spec))(theta, z),
                                                   spec), z) < 1e-12
+
+
+def test_blocks_follow_the_network_whatever_the_key_order():
+    """md-meta's layer_N in numeric order (layer_10 after layer_9), other names sorted; a one-block pytree
+    (nothing to condition on: a per-element scale and shift) runs through MD's inner loop too."""
+    from md_meta.methods import md
+    assert blockiaf.default_blocks({f'layer_{i}': 0 for i in (10, 2, 0, 1)}) == ('layer_0', 'layer_1', 'layer_2',
+                                                                                'layer_10')
+    assert blockiaf.default_blocks({'Dense_0': 0, 'Conv_1': 0, 'Conv_0': 0}) == ('Conv_0', 'Conv_1', 'Dense_0')
+    params = {'layer_0': mlp_params()['layer_0']}
+    geom = md.make(tiny_config('md'))
+    z0, theta = geom.init(jax.random.PRNGKey(0), params)
+    theta = jax.tree_util.tree_map(lambda t: t + 0.1, theta)
+    loop = geom.inner(theta)
+    phi = loop.params_of(z0)
+    spec = md.spec_from_config(tiny_config('md'), params)
+    assert tree_max_abs_diff(phi, blockiaf.forward_per_leaf(theta, z0, spec)) == 0.0
+    assert tree_max_abs_diff(phi, z0) > 1e-3

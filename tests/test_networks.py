@@ -88,7 +88,7 @@ def test_patches_conv_matches_lax_under_vmap_and_second_order(cin, cout):
 
 
 @pytest.mark.parametrize('shape,ties', [((3, 6, 6, 4), False), ((2, 7, 5, 4), False), ((3, 6, 6, 4), True)])
-def test_fused_bn_relu_pool_matches_plain_formula_to_second_order(shape, ties):
+def test_fused_pool_bn_relu_matches_plain_formula_to_second_order(shape, ties):
     """pool_bn_relu (pool first, closed-form backward), with a negative scale's sign moved onto x as
     NormReluPool does, == max_pool_2x2(relu(bn(x))) by autodiff: values, gradients and a Hessian-vector
     product, in float64, with negative scales, odd sizes and tied maxima (where JAX splits the gradient
@@ -120,12 +120,12 @@ def test_fused_bn_relu_pool_matches_plain_formula_to_second_order(shape, ties):
         np.testing.assert_allclose(per_task[0], g_fused[0], atol=1e-12)
 
 
-@pytest.mark.parametrize('transform', ['none', 'tnet', 'warpgrad'])
-def test_conv_block_matches_its_definition(transform):
-    layer = {'none': None, 'tnet': tnet.TLayer, 'warpgrad': warpgrad.WarpLayer}[transform]
+@pytest.mark.parametrize('method', ['maml', 'tnet', 'warpgrad'])
+def test_conv_block_matches_its_definition(method):
     """ConvBlock (patches conv, fused pool_bn_relu, the norm's sign and T-net's T folded into the kernel, the
     conv bias left out as it cancels) == the block written out with lax.conv: conv -> + b -> [T] -> bn ->
-    relu -> pool -> [warp], with random parameters, transforms and norm scales of both signs."""
+    relu -> pool -> [warp], with random parameters, inserted layers and norm scales of both signs."""
+    layer = {'maml': None, 'tnet': tnet.TLayer, 'warpgrad': warpgrad.WarpLayer}[method]
     kx, kv, kt = jax.random.split(jax.random.PRNGKey(3), 3)
     x = jax.random.normal(kx, (4, 9, 9, 3))
     block = ConvBlock(8, 'patches', layer)
@@ -135,11 +135,11 @@ def test_conv_block_matches_its_definition(transform):
     variables['params']['bias'] = variables['params']['bias'] + 2.0
     p, warp = variables['params'], variables.get('warp', {}).get('transform', {})
     h = conv3x3_lax(x, p['kernel']) + p['bias']
-    if transform == 'tnet':
+    if method == 'tnet':
         h = h @ warp['T']
     mean, rstd = batch_stats(h, 1e-5)
     h = max_pool_2x2(jax.nn.relu((h - mean) * rstd * p['norm']['scale'] + p['norm']['bias']))
-    if transform == 'warpgrad':
+    if method == 'warpgrad':
         h = h + jax.nn.relu(h @ warp['w1'] + warp['b1']) @ warp['w2']
     np.testing.assert_allclose(block.apply(variables, x), h, rtol=1e-4, atol=1e-5)
 

@@ -173,6 +173,22 @@ def test_workdir_of_another_config_is_refused(tmp_path):
     workdirs.prepare(c3, wd)
 
 
+def test_a_workdir_written_with_retired_values_still_loads_and_resumes(tmp_path):
+    """config.json of an earlier schema (inner.unroll=-1, the automatic unroll that always meant 1;
+    meta.task_batching='unroll') reads as today's equivalent, validates, and is the same run as today's config."""
+    from experiments.configs.sinusoid import get_config
+    wd = tmp_path / 'w'
+    wd.mkdir()
+    old = json.loads(get_config().to_json())
+    old['inner']['unroll'], old['meta']['task_batching'] = -1, 'unroll'
+    (wd / 'config.json').write_text(json.dumps(old))
+    stored = workdirs.load_config(str(wd))
+    assert (stored.inner.unroll, stored.meta.task_batching) == (1, 'vmap')
+    from md_meta import config as config_lib
+    config_lib.validate(stored)
+    workdirs.prepare(get_config(), str(wd))   # no mismatch: the same computation
+
+
 def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path):
     wd = str(tmp_path / 'w')
     over = {'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 0}

@@ -9,16 +9,15 @@ import jax
 
 from md_meta import blockiaf
 from md_meta.geometry import Geometry, InnerLoop, sgd_step
-from md_meta.methods._tensor import layer_names
 
 LOWER_LEVEL, LOSS_GEOMETRY = 'MD', 'blockIAF-based mirror map'
 
 
 def spec_from_config(config, params) -> blockiaf.BlockIAFSpec:
-    """The blockIAF's spec: one block per top-level entry of ``params`` (only its keys are read), in network
-    order (``layer_names``: layer_0, layer_1, ..., by the trailing number), whatever the dict's key order."""
+    """The blockIAF's spec: one block per top-level entry of ``params`` (only its keys are read), in
+    ``blockiaf.default_blocks`` order, whatever the dict's key order."""
     c = config.md
-    return blockiaf.make_spec(params, blocks=layer_names(params), scale=c.scale, s_min=c.s_min, s_max=c.s_max,
+    return blockiaf.make_spec(params, scale=c.scale, s_min=c.s_min, s_max=c.s_max,
                               monotone=c.monotone, shift_lipschitz=c.shift_lipschitz,
                               encoder_layers=c.encoder_layers)
 
@@ -29,8 +28,6 @@ def make(config) -> Geometry:
     def spec_for(params):  # the spec is a pure function of the config and the pytree's block keys
         return spec_from_config(config, params)
 
-    def spec_of_theta(theta):  # the same spec from the map's own parameters (blocks = its encoder/decoder keys)
-        return spec_for(dict.fromkeys(set(theta['enc']) | set(theta['dec'])))
 
     def init(key, params):
         spec = spec_for(params)
@@ -39,7 +36,11 @@ def make(config) -> Geometry:
         return jax.jit(lambda th, p: blockiaf.inverse(th, p, spec))(theta, params), theta
 
     def inner(theta):
-        spec = spec_of_theta(theta)
+        blocks = set(theta['enc']) | set(theta['dec'])
+        if not blocks:  # a single block (one top-level entry): a per-element scale and shift, nothing to group
+            return InnerLoop(update=lambda z, grad: sgd_step(z, grad, alpha),
+                             params_of=lambda z: blockiaf.forward_per_leaf(theta, z, spec_for(z)))
+        spec = spec_for(dict.fromkeys(blocks))   # the spec from the map's own keys, before any z is seen
         prepared = blockiaf.prepare(theta, spec)  # normalised, stacked weights: once per adaptation
         return InnerLoop(update=lambda z, grad: sgd_step(z, grad, alpha),
                          params_of=lambda z: blockiaf.apply_prepared(prepared, z, spec))
