@@ -2,7 +2,12 @@
 import jax
 import jax.numpy as jnp
 
+from md_meta import methods
 from md_meta.config import base_config
+from md_meta.inner import InnerConfig
+from md_meta.meta import MetaLearner, init_meta_params, meta_loss
+from md_meta.networks import make_model
+from md_meta.tasks import Task
 
 
 def tiny_config(method='maml', **overrides):
@@ -54,3 +59,28 @@ def nan_build(config, at, count):
             batch = batch._replace(query_x=jnp.full_like(batch.query_x, jnp.nan))
         return batch
     return training.build(config, source=source._replace(sample=sample, device_sample=None))
+
+
+# Small CNN4 learners and episodes for the equivalence tests (tests/test_networks.py, tests/test_meta.py).
+def image_learner(method='maml', *, conv_impl='patches', steps=2, remat=False, unroll=1, dtype='float32',
+                   task_batching='vmap', task_chunk=1):
+    c = tiny_config(method)
+    c.inner.step_size = 0.1
+    geometry = methods.make_geometry(c)
+    model = make_model('cnn4', layer=geometry.layer, conv_impl=conv_impl, num_classes=3, features=8)
+    inner = InnerConfig(steps, False, unroll, remat)
+    return MetaLearner(geometry, model, 'xent', inner, inner, task_batching, dtype, task_chunk=task_chunk)
+
+
+def image_batch(tasks=2, ways=3, shots=1, query=2, size=16):
+    ks = jax.random.split(jax.random.PRNGKey(1), 2)
+    lab = lambda k: jnp.tile(jnp.arange(ways).repeat(k), (tasks, 1))
+    return Task(jax.random.normal(ks[0], (tasks, ways * shots, size, size, 1)), lab(shots),
+                jax.random.normal(ks[1], (tasks, ways * query, size, size, 1)), lab(query))
+
+
+def meta_grad(learner, batch, meta=None):
+    if meta is None:
+        meta = init_meta_params(learner, jax.random.PRNGKey(0), batch.support_x[0])
+    g = jax.jit(jax.grad(lambda m: meta_loss(learner, m, batch, jax.random.PRNGKey(2))[0]))(meta)
+    return meta, g

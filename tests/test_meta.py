@@ -7,14 +7,12 @@ import numpy as np
 import optax
 import pytest
 
-from md_meta import methods, training
+from md_meta import training
 from md_meta.config import ConfigError, validate
-from md_meta.inner import InnerConfig
-from md_meta.meta import (MetaLearner, Task, chunk_size, init_meta_params, make_evaluate, make_meta_step, meta_loss,
+from md_meta.meta import (Task, chunk_size, init_meta_params, make_evaluate, make_meta_step, meta_loss,
                           meta_value_and_grad, resolve_task_batching, resolve_task_gradients, task_batching_for)
-from md_meta.networks import make_model
 from md_meta.tasks import sinusoid
-from tests.helpers import random_like, tiny_config, tree_vdot
+from tests.helpers import image_batch, image_learner, meta_grad, random_like, tiny_config, tree_vdot
 
 
 def _learner(method, steps=2, first_order=False, hidden=(8, 8)):
@@ -87,28 +85,6 @@ def _rel(a, b):
     return (num / den) ** 0.5
 
 
-def _image_learner(method='maml', *, conv_impl='patches', steps=2, remat=False, unroll=1, dtype='float32',
-                   task_batching='vmap', task_chunk=1):
-    c = tiny_config(method)
-    c.inner.step_size = 0.1
-    geometry = methods.make_geometry(c)
-    model = make_model('cnn4', layer=geometry.layer, conv_impl=conv_impl, num_classes=3, features=8)
-    inner = InnerConfig(steps, False, unroll, remat)
-    return MetaLearner(geometry, model, 'xent', inner, inner, task_batching, dtype, task_chunk=task_chunk)
-
-
-def _image_batch(tasks=2, ways=3, shots=1, query=2, size=16):
-    ks = jax.random.split(jax.random.PRNGKey(1), 2)
-    lab = lambda k: jnp.tile(jnp.arange(ways).repeat(k), (tasks, 1))
-    return Task(jax.random.normal(ks[0], (tasks, ways * shots, size, size, 1)), lab(shots),
-                jax.random.normal(ks[1], (tasks, ways * query, size, size, 1)), lab(query))
-
-
-def _meta_grad(learner, batch, meta=None):
-    if meta is None:
-        meta = init_meta_params(learner, jax.random.PRNGKey(0), batch.support_x[0])
-    g = jax.jit(jax.grad(lambda m: meta_loss(learner, m, batch, jax.random.PRNGKey(2))[0]))(meta)
-    return meta, g
 
 
 def _value_and_grad_both_ways(learner, batch, meta):
@@ -118,10 +94,10 @@ def _value_and_grad_both_ways(learner, batch, meta):
 
 
 def test_remat_same_meta_gradient_cnn():
-    batch = _image_batch()
-    meta, g0 = _meta_grad(_image_learner(steps=3, remat=False), batch)
-    _, g1 = _meta_grad(_image_learner(steps=3, remat=True), batch, meta)
-    _, g2 = _meta_grad(_image_learner(steps=3, remat=True, unroll=3), batch, meta)
+    batch = image_batch()
+    meta, g0 = meta_grad(image_learner(steps=3, remat=False), batch)
+    _, g1 = meta_grad(image_learner(steps=3, remat=True), batch, meta)
+    _, g2 = meta_grad(image_learner(steps=3, remat=True, unroll=3), batch, meta)
     assert _rel(g1, g0) < 1e-5 and _rel(g2, g0) < 1e-5
 
 
@@ -130,9 +106,9 @@ def test_remat_and_unroll_same_meta_gradient_md_mlp():
     exp = build(tiny_config('md', **{'inner.steps': 4}))
     batch = exp.source.sample(0, 3, 'train', 4)
     base = exp.learner._replace(inner=exp.learner.inner._replace(remat=False, unroll=1))
-    meta, g0 = _meta_grad(base, batch)
+    meta, g0 = meta_grad(base, batch)
     for inner in (base.inner._replace(remat=True, unroll=2),):
-        _, g = _meta_grad(base._replace(inner=inner), batch, meta)
+        _, g = meta_grad(base._replace(inner=inner), batch, meta)
         assert _rel(g, g0) < 1e-5, inner
 
 
@@ -154,8 +130,8 @@ def test_per_task_meta_gradient_matches_batched_mlp(method):
 @pytest.mark.parametrize('task_batching', ['vmap', 'map'])
 def test_per_task_meta_gradient_matches_batched_cnn(task_batching):
     """The same on CNN4 with WarpGrad (meta-learned 'warp' collection in the network) under both batchings."""
-    learner = _image_learner('warpgrad', task_batching=task_batching)
-    batch = _image_batch()
+    learner = image_learner('warpgrad', task_batching=task_batching)
+    batch = image_batch()
     meta = init_meta_params(learner, jax.random.PRNGKey(0), batch.support_x[0])
     meta['net'] = jax.tree_util.tree_map(lambda w: w + 0.1, meta['net'])  # w2 = 0 at init: make the warp act
     ((l_b, m_b), g_b), ((l_p, m_p), g_p) = _value_and_grad_both_ways(learner, batch, meta)
@@ -168,8 +144,8 @@ def test_task_map_matches_vmap_cnn():
     """meta.task_batching='map' (lax.map over vmapped chunks: 4 tasks in 2 chunks of 2, and in 4 chunks of 1)
     gives vmap's meta-loss, metrics and meta-gradient, with either task_gradients; the evaluation path too.
     (WarpGrad's 'net' collection under 'map': test_per_task_meta_gradient_matches_batched_cnn[map].)"""
-    batch = _image_batch(tasks=4)
-    learners = [_image_learner(task_batching=tb, task_chunk=ch)._replace(task_gradients=tg)
+    batch = image_batch(tasks=4)
+    learners = [image_learner(task_batching=tb, task_chunk=ch)._replace(task_gradients=tg)
                 for tb, ch, tg in (('vmap', 1, 'per_task'), ('map', 2, 'per_task'), ('map', 1, 'batched'))]
     meta = init_meta_params(learners[0], jax.random.PRNGKey(0), batch.support_x[0])
     key = jax.random.PRNGKey(3)
@@ -196,9 +172,9 @@ def test_resolve_task_batching_and_config():
     assert [chunk_size(n, 4) for n in (6, 7, 8, 3)] == [3, 1, 4, 3]
     with pytest.raises(ValueError, match='task_chunk'):
         chunk_size(4, 0)
-    images, vectors = _image_batch(tasks=3), Task(*(jnp.zeros((25, 5, 1)),) * 4)
-    assert task_batching_for(_image_learner(task_batching='map', task_chunk=2), images) == ('map', 1)
-    assert task_batching_for(_image_learner(task_batching='auto', task_chunk=2), vectors) == ('vmap', None)
+    images, vectors = image_batch(tasks=3), Task(*(jnp.zeros((25, 5, 1)),) * 4)
+    assert task_batching_for(image_learner(task_batching='map', task_chunk=2), images) == ('map', 1)
+    assert task_batching_for(image_learner(task_batching='auto', task_chunk=2), vectors) == ('vmap', None)
     for field, value in (('task_batching', 'pmap'), ('task_chunk', 0)):
         c = tiny_config('maml')
         c.meta[field] = value
@@ -235,16 +211,16 @@ def test_low_precision_meta_gradient_close_to_fp32():
     parameters to bf16, then computing in fp32, already turns it to cosine ~0.8-0.89 with the exact one
     (measured; docs/benchmarks.md), so no bf16 scheme can reach 0.99 here. Hence: fp16 compute (10-bit
     mantissa) must reach 0.99, and bf16 compute must be as close as that quantization floor allows."""
-    batch = _image_batch()
-    meta, g32 = _meta_grad(_image_learner(steps=2), batch)
-    _, g16 = _meta_grad(_image_learner(steps=2, dtype='float16'), batch, meta)
-    _, gb16 = _meta_grad(_image_learner(steps=2, dtype='bfloat16'), batch, meta)
+    batch = image_batch()
+    meta, g32 = meta_grad(image_learner(steps=2), batch)
+    _, g16 = meta_grad(image_learner(steps=2, dtype='float16'), batch, meta)
+    _, gb16 = meta_grad(image_learner(steps=2, dtype='bfloat16'), batch, meta)
     for leaf in jax.tree_util.tree_leaves((g16, gb16)):
         assert leaf.dtype == jnp.float32  # fp32 meta-gradient (parameters stay fp32)
     assert _cos(g16, g32) > 0.99, _cos(g16, g32)
     to_bf16 = lambda t: jax.tree_util.tree_map(
         lambda a: a.astype(jnp.bfloat16).astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, t)
-    _, g_floor = _meta_grad(_image_learner(steps=2), to_bf16(batch), to_bf16(meta))
+    _, g_floor = meta_grad(image_learner(steps=2), to_bf16(batch), to_bf16(meta))
     floor = _cos(g_floor, g32)
     assert 0.5 < floor < 0.99  # the problem is as sensitive as stated (else tighten this test)
     assert _cos(gb16, g32) > floor - 0.05, (_cos(gb16, g32), floor)

@@ -5,14 +5,10 @@ import numpy as np
 import pytest
 
 from md_meta import training
-from md_meta.inner import InnerConfig
-from md_meta.meta import init_meta_params, meta_loss
-from md_meta.networks import make_model
-from tests.helpers import tiny_config, tree_max_abs_diff
-from md_meta import methods
-from md_meta.meta import MetaLearner, Task
 from md_meta.methods import tnet, warpgrad
-from md_meta.networks import (ConvBlock, batch_stats, channel_sign, conv3x3_lax, conv3x3_patches, max_pool_2x2, pool_bn_relu)
+from md_meta.networks import (ConvBlock, batch_stats, channel_sign, conv3x3_lax, conv3x3_patches, make_model,
+                              max_pool_2x2, pool_bn_relu)
+from tests.helpers import image_batch, image_learner, meta_grad, tiny_config, tree_max_abs_diff
 
 
 def test_cnn4_torch_init_is_pytorch_default():
@@ -46,28 +42,6 @@ def _conv_inner_outer(conv):
     return outer
 
 
-def _image_learner(method='maml', *, conv_impl='patches', steps=2, remat=False, unroll=1, dtype='float32',
-                   task_batching='vmap', task_chunk=1):
-    c = tiny_config(method)
-    c.inner.step_size = 0.1
-    geometry = methods.make_geometry(c)
-    model = make_model('cnn4', layer=geometry.layer, conv_impl=conv_impl, num_classes=3, features=8)
-    inner = InnerConfig(steps, False, unroll, remat)
-    return MetaLearner(geometry, model, 'xent', inner, inner, task_batching, dtype, task_chunk=task_chunk)
-
-
-def _image_batch(tasks=2, ways=3, shots=1, query=2, size=16):
-    ks = jax.random.split(jax.random.PRNGKey(1), 2)
-    lab = lambda k: jnp.tile(jnp.arange(ways).repeat(k), (tasks, 1))
-    return Task(jax.random.normal(ks[0], (tasks, ways * shots, size, size, 1)), lab(shots),
-                jax.random.normal(ks[1], (tasks, ways * query, size, size, 1)), lab(query))
-
-
-def _meta_grad(learner, batch, meta=None):
-    if meta is None:
-        meta = init_meta_params(learner, jax.random.PRNGKey(0), batch.support_x[0])
-    g = jax.jit(jax.grad(lambda m: meta_loss(learner, m, batch, jax.random.PRNGKey(2))[0]))(meta)
-    return meta, g
 
 
 @pytest.mark.parametrize('cin,cout', [(3, 5), (1, 16)])  # both branches of feature_matmul's weight gradient
@@ -145,7 +119,7 @@ def test_conv_block_matches_its_definition(method):
 
 
 def test_cnn4_patches_and_lax_same_meta_gradient():
-    batch = _image_batch()
-    meta, g_p = _meta_grad(_image_learner(conv_impl='patches'), batch)
-    _, g_l = _meta_grad(_image_learner(conv_impl='lax'), batch, meta)
+    batch = image_batch()
+    meta, g_p = meta_grad(image_learner(conv_impl='patches'), batch)
+    _, g_l = meta_grad(image_learner(conv_impl='lax'), batch, meta)
     assert _rel(g_p, g_l) < 1e-4

@@ -189,13 +189,18 @@ def test_a_workdir_written_with_retired_values_still_loads_and_resumes(tmp_path)
     workdirs.prepare(get_config(), str(wd))   # no mismatch: the same computation
 
 
-def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path):
+def _run_with_checkpoints_at_10_and_20(tmp_path):
+    """A 20-step MAML run checkpointed at steps 10 and 20: (workdir, its overrides, config, Checkpointer)."""
     wd = str(tmp_path / 'w')
     over = {'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 0}
     c = tiny_config('maml', **over)
     workdirs.prepare(c, wd)
     training.train(training.build(c), wd, log=lambda s: None)
-    ck = checkpoint_lib.Checkpointer(wd)
+    return wd, over, c, checkpoint_lib.Checkpointer(wd)
+
+
+def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path):
+    wd, over, c, ck = _run_with_checkpoints_at_10_and_20(tmp_path)
     assert ck.steps() == [10, 20]
     bad = ck.path(20)
     for f in glob.glob(os.path.join(bad, 'state', '**', 'd', '*'), recursive=True):
@@ -266,12 +271,7 @@ def _largest_file(d):
 def test_corrupted_checkpoint_array_is_caught_by_its_checksum(tmp_path):
     """64 random bytes in the middle of the newest checkpoint's largest file: set aside with a message,
     the previous checkpoint is used and the run equals a clean one; with none left, a restart from 0 is said."""
-    wd = str(tmp_path / 'w')
-    over = {'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 0}
-    c = tiny_config('maml', **over)
-    workdirs.prepare(c, wd)
-    training.train(training.build(c), wd, log=lambda s: None)
-    ck = checkpoint_lib.Checkpointer(wd)
+    wd, over, c, ck = _run_with_checkpoints_at_10_and_20(tmp_path)
     assert ck.steps() == [10, 20] and len(ck.record(20)['fingerprint']) == 16
 
     def corrupt(step):
