@@ -372,8 +372,10 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
         geometry = methods.make_geometry(cfg)
         cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jdtype), t)
         z0 = cast(network_to_md(OrderedDict(init.named_parameters()), template))
-        if method == 'md':
-            geom = cast(blockiaf_to_md(extra, template))
+        if method == 'md':  # md-meta meta-learns the map's weights in the packed layout (blockiaf.pack)
+            spec = blockiaf.make_spec(template, scale='exp', monotone=False)
+            theta = cast(blockiaf_to_md(extra, template))
+            geom = blockiaf.pack(theta, spec)
         elif method == 'metacurvature':
             geom = {'factors': cast(metacurvature_to_md(extra, template))}
         else:
@@ -400,16 +402,16 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
                   'phi_K': rel_error(phi_md, network_to_md(phi_ref, template)),
                   'meta_grad_init': rel_error(grads_md['init'], network_to_md(g_init_ref, template))}
         if method == 'md':
-            spec = blockiaf.make_spec(template, scale='exp', monotone=False)
             named = OrderedDict(init.named_parameters())
             g_ref = extra(named)
-            result['g(z)'] = rel_error(blockiaf.forward(geom, z0, spec), network_to_md(g_ref, template))
+            result['g(z)'] = rel_error(blockiaf.forward(theta, z0, spec), network_to_md(g_ref, template))
             result['g(z)-z'] = rel_error(network_to_md(g_ref, template), z0)  # how far from the identity
             phi_any = jax.tree_util.tree_map(lambda a: a + 0.05, z0)
-            z_md = blockiaf.inverse(geom, phi_any, spec)
+            z_md = blockiaf.inverse(theta, phi_any, spec)
             back = extra(network_to_torch(z_md, torch, tdtype))
             result['g_ref(g^-1(phi))'] = rel_error(network_to_md(back, template), phi_any)
-            result['meta_grad_geom'] = rel_error(grads_md['geom'], grad_tree(lambda m: blockiaf_to_md(m, template)))
+            result['meta_grad_geom'] = rel_error(grads_md['geom'],
+                                                 grad_tree(lambda m: blockiaf.pack(blockiaf_to_md(m, template), spec)))
         elif method == 'metacurvature':
             result['meta_grad_geom'] = rel_error(grads_md['geom']['factors'],
                                                  grad_tree(lambda m: metacurvature_to_md(m, template)))

@@ -190,8 +190,8 @@ def _kron_layer_apply(p, x):
 
 def effective_weights(theta: Params, monotone: bool) -> Params:
     """The weights g applies: in monotone mode (``spec.monotone``) every Kronecker factor and link matrix
-    U -> U / max(1, ||U||_F) (Lip <= 1 each); otherwise theta itself. A function of theta alone, so the inner
-    loop computes it once per adaptation (``prepare``) and applies it at every step (``apply_prepared``)."""
+    U -> U / max(1, ||U||_F) (Lip <= 1 each); otherwise theta itself (``effective_packed`` on the packed
+    layout)."""
     if not monotone:
         return theta
     layer = lambda p: dict(p, u=[_normalised(u) for u in p['u']])
@@ -316,7 +316,7 @@ def _block_scale_shift(theta, spec, i, encodings, template):
 
 def forward(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
     """phi = g(z), all blocks in parallel (each block reads the encodings of earlier blocks of z)."""
-    return apply_prepared(prepare(theta, spec), z, spec)
+    return apply_packed(effective_packed(pack(theta, spec), spec.monotone), z, spec)
 
 
 def forward_per_leaf(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
@@ -337,8 +337,9 @@ def forward_per_leaf(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
 # The per-leaf map issues one small dot per leaf, layer and mode (hundreds on CNN4, each with its second-order
 # backward), which makes the meta-step's program large (compile time) and, on accelerators, many small
 # kernels. Leaves whose layers have the same factor shapes (CNN4: the 64-vectors of every block, the 64x64
-# kernels of layers 1-3) run as one batched product per layer and mode: the factors are stacked once per
-# adaptation (``prepare``) and the leaves once per call. The same sums, up to the order of float rounding.
+# kernels of layers 1-3) run as one batched product per layer and mode: their factors are stored stacked
+# (``pack``: MD meta-learns theta in this layout, so no stacking in the meta-step) and the leaves of z are
+# stacked once per call. The same sums as ``forward_per_leaf``, up to the order of float rounding.
 
 def _groups(items) -> list:
     """[[member, ...], ...]: the members (block, leaf index) of equal key, in first-seen order. The key is
@@ -351,7 +352,7 @@ def _groups(items) -> list:
 
 def _plan(mode_shapes: dict, spec: BlockIAFSpec, part: str) -> list:
     """Groups of ``part`` ('enc': blocks but the last; 'dec': blocks but the first) from {block: [mode shape
-    of each leaf]}; the same for theta (``prepare``) and for z (``apply_prepared``)."""
+    of each leaf]}; the same for theta (``pack``) and for z (``apply_packed``)."""
     blocks = spec.blocks[:-1] if part == 'enc' else spec.blocks[1:]
     return _groups((s, (b, j)) for b in blocks for j, s in enumerate(mode_shapes[b]))
 
@@ -376,22 +377,28 @@ def _decoder_layers(dec, monotone: bool) -> list:
     return list(dec['trunk']) + [dec['mu']] + ([] if monotone else [dec['a']])
 
 
-def prepare(theta: Params, spec: BlockIAFSpec) -> Params:
-    """The weights ``apply_prepared`` needs, computed from theta alone (once per adaptation): the normalised
-    weights (``effective_weights``) with the encoder and decoder layers of equal shapes stacked per group."""
+def pack(theta: Params, spec: BlockIAFSpec) -> Params:
+    """theta (``init``'s per-leaf layout) with the encoder and decoder layers of leaves of equal mode shape
+    stacked per group, the layout ``apply_packed`` reads: a relayout of the same numbers (linear, so it maps
+    gradients in the per-leaf layout to gradients in the packed one)."""
     shapes = _theta_mode_shapes(theta, spec)
     enc = [_stack([theta['enc'][b][j] for b, j in members]) for members in _plan(shapes, spec, 'enc')]
     dec = [_stack([_decoder_layers(theta['dec'][b][j], spec.monotone) for b, j in members])
            for members in _plan(shapes, spec, 'dec')]
-    link = theta['link']
-    if spec.monotone:  # effective_weights on the stacks: one batched norm per stacked factor
-        normalise = lambda layers: [dict(p, u=[_normalised_stack(u) for u in p['u']]) for p in layers]
-        enc, dec = [normalise(layers) for layers in enc], [normalise(layers) for layers in dec]
-        link = {b: dict(l, w=_normalised(l['w'])) for b, l in link.items()}
-    out = {'first': theta['first'], 'link': link, 'enc': enc, 'dec': dec}
+    out = {'first': theta['first'], 'link': theta['link'], 'enc': enc, 'dec': dec}
     if spec.monotone:
         out['a'] = theta['a']
     return out
+
+
+def effective_packed(packed: Params, monotone: bool) -> Params:
+    """``effective_weights`` on the packed layout (one batched norm per stacked factor): a function of theta
+    alone, computed once per adaptation and applied at every inner step."""
+    if not monotone:
+        return packed
+    normalise = lambda layers: [dict(p, u=[_normalised_stack(u) for u in p['u']]) for p in layers]
+    return dict(packed, enc=[normalise(l) for l in packed['enc']], dec=[normalise(l) for l in packed['dec']],
+                link={b: dict(l, w=_normalised(l['w'])) for b, l in packed['link'].items()})
 
 
 def _normalised_stack(u: jnp.ndarray) -> jnp.ndarray:
@@ -409,9 +416,10 @@ def _batched_layer(p, x):
     return x + p['b']
 
 
-def apply_prepared(prepared: Params, z: Params, spec: BlockIAFSpec) -> Params:
-    """phi = g(z) from ``prepare(theta, spec)``: equal to ``forward_per_leaf`` up to float rounding."""
-    blocks, w = spec.blocks, prepared
+def apply_packed(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
+    """phi = g(z) from ``weights = effective_packed(pack(theta, spec), spec.monotone)``: equal to
+    ``forward_per_leaf(theta, z, spec)`` up to float rounding."""
+    blocks, w = spec.blocks, weights
     template = {b: _leaves(z[b]) for b in blocks}
     shapes = {b: [mode_shape(leaf.shape) for leaf in leaves] for b, leaves in template.items()}
     # encoders: every leaf of every block but the last, grouped

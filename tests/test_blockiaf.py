@@ -167,18 +167,21 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone):
 
 
 def test_blocks_follow_the_network_whatever_the_key_order():
-    """md-meta's layer_N in numeric order (layer_10 after layer_9), other names sorted; a one-block pytree
-    (nothing to condition on: a per-element scale and shift) runs through MD's inner loop too."""
+    """md-meta's layer_N in numeric order (layer_10 after layer_9), other names sorted. MD's inner loop, on the
+    packed map it meta-learns, computes the per-leaf definition, also for a one-block pytree (nothing to
+    condition on: a per-element scale and shift)."""
     from md_meta.methods import md
     assert blockiaf.default_blocks({f'layer_{i}': 0 for i in (10, 2, 0, 1)}) == ('layer_0', 'layer_1', 'layer_2',
                                                                                 'layer_10')
     assert blockiaf.default_blocks({'Dense_0': 0, 'Conv_1': 0, 'Conv_0': 0}) == ('Conv_0', 'Conv_1', 'Dense_0')
-    params = {'layer_0': mlp_params()['layer_0']}
+    key = jax.random.PRNGKey(0)
     geom = md.make(tiny_config('md'))
-    z0, theta = geom.init(jax.random.PRNGKey(0), params)
-    theta = jax.tree_util.tree_map(lambda t: t + 0.1, theta)
-    loop = geom.inner(theta)
-    phi = loop.params_of(z0)
-    spec = md.spec_from_config(tiny_config('md'), params)
-    assert tree_max_abs_diff(phi, blockiaf.forward_per_leaf(theta, z0, spec)) == 0.0
-    assert tree_max_abs_diff(phi, z0) > 1e-3
+    for params in ({'layer_0': mlp_params()['layer_0']}, mlp_params()):
+        spec = md.spec_from_config(tiny_config('md'), params)
+        z0, packed = geom.init(key, params)       # MD meta-learns the map in the packed layout
+        theta = blockiaf.init(key, params, spec)
+        assert tree_max_abs_diff(packed, blockiaf.pack(theta, spec)) == 0.0
+        theta = jax.tree_util.tree_map(lambda t: t + 0.1, theta)
+        phi = geom.inner(blockiaf.pack(theta, spec)).params_of(z0)
+        assert tree_max_abs_diff(phi, blockiaf.forward_per_leaf(theta, z0, spec)) < 1e-5
+        assert tree_max_abs_diff(phi, z0) > 1e-3

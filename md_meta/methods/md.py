@@ -2,7 +2,8 @@
 
     z_k = z_{k-1} - alpha * grad_phi L(g(z_{k-1}); D_trn),     phi_hat = g(z_K),
 
-with the dual initialisation z_0 and the blockIAF parameters theta_g meta-learned. The gradient is
+with the dual initialisation z_0 and the blockIAF parameters theta_g meta-learned (stored in
+``blockiaf.pack``'s layout: the leaves' encoder / decoder layers stacked per group). The gradient is
 taken with respect to the primal phi = g(z), not through g (the reference implementation's choice).
 With g = identity this is exactly MAML."""
 import jax
@@ -28,22 +29,17 @@ def make(config) -> Geometry:
     def spec_for(params):  # the spec is a pure function of the config and the pytree's block keys
         return spec_from_config(config, params)
 
-
     def init(key, params):
         spec = spec_for(params)
         theta = blockiaf.init(key, params, spec, head_init=config.md.head_init)
         # one compiled inverse: eagerly, each of its many small ops compiles separately (seconds)
-        return jax.jit(lambda th, p: blockiaf.inverse(th, p, spec))(theta, params), theta
+        z0 = jax.jit(lambda th, p: blockiaf.inverse(th, p, spec))(theta, params)
+        return z0, blockiaf.pack(theta, spec)
 
     def inner(theta):
-        blocks = set(theta['enc']) | set(theta['dec'])
-        if not blocks:  # a single block (one top-level entry): a per-element scale and shift, nothing to group
-            return InnerLoop(update=lambda z, grad: sgd_step(z, grad, alpha),
-                             params_of=lambda z: blockiaf.forward_per_leaf(theta, z, spec_for(z)))
-        spec = spec_for(dict.fromkeys(blocks))   # the spec from the map's own keys, before any z is seen
-        prepared = blockiaf.prepare(theta, spec)  # normalised, stacked weights: once per adaptation
+        weights = blockiaf.effective_packed(theta, config.md.monotone)  # once per adaptation
         return InnerLoop(update=lambda z, grad: sgd_step(z, grad, alpha),
-                         params_of=lambda z: blockiaf.apply_prepared(prepared, z, spec))
+                         params_of=lambda z: blockiaf.apply_packed(weights, z, spec_for(z)))
 
     return Geometry(init=init, inner=inner)
 
