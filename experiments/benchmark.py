@@ -5,6 +5,7 @@ r"""Meta-step benchmark: time, FLOPs, throughput and memory of the trainer's own
     python -m experiments.benchmark --methods=maml,md --shapes=a --curves=K,tasks --curve_shape=a
     python -m experiments.benchmark --methods=maml,metasgd,metacurvature,md --authors_code=PATH \
         --authors_python=/path/to/torch/venv/bin/python      # + the authors' code on the same episodes
+    python -m experiments.benchmark --methods=maml,md --shapes=a --profile   # + time per op class vs roofline
 
 For every method in ``md_meta.methods.names()`` (or ``--methods``) and every shape
   (a) Omniglot 28x28x1, CNN4, 5-way 1-shot 15 query, 4 tasks, K=5, second order;
@@ -65,6 +66,8 @@ flags.DEFINE_string('authors_code', '', "checkout of github.com/zhangyilang/Meta
                     'MAML, Meta-SGD, MetaCurvature and MD on the same episodes (experiments.authors_yardstick) and '
                     "print md-meta's speed-up")
 flags.DEFINE_string('authors_python', '', "a Python with torch and torchmeta for --authors_code (default: this one)")
+flags.DEFINE_bool('profile', False, 'also profile each step: time per op class against its roofline '
+                  '(experiments.profile_step)')
 
 SHAPES = {
     'a': dict(task='omniglot', size=28, channels=1, tasks=4, K=5),
@@ -159,8 +162,9 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure(config, repeats: int, count_flops: bool = True) -> dict:
-    """Compile and time the trainer's meta-step for ``config``."""
+def measure(config, repeats: int, count_flops: bool = True, profile_peak_gflops: float = 0.0) -> dict:
+    """Compile and time the trainer's meta-step for ``config``; with ``profile_peak_gflops`` > 0 also its
+    time per op class (``experiments.profile_step.profile``)."""
     exp = build(config)
     meta, opt_state = training.init_state(exp)
     batch = jax.tree_util.tree_map(jnp.asarray, exp.source.sample(0, config.meta.batch_size, 'train',
@@ -197,7 +201,12 @@ def measure(config, repeats: int, count_flops: bool = True) -> dict:
         jax.block_until_ready((meta, opt_state, m))
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    return dict(compile_s=compile_s, kernels=kernels, flops_rolled=flops_rolled, median_s=med, min_s=min(times),
+    extra = {}
+    if profile_peak_gflops > 0:
+        from experiments import profile_step
+        extra['profile'] = profile_step.profile(compiled, (meta, opt_state, batch, step0), repeats,
+                                                profile_peak_gflops)
+    return dict(**extra, compile_s=compile_s, kernels=kernels, flops_rolled=flops_rolled, median_s=med, min_s=min(times),
                 times=times, flops=flops,
                 gflops_per_s=flops / med / 1e9 if flops == flops else float('nan'), memory=mem,
                 max_rss_mb=max_rss_mb(), inner_unroll=unroll,
@@ -344,7 +353,7 @@ def main(argv):
         for method in method_list:
             cfg = make_config(method, shape, overrides=FLAGS.set)
             try:
-                r = measure(cfg, repeats, FLAGS.flops)
+                r = measure(cfg, repeats, FLAGS.flops, FLAGS.peak_gflops if FLAGS.profile else 0.0)
             except Exception as e:  # noqa: BLE001 -- a method that cannot run this shape
                 print(f'{method} ({shape}): FAILED {type(e).__name__}: {e}', flush=True)
                 results['rows'].append({'method': method, 'shape': shape, 'error': f'{type(e).__name__}: {e}'})
@@ -367,6 +376,10 @@ def main(argv):
               for s in FLAGS.shapes for m in method_list if m != 'maml' and (m, s) in by and ('maml', s) in by]
     if ratios:
         md.append('\nMedian time relative to MAML (same run):\n\n' + '\n'.join(ratios))
+    if FLAGS.profile:
+        from experiments import profile_step
+        md.append('\n## Time per op class (experiments.profile_step)\n\n' + '\n\n'.join(
+            profile_step.table(r['method'], r['shape'], r['profile']) for r in ok_rows if 'profile' in r))
     if FLAGS.authors_code:
         results['authors'] = authors_times(FLAGS.authors_code, FLAGS.authors_python or sys.executable,
                                            method_list, FLAGS.shapes, repeats)

@@ -244,3 +244,26 @@ def test_benchmark_reads_the_authors_yardstick_and_prints_the_speed_up(tmp_path)
     assert [(r['method'], r['shape']) for r in rows] == [('maml', 'a'), ('md', 'a')]
     text = benchmark.authors_table([{'method': 'maml', 'shape': 'a', 'median_s': 0.5}], rows)
     assert '| maml | a | 2.000 | 0.500 | 4.00x |' in text and '| md | a | 2.000 | - | - |' in text
+
+
+def test_step_profile_counts_the_matmul_flops_and_classes_of_a_compiled_step():
+    """experiments.profile_step: a step with one known product (2 x 8 x 4 x 16 FLOPs per run) and an Adam-like
+    update inside a cond is classified and counted from XLA's per-kernel trace events."""
+    from experiments import profile_step
+
+    def step(meta, opt_state, x):
+        y = jnp.tanh(x @ meta)                                # (8, 16) @ (16, 4): 1024 FLOPs
+        update = jax.lax.cond(jnp.all(jnp.isfinite(y)), lambda m: m - 0.1 * jnp.sum(y) * m, lambda m: m, meta)
+        return update, opt_state, {'loss': jnp.sum(y)}
+
+    args = (jnp.ones((16, 4)), jnp.zeros(()), jnp.ones((8, 16)))
+    compiled = jax.jit(step).lower(*args).compile()
+    classes = profile_step.classify(compiled.as_text())
+    matmuls = [v for v in classes.values() if v[1] > 0]
+    assert matmuls and all(v[0] == 'geometry matmul' for v in matmuls)   # not the network's: no Flax model
+    assert sum(v[1] for v in matmuls) == 2 * 8 * 4 * 16
+    p = profile_step.profile(compiled, args, repeats=2, peak_gflops=100.0)
+    assert abs(p['classes']['geometry matmul']['gflop'] - 1024e-9) < 1e-15
+    assert p['classes']['geometry matmul']['launches'] == 1
+    assert p['events_ms'] > 0 and p['stream_gbps'] > 0 and p['matmul_gflops'] > 0
+    assert '| geometry matmul |' in profile_step.table('toy', 'a', p)
