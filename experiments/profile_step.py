@@ -24,7 +24,6 @@ several threads running kernels at once the sum can exceed the wall time (both a
 """
 from __future__ import annotations
 
-import collections
 import glob
 import gzip
 import json

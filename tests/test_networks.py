@@ -123,3 +123,22 @@ def test_cnn4_patches_and_lax_same_meta_gradient():
     meta, g_p = meta_grad(image_learner(conv_impl='patches'), batch)
     _, g_l = meta_grad(image_learner(conv_impl='lax'), batch, meta)
     assert _rel(g_p, g_l) < 1e-4
+
+
+def test_feature_matmul_is_the_matmul_to_third_order():
+    """feature_matmul's rule (used again inside its own forward and backward) == cols @ w: a third-order
+    reverse-mode derivative of a scalar, for both branches of the weight gradient (k <= c, k > c)."""
+    from md_meta.networks import feature_matmul
+    with jax.enable_x64(True):
+        for k, c in ((2, 5), (6, 3)):
+            kc, kw = jax.random.split(jax.random.PRNGKey(k))
+            cols = jax.random.normal(kc, (4, 7, k), jnp.float64)
+            w = jax.random.normal(kw, (k, c), jnp.float64)
+
+            def third(mm):
+                f = lambda cols, w: jnp.sum(jnp.tanh(mm(cols, w)) ** 3)
+                g = lambda cols, w: jnp.sum(jnp.sin(jax.grad(f, (0, 1))(cols, w)[1]))
+                h = lambda cols, w: jnp.sum(jax.grad(g, (0, 1))(cols, w)[0] ** 2)
+                return jax.grad(h, (0, 1))(cols, w)
+
+            assert tree_max_abs_diff(third(feature_matmul), third(lambda a, b: a @ b)) < 1e-10
