@@ -36,6 +36,7 @@ import time
 
 CLASSES = ('network matmul', 'geometry matmul', 'network elementwise', 'layout copies', 'optimizer', 'other')
 MODEL_NAMES = ('CNN4', 'ResNet12', 'MLP')   # md_meta.networks' Flax modules, as they appear in op_name
+_CONTROL = ('while', 'conditional', 'call', 'async-start', 'async-done')
 _INSTR = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? (\S+?)\((.*)$')
 _SHAPE = re.compile(r'^[a-z0-9]+\[([0-9,]*)\]')
 
@@ -91,8 +92,9 @@ def _matmul_flops(lines: list) -> float:
 
 
 def classify(hlo: str) -> dict:
-    """{instruction name: (class, FLOPs, bytes read and written per execution)} for every fusion / custom call
-    / dot of a compiled module's text (``compiled.as_text()``)."""
+    """{instruction name: (class, FLOPs, bytes read and written per execution)} for every instruction of a
+    compiled module's text (``compiled.as_text()``) that runs as a kernel; control flow (while, conditional,
+    call) maps to class None."""
     comps = _computations(hlo)
     fused = set(re.findall(r' fusion\(.*?calls=%([^\s,]+)', hlo))   # kernels' bodies: not launched themselves
     out = {}
@@ -109,7 +111,10 @@ def classify(hlo: str) -> dict:
             if not m:
                 continue
             name, shape, op, rest = m.groups()
-            if op not in ('fusion', 'custom-call', 'dot', 'convolution', 'copy', 'transpose'):
+            if op in ('parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast'):
+                continue                 # no kernel
+            if op in _CONTROL:
+                out[name] = (None, 0.0, 0)   # its event spans its body's kernels, which are counted themselves
                 continue
             called = re.search(r'calls=%([^\s,]+)', rest)
             body = comps.get(called.group(1), []) if called else [line]
@@ -217,6 +222,8 @@ def profile(compiled, args, repeats: int, peak_gflops: float) -> dict:
     unknown = 0.0
     for op, dur in events:
         cls, flops, nbytes = classes.get(op, ('other', 0.0, 0))
+        if cls is None:
+            continue
         if op not in classes:
             unknown += dur
         r = rows[cls]
