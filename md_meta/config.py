@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.query = 5           # query points per task (per class for classification) at meta-train
     c.task.data_dir = ''
     c.task.split = 'minimal'   # omniglot: 'maml' (1100/100/423), 'minimal' (by character) or 'minimal_alphabet'
+    c.task.alphabet_fold = 0   # omniglot 'minimal_alphabet': which alphabets are held out (0-3; data.omniglot)
     c.task.source = 'auto'     # omniglot: 'tfds' | 'zip' | 'auto'
     c.task.frequency = (1.0, 1.0)  # sinusoid: w ~ U[lo, hi] in y = A sin(w x - b); MAML: (1, 1)
     c.task.image_size = 84     # folder: images resized to image_size x image_size
@@ -161,6 +162,12 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
     if c.task.name in IMAGE_TASKS and not own_model and not own_source:
         _require(c.model.name in ('cnn4', 'resnet12'), 'model.name',
                  f"image tasks need 'cnn4' or 'resnet12', got {c.model.name!r}")
+    if c.task.name == 'omniglot' and not own_source:
+        f = c.task.alphabet_fold
+        _require(isinstance(f, int) and not isinstance(f, bool) and f >= 0, 'task.alphabet_fold',
+                 f'must be a non-negative integer, got {f!r}')
+        _require(f == 0 or c.task.split == 'minimal_alphabet', 'task.alphabet_fold',
+                 f"only applies to task.split='minimal_alphabet' (got split {c.task.split!r}, fold {f})")
     if c.task.name == 'folder' and not own_source:
         _require(isinstance(c.task.image_size, int) and c.task.image_size >= 4, 'task.image_size',
                  f'must be an integer >= 4, got {c.task.image_size!r}')

@@ -5,6 +5,7 @@ import importlib
 import io
 import os
 import pickle
+import re
 import zipfile
 
 import numpy as np
@@ -160,6 +161,18 @@ def test_alphabet_split_holds_out_whole_alphabets():
     assert sorted(np.concatenate(list(s.values())).tolist()) == list(range(len(names)))
     with pytest.raises(DataError, match='needs more than 3 alphabets'):
         omniglot.split_characters(names[:24 + 22 + 24], 'minimal_alphabet')
+    # the four folds: every alphabet a test alphabet exactly once, never in two splits of a fold
+    tests = []
+    for fold in range(4):
+        s = omniglot.split_characters(names, 'minimal_alphabet', alphabet_fold=fold)
+        of = {k: {names[i].split('/')[0] for i in v} for k, v in s.items()}
+        assert len(of['test']) == 2 and len(of['val']) == 1 and len(of['train']) == 5
+        assert not (of['test'] & of['val']) and not ((of['test'] | of['val']) & of['train'])
+        assert sorted(np.concatenate(list(s.values())).tolist()) == list(range(len(names)))
+        tests += sorted(of['test'])
+    assert sorted(tests) == sorted(alphabets)
+    with pytest.raises(DataError, match=r'alphabet_fold must be in 0\.\.3'):
+        omniglot.split_characters(names, 'minimal_alphabet', alphabet_fold=4)
 
 
 @needs_shared
@@ -596,3 +609,17 @@ def test_omniglot_meta_training_then_lake_runs(shared_pools, tmp_path):
     res = lake.evaluate_runs(root, lake.model_classifier(exp, meta))
     assert res['num_runs'] == 2 and all(0.0 <= e <= 100.0 and (e / 5.0).is_integer() for e in res['runs'].values())
     assert res['mean_error'] == np.mean(list(res['runs'].values()))
+
+
+def test_alphabet_fold_is_checked_with_the_config():
+    """task.alphabet_fold: a non-negative integer, and only with task.split='minimal_alphabet'."""
+    from md_meta import config as config_lib
+    c = config_lib.base_config()
+    c.task.name, c.model.name, c.task.split = 'omniglot', 'cnn4', 'minimal_alphabet'
+    c.task.alphabet_fold = 1
+    config_lib.validate(c)
+    for split, fold, why in (('minimal', 1, "only applies to task.split='minimal_alphabet'"),
+                             ('minimal_alphabet', -1, 'non-negative integer')):
+        c.task.split, c.task.alphabet_fold = split, fold
+        with pytest.raises(config_lib.ConfigError, match=f'config.task.alphabet_fold: .*{re.escape(why)}'):
+            config_lib.validate(c)

@@ -16,8 +16,10 @@ Split protocols (``protocol``):
     one-shot challenge runs can be built, see md_meta.data.lake);
   * 'minimal_alphabet': the same 242 characters split by alphabet, so that meta-test characters come
     from alphabets never seen in meta-train (as in Lake's one-shot runs): the 8 alphabets sorted by name
-    and shuffled with MINIMAL_SPLIT_SEED; the first two are meta-test (Greek, Korean: 64 characters),
-    the third meta-val (Japanese (katakana): 47), the other five meta-train (131).
+    and shuffled with MINIMAL_SPLIT_SEED; fold f (``alphabet_fold``, 0-3) holds out alphabets 2f and 2f + 1
+    of that order for meta-test and the next one for meta-val, the other five are meta-train, so that over
+    the four folds every alphabet is a test alphabet once. Fold 0: meta-test Greek, Korean (64 characters),
+    meta-val Japanese (katakana) (47), meta-train Balinese, Early Aramaic, Latin, Sanskrit, Tagalog (131).
 Images are resized 105 -> 28 with PIL's Lanczos filter (antialiased) and inverted so that strokes are
 bright (255) on a dark (0) background. In meta-train, rotations by 90, 180 and 270 degrees of each
 character are new classes (x4); meta-val and meta-test are not rotated.
@@ -263,8 +265,9 @@ def load_characters(data_dir: str, protocol: str = 'minimal', source: str = 'aut
         return load_characters_local(data_dir, protocol, size)  # raises the error naming data_dir
 
 
-def split_characters(names, protocol: str) -> Dict[str, np.ndarray]:
-    """{split: character indices} of a protocol (fixed seeds; class-disjoint)."""
+def split_characters(names, protocol: str, alphabet_fold: int = 0) -> Dict[str, np.ndarray]:
+    """{split: character indices} of a protocol (fixed seeds; class-disjoint); ``alphabet_fold``: which
+    alphabets 'minimal_alphabet' holds out (module docstring)."""
     n = len(names)
     if protocol == 'maml':
         if n != sum(MAML_SPLIT):
@@ -279,7 +282,13 @@ def split_characters(names, protocol: str) -> Dict[str, np.ndarray]:
         if len(alphabets) <= nv + nt:
             raise DataError(f"the 'minimal_alphabet' split protocol needs more than {nv + nt} alphabets, found "
                             f'{len(alphabets)}; {WHERE_TO_GET}')
+        folds = -(-len(alphabets) // nt)
+        if not 0 <= alphabet_fold < folds:
+            raise DataError(f'alphabet_fold must be in 0..{folds - 1} ({len(alphabets)} alphabets, {nt} held out '
+                            f'for meta-test per fold), got {alphabet_fold}')
         order = [alphabets[i] for i in np.random.default_rng(MINIMAL_SPLIT_SEED).permutation(len(alphabets))]
+        start = alphabet_fold * nt
+        order = order[start:] + order[:start]
         held = {'test': order[:nt], 'val': order[nt:nt + nv], 'train': order[nt + nv:]}
         return {split: np.flatnonzero(np.isin(alphabet_of, held[split])) for split in ('train', 'val', 'test')}
     else:
@@ -292,12 +301,12 @@ def split_characters(names, protocol: str) -> Dict[str, np.ndarray]:
 
 
 def load_splits(data_dir: str, protocol: str = 'minimal', source: str = 'auto', size: int = 28,
-                rotate_train: bool = True) -> Dict[str, ClassPool]:
+                rotate_train: bool = True, alphabet_fold: int = 0) -> Dict[str, ClassPool]:
     """{split: ClassPool (., size, size, 1) uint8}; meta-train with rotations as new classes."""
     images, names = load_characters(data_dir, protocol, source, size)
     where = data_dir or 'tfds:omniglot'
     pools = {}
-    for split, idx in split_characters(names, protocol).items():
+    for split, idx in split_characters(names, protocol, alphabet_fold).items():
         pool = pool_from_classes(images[idx], [names[i] for i in idx], where)
         pools[split] = with_rotations(pool) if (split == 'train' and rotate_train) else pool
     return pools

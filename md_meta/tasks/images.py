@@ -21,7 +21,7 @@ def load_pools(config):
     t = config.task
     if t.name == 'omniglot':
         from md_meta.data import omniglot
-        return omniglot.load_splits(t.data_dir, t.split, t.source)
+        return omniglot.load_splits(t.data_dir, t.split, t.source, alphabet_fold=t.alphabet_fold)
     if t.name == 'miniimagenet':
         from md_meta.data import miniimagenet
         return miniimagenet.load_splits(t.data_dir)
