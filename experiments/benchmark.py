@@ -49,7 +49,8 @@ from md_meta.tasks import Task
 FLAGS = flags.FLAGS
 flags.DEFINE_list('methods', [], 'methods to benchmark (default: every registered method)')
 flags.DEFINE_list('shapes', ['a', 'b', 'c'], 'shapes to benchmark: a, b, c')
-flags.DEFINE_integer('repeats', 5, 'timed meta-steps per configuration (after two warm-up steps)')
+flags.DEFINE_integer('repeats', 5, 'timed meta-steps per configuration (after two warm-up steps); 0: compile '
+                     'only (compile time, kernels, memory)')
 flags.DEFINE_bool('quick', False, 'quick mode: 2 repeats, short curves')
 flags.DEFINE_string('out_dir', 'benchmark_results', 'where results.md/json and the PNGs go')
 flags.DEFINE_float('peak_gflops', 157.0, 'machine fp32 peak for the % column (2 Zen3 cores: 157)')
@@ -191,6 +192,11 @@ def measure(config, repeats: int, count_flops: bool = True, profile_peak_gflops:
         e2 = build(c2)
         flops = _cost(training.make_host_step(e2).lower(meta, opt_state, batch, step0).compile())
     mem = _memory(compiled)
+    if repeats == 0:   # compile only
+        return dict(compile_s=compile_s, kernels=kernels, flops_rolled=flops_rolled, median_s=None, min_s=None,
+                    times=[], flops=flops, gflops_per_s=float('nan'), memory=mem, max_rss_mb=max_rss_mb(),
+                    inner_unroll=unroll, task_batching=task_batching, task_chunk=task_chunk,
+                    task_gradients=resolve_task_gradients(learner.task_gradients), finite=None)
     for _ in range(2):  # warm-up; with --host_memory=retain the first steps of a new shape may grow the heap
         meta, opt_state, m = compiled(meta, opt_state, batch, step0)
         jax.block_until_ready((meta, opt_state, m))
@@ -248,19 +254,23 @@ def fmt_mb(b):
     return f'{b / 2**20:.0f}' if b else '?'
 
 
+def _s(seconds) -> str:
+    return '-' if seconds is None else f'{seconds:.3f}'
+
+
 def table(rows, peak):
     lines = ['| method | shape | tasks | K | compile s | kernels | median s/step | min s/step | GFLOP/step | GFLOP/s | '
              '% peak | compiled MiB | max RSS MiB | host sample s |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for r in rows:
         host = '-' if r.get('host_sample_s') is None else f"{r['host_sample_s']:.3f}"
-        rolled = r.get('flops_rolled', False)   # --flops=false on a rolled step: no honest FLOP figure
+        rolled = r.get('flops_rolled', False) or r['median_s'] is None   # no honest FLOP rate
         gflop = '-' if rolled else f"{r['flops'] / 1e9:.2f}"
         rate = '-' if rolled else f"{r['gflops_per_s']:.1f}"
         pct = '-' if rolled else f"{100 * r['gflops_per_s'] / peak:.0f}"
         lines.append(
             f"| {r['method']} | {r['shape']} | {r['tasks']} | {r['K']} | {r['compile_s']:.1f} | {r.get('kernels', '?')} | "
-            f"{r['median_s']:.3f} | {r['min_s']:.3f} | {gflop} | {rate} | {pct} | "
+            f"{_s(r['median_s'])} | {_s(r['min_s'])} | {gflop} | {rate} | {pct} | "
             f"{fmt_mb(r['memory'].get('peak', 0))} | {r['max_rss_mb']:.0f} | {host} |")
     return '\n'.join(lines)
 
@@ -363,24 +373,27 @@ def main(argv):
             r.update(method=method, shape=shape, tasks=cfg.meta.batch_size, K=cfg.inner.steps,
                      host_sample_s=host_cache[shape][0], host_sample_note=host_cache[shape][1])
             results['rows'].append(r)
-            flops = '' if r['flops_rolled'] else f"{r['flops'] / 1e9:.2f} GFLOP {r['gflops_per_s']:.1f} GFLOP/s "
-            print(f"{method} ({shape}): compile {r['compile_s']:.1f}s kernels {r['kernels']} median {r['median_s']:.3f}s "
-                  f"min {r['min_s']:.3f}s {flops}mem {fmt_mb(r['memory'].get('peak', 0))} MiB", flush=True)
+            flops = '' if r['flops_rolled'] or r['median_s'] is None else \
+                f"{r['flops'] / 1e9:.2f} GFLOP {r['gflops_per_s']:.1f} GFLOP/s "
+            print(f"{method} ({shape}): compile {r['compile_s']:.1f}s kernels {r['kernels']} median {_s(r['median_s'])}s "
+                  f"min {_s(r['min_s'])}s {flops}mem {fmt_mb(r['memory'].get('peak', 0))} MiB", flush=True)
             save()
     ok_rows = [r for r in results['rows'] if 'error' not in r]
     md = [f"# md-meta benchmark\n\n`{' '.join(sys.argv)}`\n\njax {jax.__version__}, backend "
           f"{results['backend']}, host memory {FLAGS.host_memory}, load average at start {results['loadavg_start']}\n", table(ok_rows, FLAGS.peak_gflops)]
     # MD / MAML ratios within this run
     by = {(r['method'], r['shape']): r for r in ok_rows}
-    ratios = [f"- shape ({s}): {m} / maml = {by[(m, s)]['median_s'] / by[('maml', s)]['median_s']:.2f}"
+    ratio = lambda m, s, k: by[(m, s)][k] / by[('maml', s)][k]
+    ratios = [f"- shape ({s}): {m} / maml = " + (f"{ratio(m, s, 'median_s'):.2f} time, " if repeats else '')
+              + f"{ratio(m, s, 'compile_s'):.2f} compile, {ratio(m, s, 'kernels'):.2f} kernels"
               for s in FLAGS.shapes for m in method_list if m != 'maml' and (m, s) in by and ('maml', s) in by]
     if ratios:
-        md.append('\nMedian time relative to MAML (same run):\n\n' + '\n'.join(ratios))
+        md.append('\nRelative to MAML (same run):\n\n' + '\n'.join(ratios))
     if FLAGS.profile:
         from experiments import profile_step
         md.append('\n## Time per op class (experiments.profile_step)\n\n' + '\n\n'.join(
             profile_step.table(r['method'], r['shape'], r['profile']) for r in ok_rows if 'profile' in r))
-    if FLAGS.authors_code:
+    if FLAGS.authors_code and repeats:
         results['authors'] = authors_times(FLAGS.authors_code, FLAGS.authors_python or sys.executable,
                                            method_list, FLAGS.shapes, repeats)
         md.append('\n' + authors_table(ok_rows, results['authors']))
