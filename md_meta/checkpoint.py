@@ -10,13 +10,16 @@ the sha256 of every array as saved, verified on restore, so that a file changed 
 (a flipped bit, a bad copy) is caught like a truncated one; 'fingerprint' names the state in results
 files (md_meta.workdirs.provenance). A checkpoint is never written with a non-finite leaf
 (``NonFiniteCheckpointError``), and ``restore_latest`` reports an unreadable, truncated or corrupted
-checkpoint with its path, sets it aside as ``*.corrupt`` and falls back to the previous good one.
+checkpoint with its path, sets it aside as ``*.corrupt`` and falls back to the previous good one. A checkpoint
+whose meta-parameters have other paths or shapes than the model (another md-meta version wrote it) is not
+damaged: ``CheckpointLayoutError``, one line naming it, and nothing is set aside.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -29,7 +32,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from md_meta.workdirs import WorkdirMismatchError
+
 _NAME = re.compile(r'^ckpt_(\d+)$')
+
+
+class CheckpointLayoutError(WorkdirMismatchError):
+    """A checkpoint whose parameters have another structure or shapes than the model this code builds from
+    the workdir's config (written by another md-meta version): reported, never set aside."""
 
 
 class NonFiniteCheckpointError(ValueError):
@@ -185,6 +195,7 @@ class Checkpointer:
         Raises on an unreadable, truncated, mismatched, changed (checksum) or non-finite checkpoint."""
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
                                           template)
+        self._check_layout(step, abstract)
         r = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
             self.path(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                      record=ocp.args.JsonRestore()))
@@ -197,7 +208,8 @@ class Checkpointer:
         state = jax.tree_util.tree_unflatten(treedef, got)
         for a, b in zip(got, leaves):
             if a.shape != b.shape or a.dtype != b.dtype:
-                raise ValueError(f'leaf {a.shape} {a.dtype} does not match the model ({b.shape} {b.dtype})')
+                raise CheckpointLayoutError(self._layout_message(
+                    step, f'an array of shape {a.shape} {a.dtype} where the model has {b.shape} {b.dtype}'))
         if 'checksums' in record:  # checkpoints written before checksums were stored have none
             got_sums = checksums(state)
             if len(got_sums) != len(record['checksums']):
@@ -212,9 +224,40 @@ class Checkpointer:
             raise ValueError(f"its record names step {record.get('step')}")
         return state, record
 
+    def _layout_message(self, step: int, what: str) -> str:
+        return (f'{self.path(step)} was written with another parameter layout than this md-meta builds for its '
+                f'config ({what}): another md-meta version wrote it (CHANGELOG.md, "Interface changes"); '
+                'evaluate or resume it with that version, or use another --workdir')
+
+    def _check_layout(self, step: int, abstract: Any) -> None:
+        """Raises CheckpointLayoutError when the stored meta-parameters' tree paths differ from the model's
+        (read from the checkpoint's metadata, before any array is read)."""
+        absl_logger = logging.getLogger('absl')   # orbax warns that the item has no metadata file of its own
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)
+        try:
+            meta = ocp.PyTreeCheckpointer().metadata(os.path.join(self.path(step), 'state'))
+        except Exception:  # noqa: BLE001 - no readable metadata: restore reports the file itself
+            return
+        finally:
+            absl_logger.setLevel(level)
+        tree = getattr(getattr(meta, 'item_metadata', meta), 'tree', getattr(meta, 'item_metadata', meta))
+        paths = lambda t: {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
+        try:
+            stored, model = paths(tree['meta']), paths(abstract['meta'])
+        except (KeyError, TypeError):
+            return
+        if stored != model:
+            extra, missing = sorted(stored - model), sorted(model - stored)
+            example = (f"it holds {extra[0]}" if extra else '') + (', ' if extra and missing else '') + \
+                (f"the model has {missing[0]}" if missing else '')
+            raise CheckpointLayoutError(self._layout_message(
+                step, f"{len(extra)} stored and {len(missing)} model arrays unmatched under ['meta'], e.g. {example}"))
+
     def restore_latest(self, template: Any, which: str = 'last'):
         """(step, state, record) of the newest good checkpoint (``which='best'``: the best one first),
-        or None if there is none. Bad ones are reported with their path and set aside as ``*.corrupt``."""
+        or None if there is none. Bad ones are reported with their path and set aside as ``*.corrupt``; a checkpoint
+        of another parameter layout raises CheckpointLayoutError (one line naming the path) and stays."""
         order = sorted(self.steps(), reverse=True)
         if which == 'best':
             best = self.best_step()
@@ -223,6 +266,8 @@ class Checkpointer:
         for step in order:
             try:
                 state, record = self.restore(step, template)
+            except CheckpointLayoutError:
+                raise   # not damage: every checkpoint of the run has that layout
             except Exception as e:  # noqa: BLE001 - report and fall back to the previous one
                 path = self.path(step)
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -220,6 +220,23 @@ def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path):
     assert _leaves_equal(meta, ref)
 
 
+
+def test_checkpoint_of_another_parameter_layout_is_refused_and_kept(tmp_path):
+    """A model whose meta-parameters have other paths or shapes than the stored ones (another md-meta version
+    wrote the run): one error naming the checkpoint, and no checkpoint is set aside as corrupt."""
+    wd, over, c, ck = _run_with_checkpoints_at_10_and_20(tmp_path)
+    meta, opt_state = training.init_state(training.build(c))
+    other_paths = dict(meta, extra=np.zeros(3, np.float32))
+    leaf_path, leaf = jax.tree_util.tree_flatten_with_path(meta)[0][0]
+    other_shape = jax.tree_util.tree_map_with_path(
+        lambda p, x: np.zeros(np.shape(x) + (2,), np.float32) if p == leaf_path else x, meta)
+    for template in (other_paths, other_shape):
+        with pytest.raises(checkpoint_lib.CheckpointLayoutError, match=r'ckpt_000000020 was written with another '
+                           r'parameter layout .* another --workdir'):
+            ck.restore_latest({'meta': template, 'opt_state': opt_state})
+    assert ck.steps() == [10, 20] and not glob.glob(os.path.join(wd, 'checkpoints', '*.corrupt'))
+    assert ck.restore_latest({'meta': meta, 'opt_state': opt_state})[0] == 20
+
 def _fake_run(root, name, method, acc, steps=100, planned=100, finished=True):
     wd = os.path.join(root, name)
     os.makedirs(wd)
