@@ -371,7 +371,18 @@ def test_report_skips_a_stale_evaluation_and_marks_an_unfinished_run(tmp_path):
 
 
 def test_sigint_during_a_checkpoint_save_completes_it(tmp_path, monkeypatch):
-    """Ctrl-C while orbax writes: the save finishes, then KeyboardInterrupt; the checkpoint restores."""
+    """Ctrl-C while orbax writes: the save finishes, then KeyboardInterrupt; the checkpoint restores. (Python's
+    own Ctrl-C handler is installed for the test: a process started in the background may inherit SIGINT
+    ignored.)"""
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _sigint_during_save(tmp_path, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_during_save(tmp_path, monkeypatch):
     c = tiny_config('maml')
     exp = training.build(c)
     meta, opt = training.init_state(exp)
@@ -394,8 +405,11 @@ def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes_bitwise(tmp_path):
     ref_p = subprocess.Popen(_cli_cmd(ref, flags_), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     target = random.Random(os.getpid()).randint(60, 200)
+    # SIGINT at its default in the child, which then installs Python's Ctrl-C handler (a test process started
+    # in the background may have inherited SIGINT ignored)
     p = subprocess.Popen(_cli_cmd(run_dir, flags_), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:
         if line.startswith('[maml] step ') and int(line.split()[2].split('/')[0]) >= target:
             p.send_signal(signal.SIGINT)
