@@ -192,34 +192,30 @@ def measure(config, repeats: int, count_flops: bool = True, profile_peak_gflops:
         e2 = build(c2)
         flops = _cost(training.make_host_step(e2).lower(meta, opt_state, batch, step0).compile())
     mem = _memory(compiled)
-    if repeats == 0:   # compile only
-        return dict(compile_s=compile_s, kernels=kernels, flops_rolled=flops_rolled, median_s=None, min_s=None,
-                    times=[], flops=flops, gflops_per_s=float('nan'), memory=mem, max_rss_mb=max_rss_mb(),
-                    inner_unroll=unroll, task_batching=task_batching, task_chunk=task_chunk,
-                    task_gradients=resolve_task_gradients(learner.task_gradients), finite=None)
-    for _ in range(2):  # warm-up; with --host_memory=retain the first steps of a new shape may grow the heap
-        meta, opt_state, m = compiled(meta, opt_state, batch, step0)
-        jax.block_until_ready((meta, opt_state, m))
-    times = []
-    for i in range(repeats):
-        t = time.perf_counter()
-        meta, opt_state, m = compiled(meta, opt_state, batch, jnp.asarray(i + 1, jnp.int32))
-        jax.block_until_ready((meta, opt_state, m))
-        times.append(time.perf_counter() - t)
-    med = statistics.median(times)
-    extra = {}
-    if profile_peak_gflops > 0:
-        from experiments import profile_step
-        extra['profile'] = profile_step.profile(compiled, (meta, opt_state, batch, step0), repeats,
-                                                profile_peak_gflops)
-    return dict(**extra, compile_s=compile_s, kernels=kernels, flops_rolled=flops_rolled, median_s=med, min_s=min(times),
-                times=times, flops=flops,
-                gflops_per_s=flops / med / 1e9 if flops == flops else float('nan'), memory=mem,
+    times, finite, extra = [], None, {}
+    if repeats:   # --repeats=0: compile only
+        for _ in range(2):  # warm-up; with --host_memory=retain the first steps of a new shape may grow the heap
+            meta, opt_state, m = compiled(meta, opt_state, batch, step0)
+            jax.block_until_ready((meta, opt_state, m))
+        for i in range(repeats):
+            t = time.perf_counter()
+            meta, opt_state, m = compiled(meta, opt_state, batch, jnp.asarray(i + 1, jnp.int32))
+            jax.block_until_ready((meta, opt_state, m))
+            times.append(time.perf_counter() - t)
+        finite = bool(np.isfinite(float(m['meta_loss'][0])))
+        if profile_peak_gflops > 0:
+            from experiments import profile_step
+            extra['profile'] = profile_step.profile(compiled, (meta, opt_state, batch, step0), repeats,
+                                                    profile_peak_gflops)
+    med = statistics.median(times) if times else None
+    return dict(**extra, compile_s=compile_s, kernels=kernels, flops_rolled=flops_rolled, median_s=med,
+                min_s=min(times) if times else None, times=times, flops=flops,
+                gflops_per_s=flops / med / 1e9 if med and flops == flops else float('nan'), memory=mem,
                 max_rss_mb=max_rss_mb(), inner_unroll=unroll,
                 task_batching=task_batching,
                 task_chunk=task_chunk,
                 task_gradients=resolve_task_gradients(learner.task_gradients),
-                finite=bool(np.isfinite(float(m['meta_loss'][0]))))
+                finite=finite)
 
 
 def host_sampling_time(config, repeats: int = 5):

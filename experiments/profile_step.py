@@ -24,6 +24,7 @@ several threads running kernels at once the sum can exceed the wall time (both a
 """
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import json
@@ -160,47 +161,34 @@ def trace_events(fn, repeats: int) -> tuple:
             if e.get('ph') == 'X' and 'hlo_op' in e.get('args', {})], wall
 
 
-_STREAM = []
+def _best_seconds(fn, arg, runs: int = 5) -> float:
+    """Best wall time of ``runs`` calls of the jitted ``fn(arg)`` after one warm-up call."""
+    import jax
+    f = jax.jit(fn)
+    jax.block_until_ready(f(arg))
+    best = float('inf')
+    for _ in range(runs):
+        t = time.perf_counter()
+        jax.block_until_ready(f(arg))
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
+@functools.cache
 def stream_gbps() -> float:
     """This machine's memory bandwidth as XLA sees it: y = 2 x + 1 on 2^26 float32 (256 MiB in, 256 out),
     best of 5; measured once per process."""
-    import jax
     import jax.numpy as jnp
-    if not _STREAM:
-        x = jnp.ones((1 << 26,), jnp.float32)
-        f = jax.jit(lambda v: 2.0 * v + 1.0)
-        jax.block_until_ready(f(x))
-        best = float('inf')
-        for _ in range(5):
-            t = time.perf_counter()
-            jax.block_until_ready(f(x))
-            best = min(best, time.perf_counter() - t)
-        _STREAM.append(2 * x.nbytes / best / 1e9)
-        del x
-    return _STREAM[0]
+    x = jnp.ones((1 << 26,), jnp.float32)
+    return 2 * x.nbytes / _best_seconds(lambda v: 2.0 * v + 1.0, x) / 1e9
 
 
-_MATMUL = []
-
-
+@functools.cache
 def matmul_gflops() -> float:
     """The matmul roof as XLA reaches it on this machine: a 2048 x 2048 float32 product, best of 5; measured
     once per process."""
-    import jax
     import jax.numpy as jnp
-    if not _MATMUL:
-        a = jnp.ones((2048, 2048), jnp.float32)
-        f = jax.jit(lambda x: x @ x)
-        jax.block_until_ready(f(a))
-        best = float('inf')
-        for _ in range(5):
-            t = time.perf_counter()
-            jax.block_until_ready(f(a))
-            best = min(best, time.perf_counter() - t)
-        _MATMUL.append(2 * 2048 ** 3 / best / 1e9)
-    return _MATMUL[0]
+    return 2 * 2048 ** 3 / _best_seconds(lambda m: m @ m, jnp.ones((2048, 2048), jnp.float32)) / 1e9
 
 
 def profile(compiled, args, repeats: int, peak_gflops: float) -> dict:
