@@ -32,21 +32,26 @@ _SEED_OFFSET = flags.DEFINE_integer('seed_offset', 0, 'Picks another fixed set o
 _LAKE = flags.DEFINE_string('lake_runs', '', "Directory of Lake's one-shot runs (run01..run20) to evaluate too.")
 _LAKE_BUILD = flags.DEFINE_integer('lake_build', 0, "If > 0 and --lake_runs holds no runs: build this many runs "
                                    "there from the workdir's held-out test characters first.")
+_EVAL_STEPS = flags.DEFINE_integer('eval_steps', 0, 'Inner steps K at test (0: config.inner.eval_steps of the run).')
+_EVAL_STEP_SIZE = flags.DEFINE_float('eval_step_size', 0.0, 'Inner step size alpha at test (0: the one trained '
+                                     'with; for methods with a fixed alpha, not the learned ones of Meta-SGD).')
 _LAKE_WITHIN = flags.DEFINE_bool('lake_within_alphabet', False, "With --lake_build: each run's 20 characters from "
                                  "one held-out alphabet (the official runs' layout; task.split='minimal_alphabet').")
 
 
 def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', batch_size: int = 0,
                      seed_offset: int = 0, lake_runs: str = '', log=print, lake_build: int = 0,
-                     on_result=lambda record: None, lake_within_alphabet: bool = False) -> dict:
+                     on_result=lambda record: None, lake_within_alphabet: bool = False,
+                     overrides: dict | None = None) -> dict:
     """Evaluates a workdir's checkpoint; returns the record also written to <workdir>/evaluation.json
     (md_meta.workdirs.provenance first: step, planned steps, which parameters, checkpoint fingerprint).
     Warns when training is still running there or the run is unfinished. OSError when the workdir is
-    not writable (``on_result`` has the record by then)."""
+    not writable (``on_result`` has the record by then). ``overrides``: the inner loop at test
+    (md_meta.training.load_run), recorded in the result."""
     from md_meta import checkpoint as checkpoint_lib
     from md_meta import training, workdirs
     pid = workdirs.holder(workdir)
-    exp, meta, step = training.load_run(workdir, which, warn=log)
+    exp, meta, step = training.load_run(workdir, which, warn=log, overrides=overrides)
     cfg = exp.config
     if pid is not None:
         log(f'warning: training is still running in {workdir} (pid {pid}); evaluating its {which} checkpoint '
@@ -59,7 +64,8 @@ def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', b
     result = training.evaluate(exp, meta, 'test', num_tasks=num_tasks, seed_offset=seed_offset)
     fp = (checkpoint_lib.Checkpointer(workdir).record(step) or {}).get('fingerprint')
     record = {**workdirs.provenance(cfg, step, which, fp), 'checkpoint': which, 'shots': cfg.task.shots,
-              'seed_offset': seed_offset, 'eval_inner_steps': exp.learner.eval_inner.steps, **result,
+              'seed_offset': seed_offset, 'eval_inner_steps': exp.learner.eval_inner.steps,
+              'eval_step_size': cfg.inner.step_size, **result,
               'seconds': time.time() - t0}
     if lake_runs:
         record['lake'] = _lake(exp, meta, lake_runs, lake_build, log, lake_within_alphabet)
@@ -111,12 +117,17 @@ def main(argv):
         fail('--workdir is required')
     if _NUM_TASKS.value <= 0:
         fail(f'--num_tasks must be positive, got {_NUM_TASKS.value}')
+    if _EVAL_STEPS.value < 0 or not _EVAL_STEP_SIZE.value >= 0:
+        fail(f'--eval_steps and --eval_step_size must be >= 0, got {_EVAL_STEPS.value}, {_EVAL_STEP_SIZE.value}')
+    overrides = {k: v for k, v in (('inner.eval_steps', _EVAL_STEPS.value), ('inner.step_size', _EVAL_STEP_SIZE.value))
+                 if v}
     records = []
     log = lambda s: print(s, file=sys.stderr, flush=True)
     try:
         r = evaluate_workdir(_WORKDIR.value, _NUM_TASKS.value, _CHECKPOINT.value, _BATCH.value,
                              _SEED_OFFSET.value, _LAKE.value, log=log, lake_build=_LAKE_BUILD.value,
-                             on_result=records.append, lake_within_alphabet=_LAKE_WITHIN.value)
+                             on_result=records.append, lake_within_alphabet=_LAKE_WITHIN.value,
+                             overrides=overrides)
     except FileNotFoundError as e:
         fail(e)
     except OSError as e:

@@ -32,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.task.split = 'minimal'   # omniglot: 'maml' (1100/100/423), 'minimal' (by character) or 'minimal_alphabet'
     c.task.alphabet_fold = 0   # omniglot 'minimal_alphabet': which alphabets are held out (0-3; data.omniglot)
     c.task.source = 'auto'     # omniglot: 'tfds' | 'zip' | 'auto'
+    c.task.same_alphabet = False  # omniglot: each task's classes from one alphabet (the test condition of Lake's runs)
+    c.task.augment = False     # omniglot: random affine warps and thicker strokes on meta-train images (data.episodes)
     c.task.frequency = (1.0, 1.0)  # sinusoid: w ~ U[lo, hi] in y = A sin(w x - b); MAML: (1, 1)
     c.task.image_size = 84     # folder: images resized to image_size x image_size
     c.task.channels = 3        # folder: 1 (grey levels) or 3 (RGB)
@@ -168,6 +170,9 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
                  f'must be a non-negative integer, got {f!r}')
         _require(f == 0 or c.task.split == 'minimal_alphabet', 'task.alphabet_fold',
                  f"only applies to task.split='minimal_alphabet' (got split {c.task.split!r}, fold {f})")
+    for f in ('same_alphabet', 'augment'):   # booleans by the schema's types
+        _require(not c.task[f] or c.task.name == 'omniglot' or own_source, f'task.{f}',
+                 f'is for Omniglot (alphabets; bright strokes on a dark background), got task.name={c.task.name!r}')
     if c.task.name == 'folder' and not own_source:
         _require(isinstance(c.task.image_size, int) and c.task.image_size >= 4, 'task.image_size',
                  f'must be an integer >= 4, got {c.task.image_size!r}')

@@ -181,13 +181,23 @@ def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None =
 
 
 # ----------------------------------------------------------------------------- a run from its workdir
-def load_run(workdir: str, which: str = 'best', warn: Callable = None):
+EVAL_OVERRIDES = ('inner.eval_steps', 'inner.step_size')
+
+
+def load_run(workdir: str, which: str = 'best', warn: Callable = None, overrides: dict | None = None):
     """(exp, meta, step) from a workdir's config.json and its best (or 'last') good checkpoint. The
     experiment is for evaluation, on one device (``exp.mesh`` None): the devices the run was trained on
-    need not fit this machine."""
+    need not fit this machine. ``overrides``: {field: value} of EVAL_OVERRIDES, the inner loop at test (K,
+    alpha) changed without retraining."""
     if which not in ('best', 'last'):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    exp = _build(workdirs.load_config(workdir), None, None, None)
+    config = workdirs.load_config(workdir)
+    for field, value in (overrides or {}).items():
+        if field not in EVAL_OVERRIDES:
+            raise ValueError(f'{field}: not a field evaluation may override (only {EVAL_OVERRIDES})')
+        group, name = field.split('.')
+        config[group][name] = value
+    exp = _build(config, None, None, None)
     template = init_state(exp)
     found = checkpoint_lib.Checkpointer(workdir, warn=warn).restore_latest(
         {'meta': template[0], 'opt_state': template[1]}, which=which)

@@ -353,6 +353,85 @@ def test_too_small_splits_are_reported():
     smp.check('train', 5)
 
 
+def _alphabet_pools(per=7):
+    """Toy pools whose class names carry an alphabet: 'train' has A (6 classes, two of them rotations of the
+    others), B (5) and C (2, too few for 5-way); 'val' and 'test' one alphabet each."""
+    pools = _toy_pools(classes=(13, 6, 6), per=per)
+    names = {'train': [f'A/c{i}' for i in range(4)] + ['A/c0@rot90', 'A/c1@rot180'] + [f'B/c{i}' for i in range(5)]
+             + ['C/c0', 'C/c1'],
+             'val': [f'D/c{i}' for i in range(6)], 'test': [f'E/c{i}' for i in range(6)]}
+    return {s: p._replace(names=tuple(names[s])) for s, p in pools.items()}
+
+
+def test_same_alphabet_tasks_draw_all_classes_from_one_alphabet():
+    pools = _alphabet_pools()
+    assert list(episodes.class_groups(pools['train'])) == [0] * 6 + [1] * 5 + [2] * 2
+    smp = episodes.EpisodeSampler(pools, 5, 1, seed=0, same_alphabet=True)
+    for split in ('train', 'val', 'test'):
+        smp.check(split, 2)
+    _, _, classes = smp.indices(0, 400, 'train', 2)
+    alphabet = np.asarray([pools['train'].names[c].split('/')[0] for c in classes.ravel()]).reshape(classes.shape)
+    assert (alphabet == alphabet[:, :1]).all(), 'a task mixes alphabets'
+    assert (np.sort(classes, 1)[:, 1:] != np.sort(classes, 1)[:, :-1]).all(), 'classes repeat within a task'
+    picked = set(alphabet[:, 0])
+    assert picked == {'A', 'B'}, picked      # C has 2 classes: never enough for 5-way
+    share_a = np.mean(alphabet[:, 0] == 'A')
+    assert 0.4 < share_a < 0.6, share_a        # alphabets are picked uniformly, not by size
+    plain = episodes.EpisodeSampler(pools, 5, 1, seed=0)
+    _, _, mixed = plain.indices(0, 400, 'train', 2)
+    assert len({pools['train'].names[c].split('/')[0] for c in mixed[0]}) > 1 or any(
+        len({pools['train'].names[c].split('/')[0] for c in row}) > 1 for row in mixed)
+    with pytest.raises(DataError, match=r"/toy/train: no alphabet of the 'train' split has 7 classes for 7-way tasks "
+                                        r'within one alphabet \(config.task.same_alphabet; the largest has 6\)'):
+        episodes.EpisodeSampler(pools, 7, 1, same_alphabet=True).check('train', 2)
+
+
+def test_warp_affine_agrees_with_scipy_and_is_the_identity_at_a_eq_1():
+    scipy_ndimage = pytest.importorskip('scipy.ndimage')
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 9, 11, 2)).astype(np.float32)
+    eye = np.broadcast_to(np.eye(2), (4, 2, 2))
+    np.testing.assert_array_equal(episodes.warp_affine(x, eye, np.zeros((4, 2))), x)
+    a = eye + rng.normal(0, 0.3, (4, 2, 2))
+    t = rng.normal(0, 2, (4, 2))
+    got = episodes.warp_affine(x, a, t)
+    swap = np.array([[0, 1], [1, 0]])           # (x, y) -> (row, col)
+    centre = np.array([4.0, 5.0])               # (row, col) centre of 9 x 11
+    for i in range(4):
+        m = swap @ a[i] @ swap
+        for ch in range(2):
+            want = scipy_ndimage.affine_transform(x[i, ..., ch].astype(np.float64), m, centre - m @ centre + swap @ t[i],
+                                                  order=1, mode='grid-constant', cval=0.0)
+            np.testing.assert_allclose(got[i, ..., ch], want, atol=1e-5)
+
+
+def test_augmentation_changes_meta_train_images_only(monkeypatch):
+    pools = _alphabet_pools(per=7)
+    pools = {s: p._replace(images=np.ascontiguousarray(np.broadcast_to(
+        np.random.default_rng(1).integers(0, 256, (p.images.shape[0], 8, 8, 1), dtype=np.uint8),
+        (p.images.shape[0], 8, 8, 1)))) for s, p in pools.items()}
+    plain = episodes.EpisodeSampler(pools, 5, 1, seed=0)
+    aug = episodes.EpisodeSampler(pools, 5, 1, seed=0, augment=True)
+    eq = lambda u, v: all(np.array_equal(x, y) for x, y in zip(u, v))
+    for split in ('val', 'test'):
+        assert eq(plain.sample(3, 4, split, 2), aug.sample(3, 4, split, 2))
+    a, b = plain.sample(3, 4, 'train', 2), aug.sample(3, 4, 'train', 2)
+    assert np.array_equal(a.support_y, b.support_y) and np.array_equal(a.query_y, b.query_y)
+    assert not np.array_equal(a.support_x, b.support_x) and b.support_x.dtype == np.float32
+    assert 0.0 <= b.query_x.min() and b.query_x.max() <= 1.0
+    assert eq(b, aug.sample(3, 4, 'train', 2)), 'augmentation is a function of (seed, split, step)'
+    # with every range at zero the warp is the identity: the same images as without augmentation
+    for name, value in (('AUGMENT_ROTATION_DEG', 0.0), ('AUGMENT_SHEAR', 0.0), ('AUGMENT_SCALE', (1.0, 1.0)),
+                        ('AUGMENT_SHIFT', 0.0), ('AUGMENT_THICKEN', 0.0)):
+        monkeypatch.setattr(episodes, name, value)
+    np.testing.assert_allclose(aug.sample(3, 4, 'train', 2).support_x, a.support_x, atol=1e-6)
+    monkeypatch.setattr(episodes, 'AUGMENT_THICKEN', 1.0)   # thickening alone: the 2x2 max filter
+    thick = aug.sample(3, 4, 'train', 2).support_x
+    pad = np.pad(a.support_x, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)))
+    np.testing.assert_allclose(thick, np.maximum.reduce([pad[:, :, :8, :8], pad[:, :, 1:, :8], pad[:, :, :8, 1:],
+                                                         pad[:, :, 1:, 1:]]), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- miniImageNet
 @pytest.mark.parametrize('layout', ['pickle', 'csv'])
 def test_miniimagenet_layouts(tmp_path, layout):
@@ -485,7 +564,7 @@ def test_resnet12_layers_and_shapes():
         assert set(v['warp']['layer_3']['transform']) == ({'T'} if transform == 'tnet' else {'w1', 'b1', 'w2'})
 
 
-@pytest.mark.parametrize('name', ['omniglot', 'omniglot_minimal', 'omniglot_paper', 'miniimagenet'])
+@pytest.mark.parametrize('name', ['omniglot', 'omniglot_minimal', 'omniglot_paper', 'miniimagenet', 'lake_minimal'])
 def test_configs_validate_for_every_method(name):
     from md_meta import config as config_lib, methods
     mod = importlib.import_module(f'experiments.configs.{name}')
@@ -496,6 +575,9 @@ def test_configs_validate_for_every_method(name):
         c.model.name = 'resnet12'
         config_lib.validate(c)
     c = mod.get_config()
+    if name == 'lake_minimal':
+        assert (c.task.ways, c.task.shots, c.task.split) == (20, 1, 'minimal_alphabet')
+        return
     assert (c.task.ways, c.task.shots, c.task.query, c.meta.batch_size) == (5, 1, 15, 4)
     if name == 'omniglot':
         assert (c.inner.steps, c.inner.step_size, c.meta.optimizer, c.meta.lr, c.meta.steps, c.task.split) == \
@@ -623,3 +705,14 @@ def test_alphabet_fold_is_checked_with_the_config():
         c.task.split, c.task.alphabet_fold = split, fold
         with pytest.raises(config_lib.ConfigError, match=f'config.task.alphabet_fold: .*{re.escape(why)}'):
             config_lib.validate(c)
+
+
+def test_same_alphabet_and_augment_are_checked_with_the_config():
+    from md_meta import config as config_lib
+    c = config_lib.base_config()
+    c.task.name, c.model.name = 'omniglot', 'cnn4'
+    c.task.same_alphabet = c.task.augment = True
+    config_lib.validate(c)
+    c.task.augment, c.task.name = False, 'miniimagenet'
+    with pytest.raises(config_lib.ConfigError, match=r"config.task.same_alphabet: is for Omniglot .*'miniimagenet'"):
+        config_lib.validate(c)

@@ -148,6 +148,13 @@ def test_evaluate_ci_matches_hand_computation(tmp_path):
     assert got['metrics']['loss']['n'] == n and got['step'] == 10
     np.testing.assert_allclose(got['metrics']['loss']['mean'], mean, rtol=1e-5)
     np.testing.assert_allclose(got['metrics']['loss']['ci'], ci, rtol=1e-4)
+    # the inner loop at test may differ from training's (K, alpha), and is recorded
+    moved = evaluate_workdir(wd, num_tasks=n, which='last', log=lambda s: None,
+                             overrides={'inner.eval_steps': 3, 'inner.step_size': 0.1})
+    assert moved['eval_inner_steps'] == 3 and moved['eval_step_size'] == 0.1 and r['eval_step_size'] == 0.0
+    assert abs(moved['metrics']['loss']['mean'] - mean) > 1e-3, 'alpha > 0 at test adapts the zero model'
+    with pytest.raises(ValueError, match=r'meta.lr: not a field evaluation may override'):
+        training.load_run(wd, 'last', overrides={'meta.lr': 0.1})
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):

@@ -5,10 +5,15 @@ class c owns rows offsets[c] .. offsets[c+1]-1. Splits are different pools, so c
 splits. A batch of T tasks for step s of split 'split' is a pure function of (seed, split, s) through
 ``numpy.random.default_rng([seed, split index, s])``:
 
-  * each task draws N distinct classes (argsort of T x C uniform keys);
+  * each task draws N distinct classes (argsort of T x C uniform keys); with ``same_alphabet`` the N classes
+    are drawn from one group, picked uniformly among the groups of at least N classes, where a class's group
+    is its name up to the first '/' (Omniglot's alphabet: 'Greek/character03@rot90' is in 'Greek');
   * each (task, class) draws K + Q distinct images (argpartition of uniform keys, then ordered by key);
   * labels are a random permutation of 0..N-1 per task;
-  * the gather is one fancy-indexing of the pool (no Python loop over images), then /255 to float32.
+  * the gather is one fancy-indexing of the pool (no Python loop over images), then /255 to float32;
+  * with ``augment``, each meta-train image (support and query; never 'val' or 'test') is warped by its own
+    random affine map and some strokes thickened (``augment_images``), from a stream of its own, so that the
+    classes and images drawn are the same with and without augmentation.
 
 Support: (T, N*K, H, W, C) float32 in [0, 1], int32 labels (T, N*K); query: (T, N*Q, ...).
 
@@ -101,18 +106,87 @@ def check_pool(pool: ClassPool, split: str, ways: int, shots: int, query: int, h
                         f'{len(small)} of {pool.num_classes} classes are too small. {hint}'.strip())
 
 
+def class_groups(pool: ClassPool) -> np.ndarray:
+    """(num_classes,) int: the group of each class, numbered by first appearance; a class's group is its name
+    up to the first '/' (Omniglot: the alphabet, rotations included), or the class itself without a '/'."""
+    keys = [n.split('/', 1)[0] if '/' in n else n for n in pool.names]
+    index: Dict[str, int] = {}
+    return np.asarray([index.setdefault(k, len(index)) for k in keys], np.int64)
+
+
+# Augmentation (Koch, Zemel and Salakhutdinov 2015's affine ranges, translation in pixels of the pool's image):
+AUGMENT_ROTATION_DEG = 10.0   # theta ~ U[-10, 10] degrees
+AUGMENT_SHEAR = 0.3           # shear_x, shear_y ~ U[-0.3, 0.3]
+AUGMENT_SCALE = (0.8, 1.2)    # s_x, s_y ~ U[0.8, 1.2]
+AUGMENT_SHIFT = 2.0           # t_x, t_y ~ U[-2, 2] pixels
+AUGMENT_THICKEN = 0.25        # probability that an image's strokes are thickened by one pixel (2x2 max filter)
+
+
+def warp_affine(x: np.ndarray, a: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """x (B, H, W, C) warped by per-image affine maps: the output pixel at p = (col, row) - centre shows the
+    input at a[i] p + t[i] + centre, by bilinear interpolation, 0 outside. a (B, 2, 2), t (B, 2) in (x, y)
+    pixel units. Vectorised over B."""
+    b, h, w, c = x.shape
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    yy, xx = np.meshgrid(np.arange(h) - cy, np.arange(w) - cx, indexing='ij')
+    src = a @ np.stack([xx.ravel(), yy.ravel()]) + t[:, :, None]                        # (B, 2, H*W)
+    sxf, syf = src[:, 0] + cx, src[:, 1] + cy
+    x0, y0 = np.floor(sxf).astype(np.int64), np.floor(syf).astype(np.int64)
+    fx, fy = (sxf - x0).astype(np.float32), (syf - y0).astype(np.float32)
+    flat = x.reshape(b, h * w, c)
+    out = np.zeros((b, h * w, c), np.float32)
+    rows = np.arange(b)[:, None]
+    for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+        yi, xi = y0 + dy, x0 + dx
+        inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+        out += flat[rows, np.where(inside, yi * w + xi, 0)] * (wgt * inside)[..., None]
+    return out.reshape(b, h, w, c)
+
+
+def augment_images(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each image of x (B, H, W, C) float32 in [0, 1], bright strokes on 0, warped (``warp_affine``) by its own
+    a = R(theta) Shear(shx, shy) diag(sx, sy) and shift t, drawn from the AUGMENT_* ranges; then with probability
+    AUGMENT_THICKEN its strokes are thickened by one pixel (the max over each 2x2 neighbourhood)."""
+    b, h, w, _ = x.shape
+    th = np.deg2rad(rng.uniform(-AUGMENT_ROTATION_DEG, AUGMENT_ROTATION_DEG, b))
+    shx, shy = rng.uniform(-AUGMENT_SHEAR, AUGMENT_SHEAR, (2, b))
+    sx, sy = rng.uniform(*AUGMENT_SCALE, (2, b))
+    t = rng.uniform(-AUGMENT_SHIFT, AUGMENT_SHIFT, (b, 2))
+    thicken = rng.random(b) < AUGMENT_THICKEN
+    cos, sin, one = np.cos(th), np.sin(th), np.ones(b)
+    rot = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)            # (B, 2, 2)
+    shear = np.stack([np.stack([one, shx], -1), np.stack([shy, one], -1)], -2)
+    out = warp_affine(x, rot @ shear * np.stack([sx, sy], -1)[:, None, :], t)           # columns scaled by s
+    if thicken.any():
+        pad = np.pad(out[thicken], ((0, 0), (0, 1), (0, 1), (0, 0)))
+        out[thicken] = np.maximum.reduce([pad[:, :h, :w], pad[:, 1:, :w], pad[:, :h, 1:], pad[:, 1:, 1:]])
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
 class EpisodeSampler:
     """Host-side episode sampler over class-disjoint splits; ``sample`` is deterministic from
-    (seed, split, step)."""
+    (seed, split, step). ``same_alphabet``: each task's classes from one group (``class_groups``), in every
+    split; ``augment``: meta-train images warped by ``augment_images``."""
 
-    def __init__(self, pools: Dict[str, ClassPool], ways: int, shots: int, seed: int = 0):
+    def __init__(self, pools: Dict[str, ClassPool], ways: int, shots: int, seed: int = 0,
+                 same_alphabet: bool = False, augment: bool = False):
         self.pools, self.ways, self.shots, self.seed = dict(pools), ways, shots, seed
+        self.same_alphabet, self.augment = same_alphabet, augment
         self._uniform = {s: bool(np.all(p.counts == p.counts[0])) for s, p in self.pools.items()}
+        self._groups = {s: class_groups(p) for s, p in self.pools.items()} if same_alphabet else {}
+
+    def _eligible_groups(self, split: str) -> np.ndarray:
+        return np.flatnonzero(np.bincount(self._groups[split]) >= self.ways)
 
     def check(self, split: str, query: int, hint: str = '') -> None:
         if split not in self.pools:
             raise DataError(f'no {split!r} split in the data (have {sorted(self.pools)}). {hint}'.strip())
         check_pool(self.pools[split], split, self.ways, self.shots, query, hint)
+        if self.same_alphabet and not len(self._eligible_groups(split)):
+            sizes = np.bincount(self._groups[split])
+            raise DataError(f'{self.pools[split].where or "(generated data)"}: no alphabet of the {split!r} split has '
+                            f'{self.ways} classes for {self.ways}-way tasks within one alphabet '
+                            f'(config.task.same_alphabet; the largest has {int(sizes.max())}). {hint}'.strip())
 
     def rng(self, split: str, step: int) -> np.random.Generator:
         return np.random.default_rng([int(self.seed), SPLITS.index(split), int(step)])
@@ -121,7 +195,12 @@ class EpisodeSampler:
         """(image rows (T, N, K+Q), labels (T, N), classes (T, N)) of step ``step``."""
         pool, n, kq = self.pools[split], self.ways, self.shots + query
         rng = self.rng(split, step)
-        classes = np.argsort(rng.random((num_tasks, pool.num_classes)), axis=1)[:, :n]
+        keys = rng.random((num_tasks, pool.num_classes))
+        if self.same_alphabet:
+            eligible = self._eligible_groups(split)
+            group = eligible[rng.integers(0, len(eligible), num_tasks)]          # (T,)
+            keys = np.where(self._groups[split][None, :] == group[:, None], keys, np.inf)
+        classes = np.argsort(keys, axis=1)[:, :n]
         labels = np.argsort(rng.random((num_tasks, n)), axis=1).astype(np.int32)
         counts = pool.counts[classes]                        # (T, N)
         width = int(counts.max())
@@ -146,6 +225,11 @@ class EpisodeSampler:
             return np.multiply(pool.images[r.reshape(t, -1)], scale, dtype=np.float32)
 
         sx, qx = gather(rows[:, :, :k]), gather(rows[:, :, k:])
+        if self.augment and split == 'train':
+            rng = np.random.default_rng([int(self.seed), SPLITS.index(split), int(step), 1])
+            both = augment_images(np.concatenate([sx, qx], 1).reshape((-1,) + sx.shape[2:]), rng)
+            both = both.reshape((t, -1) + sx.shape[2:])
+            sx, qx = both[:, :sx.shape[1]], both[:, sx.shape[1]:]
         sy = np.repeat(labels, k, axis=1)
         qy = np.repeat(labels, query, axis=1)
         return Task(sx, sy, qx, qy)

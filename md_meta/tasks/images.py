@@ -35,7 +35,7 @@ def make_source(config, pools=None, prefetch: int = PREFETCH_DEPTH):
     from md_meta.tasks import TaskSource
     t = config.task
     pools = pools if pools is not None else load_pools(config)
-    sampler = EpisodeSampler(pools, t.ways, t.shots, config.seed)
+    sampler = EpisodeSampler(pools, t.ways, t.shots, config.seed, same_alphabet=t.same_alphabet, augment=t.augment)
     eval_query = config.eval.query if config.eval.query > 0 else t.query
     hint = f'(config.task.data_dir={t.data_dir!r})'
     sampler.check('train', t.query, hint)
