@@ -693,6 +693,39 @@ def test_omniglot_meta_training_then_lake_runs(shared_pools, tmp_path):
     assert res['mean_error'] == np.mean(list(res['runs'].values()))
 
 
+def test_lake_table_pairs_by_run_and_by_seed(tmp_path):
+    """experiments.lake_table: mean +- t-interval over runs (one seed) or over seeds; paired differences."""
+    import json
+    from experiments import lake_table
+
+    def write(name, errors, seed=0):
+        rec = {'seed': seed, 'step': 10, 'eval_inner_steps': 5, 'eval_step_size': 0.4, 'config': {'inner': {}},
+               'lake': {'runs': {f'run{i + 1:02d}': float(e) for i, e in enumerate(errors)}}}
+        (tmp_path / name).write_text(json.dumps(rec))
+    write('eval-base-maml.json', [10, 20, 30, 40])
+    write('eval-base-md.json', [5, 20, 25, 40])
+    write('eval-aug-md.json', [0, 10, 25, 30])
+    for s, shift in ((0, 0), (1, 10)):
+        write(f'eval-long-md-seed{s}.json', [10 + shift, 10 + shift, 20 + shift, 20 + shift], seed=s)
+        write(f'eval-long-maml-seed{s}.json', [20 + shift, 20 + shift, 20 + shift, 20 + shift], seed=s)
+    table = {(r['variant'], r['method']): r for r in
+             lake_table.rows(lake_table.load(str(tmp_path / 'eval-*.json')), 'base')}
+    t3 = 3.182   # t_{0.975, 3}: four runs
+    mean, half, over = table[('base', 'md')]['error']
+    assert (mean, over) == (22.5, 'runs') and np.isclose(half, t3 * np.std([5, 20, 25, 40], ddof=1) / 2)
+    d = table[('base', 'md')]['minus_maml']          # paired by run: [-5, 0, -5, 0]
+    assert d[:3] == (-2.5, t3 * np.std([-5, 0, -5, 0], ddof=1) / 2, 'runs') and d[3] == 1
+    assert table[('aug', 'md')]['minus_reference'][0] == -6.25 and table[('aug', 'md')]['minus_maml'] is None
+    long = table[('long', 'md')]                      # two seeds: over the seeds' means (15, 25)
+    assert long['seeds'] == [0, 1] and long['error'][0] == 20 and long['error'][2] == 'seeds'
+    assert np.isclose(long['error'][1], 12.706 * np.std([15, 25], ddof=1) / np.sqrt(2))
+    assert long['minus_maml'][0] == -5 and long['minus_maml'][3] == 2
+    assert '| long | md | 0,1 | 10 | 5, 0.4 | 20.00 +- ' in lake_table.markdown(list(table.values()), 'base')
+    (tmp_path / 'eval-x.json').write_text('{}')
+    with pytest.raises(ValueError, match='expected a name eval-<variant>-<method>'):
+        lake_table.load(str(tmp_path / 'eval-*.json'))
+
+
 def test_alphabet_fold_is_checked_with_the_config():
     """task.alphabet_fold: a non-negative integer, and only with task.split='minimal_alphabet'."""
     from md_meta import config as config_lib

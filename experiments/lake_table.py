@@ -1,0 +1,118 @@
+"""A table of errors on Lake-style one-shot runs from the evaluation.json files of
+``experiments.evaluate --lake_runs``, one row per (variant, method), files named
+``eval-<variant>-<method>[-seed<S>].json``:
+
+  * error: with one seed, the mean over runs +- the 95% t-interval over runs; with several, the mean of the
+    seeds' mean errors +- the t-interval over seeds (``md_meta.evaluation.seed_interval``);
+  * minus the reference variant (same method, same seeds) and MD minus MAML (same variant and seeds): paired
+    by run, which is exact because a seed's runs are the same for every model of that seed (built with
+    --lake_build from config.seed); intervals as above, over runs with one seed, over seeds with several.
+
+    python -m experiments.lake_table --files='docs/figures/omniglot_lake_levers/eval-*.json' --reference=baseline
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+import numpy as np
+from absl import flags
+
+from experiments import fail, run
+from md_meta.evaluation import seed_interval
+
+_FILES = flags.DEFINE_string('files', None, 'Glob of evaluation.json copies named eval-<variant>-<method>[-seed<S>].json.')
+_REFERENCE = flags.DEFINE_string('reference', '', 'Variant whose errors the others are compared with (paired).')
+_OUT = flags.DEFINE_string('out', '', 'Also write the table to <out>.md and the numbers to <out>.json.')
+
+NAME = re.compile(r'^eval-(?P<variant>.+?)-(?P<method>[a-z0-9_]+)(?:-seed(?P<seed>\d+))?\.json$')
+
+
+def load(pattern: str) -> dict:
+    """{(variant, method): {seed: (record, per-run errors in run order)}}."""
+    out: dict = {}
+    for path in sorted(glob.glob(pattern)):
+        m = NAME.match(os.path.basename(path))
+        if not m:
+            raise ValueError(f'{path}: expected a name eval-<variant>-<method>[-seed<S>].json')
+        with open(path) as f:
+            record = json.load(f)
+        if 'lake' not in record:
+            raise ValueError(f'{path}: no Lake runs in this evaluation (experiments.evaluate --lake_runs)')
+        runs = record['lake']['runs']
+        seed = int(m['seed']) if m['seed'] is not None else int(record.get('seed', 0))
+        out.setdefault((m['variant'], m['method']), {})[seed] = (record, np.array([runs[k] for k in sorted(runs)]))
+    if not out:
+        raise ValueError(f'{pattern}: no files')
+    return out
+
+
+def interval(per_seed: list) -> tuple:
+    """(mean, 95% half-width, 'runs' | 'seeds') of per-seed arrays of per-run values."""
+    if len(per_seed) == 1:
+        v = per_seed[0]
+        return float(v.mean()), seed_interval(v)[1], 'runs'
+    return (*seed_interval([v.mean() for v in per_seed]), 'seeds')
+
+
+def paired(a: dict, b: dict):
+    """a - b over the seeds both have, paired by run; None if they share no seed."""
+    seeds = sorted(set(a) & set(b))
+    return interval([a[s][1] - b[s][1] for s in seeds]) + (len(seeds),) if seeds else None
+
+
+def rows(data: dict, reference: str) -> list:
+    out = []
+    for (variant, method), by_seed in data.items():
+        first = by_seed[min(by_seed)][0]
+        row = {'variant': variant, 'method': method, 'seeds': sorted(by_seed),
+               'step': sorted({r['step'] for r, _ in by_seed.values()}),
+               'eval_inner_steps': first.get('eval_inner_steps'),
+               'eval_step_size': (first['eval_step_size'] if 'eval_step_size' in first    # older records:
+                                  else first['config']['inner']['step_size']),                # the trained alpha
+               'error': interval([e for _, e in by_seed.values()]),
+               'minus_reference': None, 'minus_maml': None}
+        if reference and variant != reference and (reference, method) in data:
+            row['minus_reference'] = paired(by_seed, data[(reference, method)])
+        if method != 'maml' and (variant, 'maml') in data:
+            row['minus_maml'] = paired(by_seed, data[(variant, 'maml')])
+        out.append(row)
+    return out
+
+
+def markdown(table: list, reference: str) -> str:
+    fmt = lambda c: '-' if c is None else f'{c[0]:+.2f} +- {c[1]:.2f}'
+    lines = [f'| variant | method | seeds | meta-steps | K, alpha at test | error (%) | minus {reference or "reference"} '
+             '(paired) | minus MAML (paired) |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    for r in table:
+        e = r['error']
+        lines.append(f"| {r['variant']} | {r['method']} | {','.join(map(str, r['seeds']))} | "
+                     f"{','.join(map(str, r['step']))} | {r['eval_inner_steps']}, {r['eval_step_size']:g} | "
+                     f"{e[0]:.2f} +- {e[1]:.2f} | {fmt(r['minus_reference'])} | {fmt(r['minus_maml'])} |")
+    lines.append('')
+    lines.append('Intervals: 95% t-intervals over the 20 runs (one seed) or over seeds (several).')
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+    del argv
+    if not _FILES.value:
+        fail('--files is required')
+    try:
+        table = rows(load(_FILES.value), _REFERENCE.value)
+    except (ValueError, OSError, KeyError) as e:
+        fail(e)
+    text = markdown(table, _REFERENCE.value)
+    print(text, end='')
+    if _OUT.value:
+        with open(_OUT.value + '.md', 'w') as f:
+            f.write(text)
+        with open(_OUT.value + '.json', 'w') as f:
+            json.dump(table, f, indent=1)
+            f.write('\n')
+
+
+if __name__ == '__main__':
+    run(main)
