@@ -237,7 +237,8 @@ def host_sampling_time(config, repeats: int = 5):
             rng.integers(0, 256, (64, 20, s, s, ch), dtype=np.uint8), [f'c{i}' for i in range(64)], 'synthetic')
             for split in ('train', 'val', 'test')}
         note = f'synthetic pool ({type(e).__name__})'
-    sampler = episodes.EpisodeSampler(pools, config.task.ways, config.task.shots, config.seed)
+    sampler = episodes.EpisodeSampler(pools, config.task.ways, config.task.shots, config.seed,
+                                      augment=config.task.augment)   # its warps are part of the host's cost
     ts = []
     for i in range(repeats):
         t = time.perf_counter()
