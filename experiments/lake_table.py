@@ -6,7 +6,9 @@
     seeds' mean errors +- the t-interval over seeds (``md_meta.evaluation.seed_interval``);
   * minus the reference variant (same method, same seeds) and MD minus MAML (same variant and seeds): paired
     by run, which is exact because a seed's runs are the same for every model of that seed (built with
-    --lake_build from config.seed); intervals as above, over runs with one seed, over seeds with several.
+    --lake_build from config.seed); intervals as above, over runs with one seed, over seeds with several;
+  * ``--pool_runs``: intervals over the runs of all seeds pooled, for effects within trained models (K or
+    alpha at test) where the seeds' spread is not the question.
 
     python -m experiments.lake_table --files='docs/figures/omniglot_lake_levers/eval-*.json' --reference=baseline
 """
@@ -26,6 +28,9 @@ from md_meta.evaluation import seed_interval
 _FILES = flags.DEFINE_string('files', None, 'Glob of evaluation.json copies named eval-<variant>-<method>[-seed<S>].json.')
 _REFERENCE = flags.DEFINE_string('reference', '', 'Variant whose errors the others are compared with (paired).')
 _OUT = flags.DEFINE_string('out', '', 'Also write the table to <out>.md and the numbers to <out>.json.')
+_POOL = flags.DEFINE_bool('pool_runs', False, 'With several seeds: intervals over all their runs pooled (the '
+                          'variation of runs given the trained models) instead of over seeds.')
+_VARIANTS = flags.DEFINE_list('variants', [], 'Row order (default: the reference, then the others sorted).')
 
 NAME = re.compile(r'^eval-(?P<variant>.+?)-(?P<method>[a-z0-9_]+)(?:-seed(?P<seed>\d+))?\.json$')
 
@@ -49,50 +54,59 @@ def load(pattern: str) -> dict:
     return out
 
 
-def interval(per_seed: list) -> tuple:
-    """(mean, 95% half-width, 'runs' | 'seeds') of per-seed arrays of per-run values."""
-    if len(per_seed) == 1:
-        v = per_seed[0]
+def interval(per_seed: list, pool_runs: bool = False) -> tuple:
+    """(mean, 95% half-width, 'runs' | 'seeds') of per-seed arrays of per-run values: over the runs of one
+    seed, or of all seeds with ``pool_runs``, else over the seeds' means."""
+    if len(per_seed) == 1 or pool_runs:
+        v = np.concatenate(per_seed)
         return float(v.mean()), seed_interval(v)[1], 'runs'
     return (*seed_interval([v.mean() for v in per_seed]), 'seeds')
 
 
-def paired(a: dict, b: dict):
+def paired(a: dict, b: dict, pool_runs: bool = False):
     """a - b over the seeds both have, paired by run; None if they share no seed."""
     seeds = sorted(set(a) & set(b))
-    return interval([a[s][1] - b[s][1] for s in seeds]) + (len(seeds),) if seeds else None
+    return interval([a[s][1] - b[s][1] for s in seeds], pool_runs) + (len(seeds),) if seeds else None
 
 
-def rows(data: dict, reference: str) -> list:
+def rows(data: dict, reference: str, order=(), pool_runs: bool = False) -> list:
+    found = sorted({v for v, _ in data})
+    order = list(order) or [reference] * (reference in found) + [v for v in found if v != reference]
     out = []
-    for (variant, method), by_seed in data.items():
+    for (variant, method), by_seed in sorted(data.items(), key=lambda kv: (
+            order.index(kv[0][0]) if kv[0][0] in order else len(order), kv[0][0], kv[0][1] != 'maml', kv[0][1])):
         first = by_seed[min(by_seed)][0]
         row = {'variant': variant, 'method': method, 'seeds': sorted(by_seed),
                'step': sorted({r['step'] for r, _ in by_seed.values()}),
                'eval_inner_steps': first.get('eval_inner_steps'),
                'eval_step_size': (first['eval_step_size'] if 'eval_step_size' in first    # older records:
                                   else first['config']['inner']['step_size']),                # the trained alpha
-               'error': interval([e for _, e in by_seed.values()]),
+               'error': interval([e for _, e in by_seed.values()], pool_runs),
                'minus_reference': None, 'minus_maml': None}
         if reference and variant != reference and (reference, method) in data:
-            row['minus_reference'] = paired(by_seed, data[(reference, method)])
+            row['minus_reference'] = paired(by_seed, data[(reference, method)], pool_runs)
         if method != 'maml' and (variant, 'maml') in data:
-            row['minus_maml'] = paired(by_seed, data[(variant, 'maml')])
+            row['minus_maml'] = paired(by_seed, data[(variant, 'maml')], pool_runs)
         out.append(row)
     return out
 
 
-def markdown(table: list, reference: str) -> str:
-    fmt = lambda c: '-' if c is None else f'{c[0]:+.2f} +- {c[1]:.2f}'
-    lines = [f'| variant | method | seeds | meta-steps | K, alpha at test | error (%) | minus {reference or "reference"} '
+def markdown(table: list, reference: str, pool_runs: bool = False) -> str:
+    def fmt(c, seeds):
+        if c is None:
+            return '-'
+        return f'{c[0]:+.2f} +- {c[1]:.2f}' + ('' if c[3] == len(seeds) else f' ({c[3]} seed{"s" * (c[3] > 1)})')
+    lines = [f'| variant | method | seeds | checkpoint step | K, alpha at test | error (%) | minus {reference or "reference"} '
              '(paired) | minus MAML (paired) |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
     for r in table:
         e = r['error']
         lines.append(f"| {r['variant']} | {r['method']} | {','.join(map(str, r['seeds']))} | "
                      f"{','.join(map(str, r['step']))} | {r['eval_inner_steps']}, {r['eval_step_size']:g} | "
-                     f"{e[0]:.2f} +- {e[1]:.2f} | {fmt(r['minus_reference'])} | {fmt(r['minus_maml'])} |")
+                     f"{e[0]:.2f} +- {e[1]:.2f} | {fmt(r['minus_reference'], r['seeds'])} | {fmt(r['minus_maml'], r['seeds'])} |")
     lines.append('')
-    lines.append('Intervals: 95% t-intervals over the 20 runs (one seed) or over seeds (several).')
+    over = 'the runs of all seeds pooled' if pool_runs else 'the runs (one seed) or over seeds (several)'
+    lines.append(f'Intervals: 95% t-intervals over {over}; a paired difference over fewer seeds than its row names '
+                 'them. Checkpoint step: the best by meta-validation.')
     return '\n'.join(lines) + '\n'
 
 
@@ -101,10 +115,10 @@ def main(argv):
     if not _FILES.value:
         fail('--files is required')
     try:
-        table = rows(load(_FILES.value), _REFERENCE.value)
+        table = rows(load(_FILES.value), _REFERENCE.value, _VARIANTS.value, _POOL.value)
     except (ValueError, OSError, KeyError) as e:
         fail(e)
-    text = markdown(table, _REFERENCE.value)
+    text = markdown(table, _REFERENCE.value, _POOL.value)
     print(text, end='')
     if _OUT.value:
         with open(_OUT.value + '.md', 'w') as f:

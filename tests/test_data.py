@@ -721,6 +721,10 @@ def test_lake_table_pairs_by_run_and_by_seed(tmp_path):
     assert np.isclose(long['error'][1], 12.706 * np.std([15, 25], ddof=1) / np.sqrt(2))
     assert long['minus_maml'][0] == -5 and long['minus_maml'][3] == 2
     assert '| long | md | 0,1 | 10 | 5, 0.4 | 20.00 +- ' in lake_table.markdown(list(table.values()), 'base')
+    pooled = {(r['variant'], r['method']): r for r in
+              lake_table.rows(lake_table.load(str(tmp_path / 'eval-*.json')), 'base', pool_runs=True)}
+    d = [-10, -10, 0, 0] * 2                          # md - maml by run, both seeds
+    assert pooled[('long', 'md')]['minus_maml'][:3] == (-5, 2.365 * np.std(d, ddof=1) / np.sqrt(8), 'runs')
     (tmp_path / 'eval-x.json').write_text('{}')
     with pytest.raises(ValueError, match='expected a name eval-<variant>-<method>'):
         lake_table.load(str(tmp_path / 'eval-*.json'))
