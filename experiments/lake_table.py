@@ -25,13 +25,6 @@ from absl import flags
 from experiments import fail, run
 from md_meta.evaluation import seed_interval
 
-_FILES = flags.DEFINE_string('files', None, 'Glob of evaluation.json copies named eval-<variant>-<method>[-seed<S>].json.')
-_REFERENCE = flags.DEFINE_string('reference', '', 'Variant whose errors the others are compared with (paired).')
-_OUT = flags.DEFINE_string('out', '', 'Also write the table to <out>.md and the numbers to <out>.json.')
-_POOL = flags.DEFINE_bool('pool_runs', False, 'With several seeds: intervals over all their runs pooled (the '
-                          'variation of runs given the trained models) instead of over seeds.')
-_VARIANTS = flags.DEFINE_list('variants', [], 'Row order (default: the reference, then the others sorted).')
-
 NAME = re.compile(r'^eval-(?P<variant>.+?)-(?P<method>[a-z0-9_]+)(?:-seed(?P<seed>\d+))?\.json$')
 
 
@@ -128,5 +121,11 @@ def main(argv):
             f.write('\n')
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':   # flags only when run: the functions above import into tests and notebooks
+    _FILES = flags.DEFINE_string('files', None, 'Glob of evaluation.json copies named eval-<variant>-<method>[-seed<S>].json.')
+    _REFERENCE = flags.DEFINE_string('reference', '', 'Variant whose errors the others are compared with (paired).')
+    _OUT = flags.DEFINE_string('out', '', 'Also write the table to <out>.md and the numbers to <out>.json.')
+    _POOL = flags.DEFINE_bool('pool_runs', False, 'With several seeds: intervals over all their runs pooled (the '
+                              'variation of runs given the trained models) instead of over seeds.')
+    _VARIANTS = flags.DEFINE_list('variants', [], 'Row order (default: the reference, then the others sorted).')
     run(main)
