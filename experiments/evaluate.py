@@ -34,7 +34,7 @@ _LAKE_BUILD = flags.DEFINE_integer('lake_build', 0, "If > 0 and --lake_runs hold
                                    "there from the workdir's held-out test characters first.")
 _EVAL_STEPS = flags.DEFINE_integer('eval_steps', 0, 'Inner steps K at test (0: config.inner.eval_steps of the run).')
 _EVAL_STEP_SIZE = flags.DEFINE_float('eval_step_size', 0.0, 'Inner step size alpha at test (0: the one trained '
-                                     'with; for methods with a fixed alpha, not the learned ones of Meta-SGD).')
+                                     'with); refused for methods that learn their step sizes (Meta-SGD).')
 _LAKE_WITHIN = flags.DEFINE_bool('lake_within_alphabet', False, "With --lake_build: each run's 20 characters from "
                                  "one held-out alphabet (the official runs' layout; task.split='minimal_alphabet').")
 

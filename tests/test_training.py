@@ -18,6 +18,7 @@ import pytest
 
 from md_meta import checkpoint as checkpoint_lib
 from md_meta import training, workdirs
+from md_meta.config import ConfigError
 from tests.helpers import nan_build, random_like, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,6 +156,17 @@ def test_evaluate_ci_matches_hand_computation(tmp_path):
     assert abs(moved['metrics']['loss']['mean'] - mean) > 1e-3, 'alpha > 0 at test adapts the zero model'
     with pytest.raises(ValueError, match=r'meta.lr: not a field evaluation may override'):
         training.load_run(wd, 'last', overrides={'meta.lr': 0.1})
+
+
+@pytest.mark.parametrize('method,extra', [('metasgd', {}), ('ecml', {'ecml.preconditioner': 'metasgd'})])
+def test_alpha_at_test_is_refused_where_step_sizes_are_learned(tmp_path, method, extra):
+    """Meta-SGD's exp(w) (and ECML's with that preconditioner) do not depend on inner.step_size once
+    trained, so an override would be recorded but change nothing: load_run refuses it in one line."""
+    wd = str(tmp_path / method)
+    workdirs.prepare(tiny_config(method, **extra), wd)
+    with pytest.raises(ConfigError, match=rf'inner.step_size: {method} learns its inner step sizes'):
+        training.load_run(wd, 'last', overrides={'inner.step_size': 0.1})
+    assert not training.learns_step_sizes(tiny_config('ecml'))
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):
