@@ -392,27 +392,47 @@ def pack(theta: Params, spec: BlockIAFSpec) -> Params:
 
 
 def effective_packed(packed: Params, monotone: bool) -> Params:
-    """``effective_weights`` on the packed layout (one batched norm per stacked factor): a function of theta
-    alone, computed once per adaptation and applied at every inner step."""
+    """``effective_weights`` on the packed layout: in monotone mode each layer keeps its factors and gains
+    ``scale`` = prod_k 1 / max(1, ||U_k||_F) per group member (the link: one scalar), applied to the layer's
+    product (X x_1 c_1 U_1 ... x_m c_m U_m = (prod c_k) X x_1 U_1 ... x_m U_m), so that the normalised factors
+    are never materialised; all the norms are one segment sum. A function of theta alone, computed once per
+    adaptation."""
     if not monotone:
         return packed
-    normalise = lambda layers: [dict(p, u=[_normalised_stack(u) for u in p['u']]) for p in layers]
-    return dict(packed, enc=[normalise(l) for l in packed['enc']], dec=[normalise(l) for l in packed['dec']],
-                link={b: dict(l, w=_normalised(l['w'])) for b, l in packed['link'].items()})
+    layers = [p for group in packed['enc'] + packed['dec'] for p in group]
+    links = list(packed['link'])
+    norms = iter(_inverse_norms([u for p in layers for u in p['u']] + [packed['link'][b]['w'][None] for b in links]))
+    scales = iter([math.prod(next(norms) for _ in p['u']) for p in layers])
+    scaled = lambda group: [dict(p, scale=next(scales)) for p in group]
+    enc = [scaled(group) for group in packed['enc']]
+    dec = [scaled(group) for group in packed['dec']]
+    link = {b: dict(packed['link'][b], scale=next(norms)[0]) for b in links}
+    return dict(packed, enc=enc, dec=dec, link=link)
 
 
-def _normalised_stack(u: jnp.ndarray) -> jnp.ndarray:
-    """``_normalised`` of each matrix of a stack (G, n', n)."""
-    fro = jnp.sqrt(jnp.sum(u * u, axis=(1, 2), keepdims=True) + 1e-12)
-    return u / jnp.maximum(1.0, fro)
+def _inverse_norms(stacks: list) -> list:
+    """[1 / max(1, ||U||_F) of each matrix of the stack, shape (G,)] for stacks (G, n', n): all the norms as
+    one segment sum (a few kernels, not a few per factor)."""
+    if not stacks:
+        return []
+    sizes = [int(np.prod(u.shape[1:])) for u in stacks]
+    counts = [u.shape[0] for u in stacks]
+    flat = jnp.concatenate([u.reshape(-1) for u in stacks])
+    segments = np.repeat(np.arange(sum(counts)), np.repeat(sizes, counts))
+    sq = jax.ops.segment_sum(flat * flat, segments, num_segments=sum(counts), indices_are_sorted=True)
+    inv = 1.0 / jnp.maximum(1.0, jnp.sqrt(sq + 1e-12))
+    offsets = np.cumsum([0] + counts)
+    return [inv[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def _batched_layer(p, x):
-    """X x_1 U_1 ... x_m U_m + b for a stack of G tensors X (G, n_1..n_m) and factors U_k (G, n'_k, n_k): one
-    batched dot_general per mode, contracting the leading mode and appending the new one last (as
-    ``mode_product``)."""
+    """X x_1 U_1 ... x_m U_m (times ``p['scale']`` where present) + b for a stack of G tensors X (G, n_1..n_m)
+    and factors U_k (G, n'_k, n_k): one batched dot_general per mode, contracting the leading mode and
+    appending the new one last (as ``mode_product``)."""
     for u in p['u']:
         x = jax.lax.dot_general(x, u, (((1,), (2,)), ((0,), (0,))))
+    if 'scale' in p:
+        x = x * p['scale'].reshape((-1,) + (1,) * (x.ndim - 1))
     return x + p['b']
 
 
@@ -435,7 +455,8 @@ def apply_packed(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
     inputs = {}
     for i, b in enumerate(blocks[1:], start=1):
         link = w['link'][b]
-        h = link['w'] @ jnp.concatenate(encodings[:i]) + link['b']
+        h = link['w'] @ jnp.concatenate(encodings[:i])
+        h = (h * link['scale'] if 'scale' in link else h) + link['b']
         start = 0
         for j, s in enumerate(shapes[b]):
             shape = _shrink_sequence(s, spec.encoder_layers)[-1]

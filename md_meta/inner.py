@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from md_meta.geometry import InnerLoop
+from md_meta.geometry import InnerLoop, primal_is_state
 
 
 class InnerConfig(NamedTuple):
@@ -28,22 +28,45 @@ class InnerConfig(NamedTuple):
 
 def adapt(loop: InnerLoop, support_loss: Callable, init, key: jax.Array, cfg: InnerConfig,
           final_stats: bool = False):
-    """Runs the inner loop; ``support_loss(phi) -> scalar``. Returns (phi_K, {'loss', 'grad_norm'})."""
+    """Runs the inner loop; ``support_loss(phi) -> scalar``. Returns (phi_K, {'loss', 'grad_norm'}).
+
+    Where phi is a function of the state (``loop.params_of``: MD's g), the scan runs K + 1 bodies and phi_K
+    is the one the last body computed (its gradient step skipped by a ``lax.cond`` unless ``final_stats``),
+    so that the program holds that map once, not also after the loop."""
     grad_fn = jax.value_and_grad(support_loss)
 
-    def body(state, _):
-        loss, grad = grad_fn(loop.params_of(state))
+    def step(state, phi):
+        loss, grad = grad_fn(phi)
         if cfg.first_order:
             grad = jax.lax.stop_gradient(grad)
         return loop.update(state, grad), (loss, optax.tree.norm(grad))
 
-    if cfg.remat:
-        body = jax.checkpoint(body)
-    state, (losses, norms) = jax.lax.scan(body, loop.start(init, key), None, length=cfg.steps,
-                                          unroll=cfg.unroll)
-    phi = loop.params_of(state)
-    if final_stats:
-        loss, grad = grad_fn(phi)
-        losses = jnp.append(losses, loss)
-        norms = jnp.append(norms, optax.tree.norm(grad))
-    return phi, {'loss': losses, 'grad_norm': norms}
+    start = loop.start(init, key)
+    if loop.params_of is primal_is_state:
+        body = lambda state, _: step(state, state)
+        body = jax.checkpoint(body) if cfg.remat else body
+        state, (losses, norms) = jax.lax.scan(body, start, None, length=cfg.steps, unroll=cfg.unroll)
+        phi = state
+        if final_stats:
+            _, (loss, norm) = step(state, phi)
+            losses, norms = jnp.append(losses, loss), jnp.append(norms, norm)
+        return phi, {'loss': losses, 'grad_norm': norms}
+
+    zeros = lambda tree: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), tree)
+    phi_shape = jax.eval_shape(loop.params_of, start)
+    no_stats = zeros(jax.eval_shape(step, start, phi_shape)[1])
+
+    def body(carry, k):
+        state, _ = carry
+        phi = loop.params_of(state)
+        if final_stats:
+            state, stats = step(state, phi)
+        else:
+            state, stats = jax.lax.cond(k < cfg.steps, step, lambda state, phi: (state, no_stats), state, phi)
+        return (state, phi), stats
+
+    body = jax.checkpoint(body) if cfg.remat else body
+    (_, phi), (losses, norms) = jax.lax.scan(body, (start, zeros(phi_shape)), jnp.arange(cfg.steps + 1),
+                                             unroll=cfg.unroll)
+    n = cfg.steps + 1 if final_stats else cfg.steps
+    return phi, {'loss': losses[:n], 'grad_norm': norms[:n]}

@@ -140,10 +140,11 @@ def test_blockiaf_init_same_under_jit_and_vmap():
 @pytest.mark.parametrize('net,monotone', [('mlp', False), ('cnn4', False), ('cnn4', True)])
 def test_grouped_products_compute_the_per_leaf_map(net, monotone):
     """forward (leaves of equal mode shape stacked, one batched product per layer and mode) == forward_per_leaf
-    (one product per leaf), values and gradients w.r.t. theta and z, in float64, eagerly and under jit, on a
-    network whose leaves form groups of several sizes (CNN4: twelve 64-vectors, three 9x64x64 kernels, single
-    leaves). Eagerly the two agree exactly; under jit to rounding, as XLA fuses and reorders the two programs
-    differently (measured: <= 1e-15 of values of order 1)."""
+    (one product per leaf), values and gradients w.r.t. theta and z, in float64, on a network whose leaves form
+    groups of several sizes (CNN4: twelve 64-vectors, three 9x64x64 kernels, single leaves). Eagerly (MLP) the
+    two agree exactly; under jit to rounding, as XLA fuses and reorders the two programs differently (measured:
+    <= 1e-15 of values of order 1). The monotone map applies the product of its factors' norms to each layer's
+    output instead of normalising the factors: the same numbers up to rounding."""
     with jax.enable_x64(True):
         if net == 'mlp':
             model, x = make_model('mlp', hidden=(8, 8)), jnp.zeros((4, 1))
@@ -160,8 +161,9 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone):
             return lambda th, zz: sum(jnp.sum(jnp.sin(l)) for l in jax.tree_util.tree_leaves(fn(th, zz, spec)))
         grouped, per_leaf = jax.value_and_grad(loss(blockiaf.forward), (0, 1)), \
             jax.value_and_grad(loss(blockiaf.forward_per_leaf), (0, 1))
-        assert tree_max_abs_diff(grouped(theta, z), per_leaf(theta, z)) < 1e-15
-        assert tree_max_abs_diff(jax.jit(grouped)(theta, z), per_leaf(theta, z)) < 1e-12
+        if net == 'mlp':   # eagerly (op by op: slow on CNN4)
+            assert tree_max_abs_diff(grouped(theta, z), per_leaf(theta, z)) < 1e-15
+        assert tree_max_abs_diff(jax.jit(grouped)(theta, z), jax.jit(per_leaf)(theta, z)) < 1e-12
         assert tree_max_abs_diff(blockiaf.inverse(theta, jax.jit(lambda t, zz: blockiaf.forward(t, zz, spec))(theta, z),
                                                   spec), z) < 1e-12
 
