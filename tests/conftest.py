@@ -6,6 +6,17 @@ import sys
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
 
+# Many tests (and the subprocesses of the CLI tests) compile the same programs: one persistent compilation
+# cache per test run, shared by the xdist workers (they inherit the controller's environment) and removed at
+# its end. A cache the user set is left alone.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='md-meta-test-jit-cache-')
+    os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+    atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
