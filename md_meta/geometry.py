@@ -25,14 +25,9 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 
 
-def primal_is_state(state):
-    """``InnerLoop.params_of`` of methods whose inner state is phi itself."""
-    return state
-
-
 class InnerLoop(NamedTuple):
     update: Callable
-    params_of: Callable = primal_is_state
+    params_of: Callable = lambda state: state
     start: Callable = lambda state0, key: state0
 
 

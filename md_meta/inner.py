@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from md_meta.geometry import InnerLoop, primal_is_state
+from md_meta.geometry import InnerLoop
 
 
 class InnerConfig(NamedTuple):
@@ -30,9 +30,10 @@ def adapt(loop: InnerLoop, support_loss: Callable, init, key: jax.Array, cfg: In
           final_stats: bool = False):
     """Runs the inner loop; ``support_loss(phi) -> scalar``. Returns (phi_K, {'loss', 'grad_norm'}).
 
-    Where phi is a function of the state (``loop.params_of``: MD's g), the scan runs K + 1 bodies and phi_K
-    is the one the last body computed (its gradient step skipped by a ``lax.cond`` unless ``final_stats``),
-    so that the program holds that map once, not also after the loop."""
+    Where phi is computed from the state (``loop.params_of`` does arithmetic: MD's g), the scan runs K + 1
+    bodies and phi_K is the one the last body computed (its gradient step skipped by a ``lax.cond`` unless
+    ``final_stats``), so that the program holds that map once, not also after the loop. Where it only
+    selects (MAML's identity, MT-net's state['phi']), the scan runs K bodies."""
     grad_fn = jax.value_and_grad(support_loss)
 
     def step(state, phi):
@@ -42,19 +43,20 @@ def adapt(loop: InnerLoop, support_loss: Callable, init, key: jax.Array, cfg: In
         return loop.update(state, grad), (loss, optax.tree.norm(grad))
 
     start = loop.start(init, key)
-    if loop.params_of is primal_is_state:
-        body = lambda state, _: step(state, state)
+    start_shape = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), start)
+    params_of_jaxpr, phi_shape = jax.make_jaxpr(loop.params_of, return_shape=True)(start_shape)
+    if not params_of_jaxpr.eqns:   # phi is (part of) the state: nothing to recompute
+        body = lambda state, _: step(state, loop.params_of(state))
         body = jax.checkpoint(body) if cfg.remat else body
         state, (losses, norms) = jax.lax.scan(body, start, None, length=cfg.steps, unroll=cfg.unroll)
-        phi = state
+        phi = loop.params_of(state)
         if final_stats:
             _, (loss, norm) = step(state, phi)
             losses, norms = jnp.append(losses, loss), jnp.append(norms, norm)
         return phi, {'loss': losses, 'grad_norm': norms}
 
     zeros = lambda tree: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), tree)
-    phi_shape = jax.eval_shape(loop.params_of, start)
-    no_stats = zeros(jax.eval_shape(step, start, phi_shape)[1])
+    no_stats = zeros(jax.eval_shape(step, start_shape, phi_shape)[1])
 
     def body(carry, k):
         state, _ = carry

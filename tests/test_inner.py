@@ -70,3 +70,35 @@ def test_linear_mirror_map_is_preconditioned_gd():
         for _ in range(K):
             phi = phi - alpha * P @ jax.flatten_util.ravel_pytree(jax.grad(loss)(unravel(phi)))[0]
         np.testing.assert_allclose(jax.flatten_util.ravel_pytree(phi_md)[0], phi, rtol=1e-10, atol=1e-12)
+
+
+def test_computed_params_run_k_plus_one_bodies_and_select_runs_k():
+    """A loop whose phi is computed from the state (here phi = 2 z) scans K + 1 bodies, the last only computing
+    phi_K: the same phi_K and K losses as the unrolled definition, with or without the final stats, and the
+    same after one meta-gradient. A loop whose phi only selects from the state scans K bodies."""
+    steps, alpha = 3, 0.1
+    params = mlp_params()
+    x = jnp.linspace(-1.0, 1.0, 8)[:, None]
+    model = make_model('mlp', hidden=(8, 8))
+    loss = lambda phi: jnp.mean((model.apply({'params': phi}, x) - jnp.sin(3 * x)) ** 2)
+    double = InnerLoop(update=lambda z, g: sgd_step(z, g, alpha), params_of=lambda z: jax.tree_util.tree_map(
+        lambda a: 2.0 * a, z))
+    z, want = params, []
+    for _ in range(steps):   # the definition, unrolled in Python
+        phi = double.params_of(z)
+        want.append(float(loss(phi)))
+        z = double.update(z, jax.grad(loss)(phi))
+    key, cfg = jax.random.PRNGKey(0), InnerConfig(steps)
+    for final_stats in (False, True):
+        phi, curves = jax.jit(lambda p: adapt(double, loss, p, key, cfg, final_stats))(params)
+        assert tree_max_abs_diff(phi, double.params_of(z)) < 1e-6
+        np.testing.assert_allclose(curves['loss'][:steps], want, rtol=1e-5)
+        assert curves['loss'].shape == (steps + final_stats,)
+    scans = lambda loop: [e.params['length'] for e in jax.make_jaxpr(
+        lambda p: adapt(loop, loss, p, key, cfg))(params).eqns if e.primitive.name == 'scan']
+    assert scans(double) == [steps + 1]
+    assert scans(InnerLoop(update=double.update)) == [steps]
+    # the meta-gradient through the K + 1 bodies is the unrolled one's
+    unrolled = lambda p: loss(double.params_of(double.update(p, jax.grad(loss)(double.params_of(p)))))
+    one_step = lambda p: loss(adapt(double, loss, p, key, InnerConfig(1))[0])
+    assert tree_max_abs_diff(jax.grad(one_step)(params), jax.grad(unrolled)(params)) < 1e-5
