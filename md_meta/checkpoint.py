@@ -11,8 +11,9 @@ the sha256 of every array as saved, verified on restore, so that a file changed 
 files (md_meta.workdirs.provenance). A checkpoint is never written with a non-finite leaf
 (``NonFiniteCheckpointError``), and ``restore_latest`` reports an unreadable, truncated or corrupted
 checkpoint with its path, sets it aside as ``*.corrupt`` and falls back to the previous good one. A checkpoint
-whose meta-parameters have other paths or shapes than the model (another md-meta version wrote it) is not
-damaged: ``CheckpointLayoutError``, one line naming it, and nothing is set aside.
+whose meta-parameters have other paths or shapes than the model, or whose optimizer state has other arrays than
+the optimizer's (another md-meta version wrote it) is not damaged: ``CheckpointLayoutError``, one line naming
+it, and nothing is set aside.
 """
 from __future__ import annotations
 
@@ -230,8 +231,9 @@ class Checkpointer:
                 'evaluate or resume it with that version, or use another --workdir')
 
     def _check_layout(self, step: int, abstract: Any) -> None:
-        """Raises CheckpointLayoutError when the stored meta-parameters' tree paths differ from the model's
-        (read from the checkpoint's metadata, before any array is read)."""
+        """Raises CheckpointLayoutError when the stored meta-parameters' tree paths differ from the model's, or
+        the optimizer state's array shapes from the optimizer's (read from the checkpoint's metadata, before
+        any array is read)."""
         absl_logger = logging.getLogger('absl')   # orbax warns that the item has no metadata file of its own
         level = absl_logger.level
         absl_logger.setLevel(logging.ERROR)
@@ -253,6 +255,16 @@ class Checkpointer:
                 (f"the model has {missing[0]}" if missing else '')
             raise CheckpointLayoutError(self._layout_message(
                 step, f"{len(extra)} stored and {len(missing)} model arrays unmatched under ['meta'], e.g. {example}"))
+        # the optimizer state: orbax names its named tuples' fields otherwise, so compare the arrays' shapes
+        shapes = lambda t: sorted(tuple(getattr(x, 'shape', np.shape(x))) for x in jax.tree_util.tree_leaves(t))
+        try:
+            stored, model = shapes(tree['opt_state']), shapes(abstract['opt_state'])
+        except (KeyError, TypeError):
+            return
+        if stored != model:
+            raise CheckpointLayoutError(self._layout_message(
+                step, f"an optimizer state of {len(stored)} arrays where the model's has {len(model)}"
+                      + (f', shapes {stored[:3]}... against {model[:3]}...' if len(stored) == len(model) else '')))
 
     def restore_latest(self, template: Any, which: str = 'last'):
         """(step, state, record) of the newest good checkpoint (``which='best'``: the best one first),

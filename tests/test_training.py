@@ -14,6 +14,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from md_meta import checkpoint as checkpoint_lib
@@ -253,6 +254,10 @@ def test_checkpoint_of_another_parameter_layout_is_refused_and_kept(tmp_path):
         with pytest.raises(checkpoint_lib.CheckpointLayoutError, match=r'ckpt_000000020 was written with another '
                            r'parameter layout .* another --workdir'):
             ck.restore_latest({'meta': template, 'opt_state': opt_state})
+    # an optimizer state of another layout (leaf by leaf, as md-meta kept it before optax.flatten)
+    with pytest.raises(checkpoint_lib.CheckpointLayoutError, match=r'ckpt_000000020 .*\(an optimizer state of \d+ '
+                       r'arrays where the model\'s has \d+'):
+        ck.restore_latest({'meta': meta, 'opt_state': optax.adam(1e-3).init(meta)})
     assert ck.steps() == [10, 20] and not glob.glob(os.path.join(wd, 'checkpoints', '*.corrupt'))
     assert ck.restore_latest({'meta': meta, 'opt_state': opt_state})[0] == 20
 
