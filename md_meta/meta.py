@@ -154,12 +154,17 @@ def meta_value_and_grad(learner: MetaLearner, meta: dict, batch: Task, key: jax.
     'per_task': mean_t grad_theta [L_t + penalty_t], vmap of per-task gradients averaged once at the end
                 (XLA:CPU's reductions over the task axis are slow, so one at the end is cheaper there). Each
                 task's gradient is raveled into one vector first, so the task mean is one reduction, not one
-                per leaf of theta (MD's theta has ~270 leaves on CNN4: one kernel each on an accelerator)."""
-    if resolve_task_gradients(learner.task_gradients) == 'batched':
-        return jax.value_and_grad(meta_loss, argnums=1, has_aux=True)(learner, meta, batch, key)
-    keys = jax.random.split(key, batch.support_x.shape[0])
+                per leaf of theta (MD's theta has 111 leaves on CNN4: one kernel each on an accelerator)."""
+    value, flat_grad = _value_and_raveled_grad(learner, meta, batch, key)
+    return value, jax.flatten_util.ravel_pytree(meta)[1](flat_grad)
 
-    _, unravel = jax.flatten_util.ravel_pytree(meta)
+
+def _value_and_raveled_grad(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
+    """``meta_value_and_grad`` with the gradient as one vector (``ravel``'s order)."""
+    if resolve_task_gradients(learner.task_gradients) == 'batched':
+        value, grad = jax.value_and_grad(meta_loss, argnums=1, has_aux=True)(learner, meta, batch, key)
+        return value, ravel(grad)
+    keys = jax.random.split(key, batch.support_x.shape[0])
 
     def one(task, k):
         def total(m):
@@ -170,7 +175,7 @@ def meta_value_and_grad(learner: MetaLearner, meta: dict, batch: Task, key: jax.
 
     (totals, metrics), grads = _over_tasks(learner, one, batch, keys)
     task_mean = lambda tree: jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), tree)
-    return (jnp.mean(totals), task_mean(metrics)), unravel(jnp.mean(grads, axis=0))
+    return (jnp.mean(totals), task_mean(metrics)), jnp.mean(grads, axis=0)
 
 
 def ravel(tree) -> jnp.ndarray:
@@ -183,22 +188,34 @@ def all_finite(tree) -> jnp.ndarray:
     return jnp.all(jnp.isfinite(ravel(tree)))
 
 
+def init_optimizer_state(optimizer: optax.GradientTransformation, meta):
+    """The optimizer's state for ``meta_update``, which updates theta as one vector: init(ravel(theta))."""
+    return optimizer.init(ravel(meta))
+
+
 def meta_update(learner: MetaLearner, optimizer: optax.GradientTransformation, meta, opt_state,
                 batch: Task, key: jax.Array):
-    """One meta-step, un-jitted. A non-finite meta-loss or meta-gradient leaves theta and the optimizer
-    state unchanged and reports ``skipped = 1``."""
-    (loss, metrics), grads = meta_value_and_grad(learner, meta, batch, key)
-    ok = jnp.isfinite(loss) & all_finite(grads)
+    """One meta-step, un-jitted: theta <- theta + optimizer.update(grad, ...) on theta raveled into one vector
+    (an elementwise optimizer's update is the same as leaf by leaf, in a few kernels instead of a few per leaf;
+    ``opt_state`` from ``init_optimizer_state``). A non-finite meta-loss or meta-gradient leaves theta and the
+    optimizer state unchanged and reports ``skipped = 1``."""
+    flat_meta, unravel = jax.flatten_util.ravel_pytree(meta)
+    expected, leaves = jax.eval_shape(optimizer.init, flat_meta), jax.tree_util.tree_leaves
+    if jax.tree_util.tree_structure(opt_state) != jax.tree_util.tree_structure(expected) or any(
+            jnp.shape(a) != b.shape for a, b in zip(leaves(opt_state), leaves(expected))):
+        raise ValueError('opt_state is not the optimizer\'s state of the raveled meta-parameters: '
+                         'make it with meta.init_optimizer_state(optimizer, meta)')
+    (loss, metrics), grads = _value_and_raveled_grad(learner, meta, batch, key)
+    ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grads))
 
     def apply(_):
-        updates, new_opt_state = optimizer.update(grads, opt_state, meta)
-        return optax.apply_updates(meta, updates), new_opt_state
+        updates, new_opt_state = optimizer.update(grads, opt_state, flat_meta)
+        return optax.apply_updates(flat_meta, updates), new_opt_state
 
-    # lax.cond rather than a per-leaf jnp.where: same result, ~3-5x less XLA:CPU compile time (measured)
-    new_meta, new_opt_state = jax.lax.cond(ok, apply, lambda _: (meta, opt_state), None)
-    metrics = dict(metrics, meta_loss=loss, grad_norm=jnp.linalg.norm(ravel(grads)),
-                   skipped=1 - ok.astype(jnp.int32))
-    return new_meta, new_opt_state, metrics
+    # lax.cond rather than a jnp.where: same result, less XLA:CPU compile time (measured)
+    new_flat, new_opt_state = jax.lax.cond(ok, apply, lambda _: (flat_meta, opt_state), None)
+    metrics = dict(metrics, meta_loss=loss, grad_norm=jnp.linalg.norm(grads), skipped=1 - ok.astype(jnp.int32))
+    return unravel(new_flat), new_opt_state, metrics
 
 
 def make_meta_step(learner: MetaLearner, optimizer: optax.GradientTransformation, donate: bool = False):

@@ -17,6 +17,7 @@ the chunking is the same with or without a resume).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -34,7 +35,7 @@ from md_meta import config as config_lib
 from md_meta import distributed
 from md_meta import evaluation, methods, tasks, workdirs
 from md_meta.inner import InnerConfig
-from md_meta.meta import MetaLearner, init_meta_params, make_evaluate, meta_update
+from md_meta.meta import MetaLearner, init_meta_params, init_optimizer_state, make_evaluate, meta_update
 from md_meta.networks import Model, make_model, model_from_module
 
 
@@ -51,17 +52,15 @@ class NonFiniteError(RuntimeError):
 
 
 def make_optimizer(meta_cfg) -> optax.GradientTransformation:
-    """Adam(lr), or SGD with Nesterov momentum 0.9, weight decay and x0.1 step decay (the reference's), on the
-    meta-parameters raveled into one vector (``optax.flatten``: the state holds one vector per moment). The
-    update is elementwise, so this is the same update as leaf by leaf, in a few kernels instead of a few per
-    leaf (MD's theta has 111 leaves on CNN4; docs/benchmarks.md)."""
+    """Adam(lr), or SGD with Nesterov momentum 0.9, weight decay and x0.1 step decay (the reference's). It
+    updates the meta-parameters raveled into one vector (``meta.meta_update``): its state holds one vector
+    per moment."""
     if meta_cfg.optimizer == 'adam':
-        return optax.flatten(optax.adam(meta_cfg.lr))
+        return optax.adam(meta_cfg.lr)
     lr = meta_cfg.lr
     if meta_cfg.lr_decay_every:
         lr = optax.exponential_decay(meta_cfg.lr, meta_cfg.lr_decay_every, 0.1, staircase=True)
-    return optax.flatten(optax.chain(optax.add_decayed_weights(meta_cfg.weight_decay),
-                                     optax.sgd(lr, momentum=0.9, nesterov=True)))
+    return optax.chain(optax.add_decayed_weights(meta_cfg.weight_decay), optax.sgd(lr, momentum=0.9, nesterov=True))
 
 
 def build(config, source: tasks.TaskSource | None = None, model=None, loss=None) -> Experiment:
@@ -106,7 +105,7 @@ def init_state(exp: Experiment):
     """(meta, opt_state) from config.seed."""
     key = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed), 1000)
     meta = init_meta_params(exp.learner, key, jnp.asarray(exp.source.example_x))
-    return meta, jax.jit(exp.optimizer.init)(meta)   # jitted: one compile, not one per leaf shape
+    return meta, jax.jit(functools.partial(init_optimizer_state, exp.optimizer))(meta)
 
 
 def _step_key(config, step: int) -> jax.Array:

@@ -39,9 +39,10 @@ def _geom_grads_after_one_step(head_init, monotone):
         z1 = jax.tree_util.tree_map(lambda z, d: z - 0.1 * d, m['z'], g)
         return loss(blockiaf.forward(m['theta'], z1, spec), xq, yq)
 
+    meta_grad = jax.jit(jax.grad(query_loss))   # one compile for both calls (eagerly: ~1 min, op by op)
     opt = optax.adam(1e-2)
-    updates, _ = opt.update(jax.grad(query_loss)(meta), opt.init(meta))
-    grad = jax.grad(query_loss)(optax.apply_updates(meta, updates))
+    updates, _ = opt.update(meta_grad(meta), opt.init(meta))
+    grad = meta_grad(optax.apply_updates(meta, updates))
     return {jax.tree_util.keystr(p): np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grad['theta'])}
 
 

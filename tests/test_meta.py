@@ -9,10 +9,12 @@ import pytest
 
 from md_meta import training
 from md_meta.config import ConfigError, validate
-from md_meta.meta import (Task, chunk_size, init_meta_params, make_evaluate, make_meta_step, meta_loss,
-                          meta_value_and_grad, resolve_task_batching, resolve_task_gradients, task_batching_for)
+from md_meta.meta import (Task, chunk_size, init_meta_params, init_optimizer_state, make_evaluate, make_meta_step,
+                          meta_loss, meta_value_and_grad, resolve_task_batching, resolve_task_gradients,
+                          task_batching_for)
 from md_meta.tasks import sinusoid
-from tests.helpers import image_batch, image_learner, meta_grad, random_like, tiny_config, tree_vdot
+from tests.helpers import (image_batch, image_learner, meta_grad, random_like, tiny_config, tree_max_abs_diff,
+                           tree_vdot)
 
 
 def _learner(method, steps=2, first_order=False, hidden=(8, 8)):
@@ -60,13 +62,20 @@ def test_meta_step_traces_once_and_learns():
     learner = exp.learner._replace(geometry=counted)
     meta = init_meta_params(learner, jax.random.PRNGKey(0), jnp.zeros((4, 1)))
     opt = optax.adam(1e-2)
-    opt_state = opt.init(meta)
+    opt_state = init_optimizer_state(opt, meta)
     step = make_meta_step(learner, opt)
     held_out = _batch(key=999, tasks=50)
     before = float(meta_loss(learner, meta, held_out, jax.random.PRNGKey(0))[0])
     for i in range(40):
-        meta, opt_state, m = step(meta, opt_state, _batch(key=i, tasks=10), jax.random.PRNGKey(i))
+        meta0, state0, batch, key = meta, opt_state, _batch(key=i, tasks=10), jax.random.PRNGKey(i)
+        meta, opt_state, m = step(meta0, state0, batch, key)
         if i == 0:
+            # Adam on theta raveled into one vector is Adam leaf by leaf (an elementwise update)
+            (_, _), grad = meta_value_and_grad(learner, meta0, batch, key)
+            leafwise = optax.apply_updates(meta0, opt.update(grad, opt.init(meta0), meta0)[0])
+            assert tree_max_abs_diff(meta, leafwise) < 1e-6
+            with pytest.raises(ValueError, match=r'opt_state is not .*init_optimizer_state'):
+                make_meta_step(learner, opt)(meta0, opt.init(meta0), batch, key)   # a state leaf by leaf
             n_after_first = len(traces)
     assert len(traces) == n_after_first and step._cache_size() == 1
     after = float(meta_loss(learner, meta, held_out, jax.random.PRNGKey(0))[0])

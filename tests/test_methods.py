@@ -14,7 +14,7 @@ import pytest
 from md_meta import config as config_lib
 from md_meta import losses, methods
 from md_meta.inner import InnerConfig, adapt
-from md_meta.meta import MetaLearner, Task, init_meta_params, make_meta_step, meta_loss
+from md_meta.meta import MetaLearner, Task, init_meta_params, init_optimizer_state, make_meta_step, meta_loss
 from md_meta.networks import make_model
 from md_meta.tasks import sinusoid
 from tests.helpers import random_like, tiny_config, tree_max_abs_diff, tree_vdot
@@ -136,7 +136,7 @@ def test_meta_steps_lower_meta_loss(method, net):
     key = jax.random.PRNGKey(0)
     meta = init_meta_params(learner, key, batch.support_x[0])
     opt = optax.adam(3e-3)
-    opt_state = opt.init(meta)
+    opt_state = init_optimizer_state(opt, meta)
     step = make_meta_step(learner, opt)
     losses_ = []
     for _ in range(6):  # the reported meta-loss is that of the parameters before each update

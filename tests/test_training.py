@@ -135,7 +135,7 @@ def test_evaluate_ci_matches_hand_computation(tmp_path):
     exp = training.build(c)
     meta, opt = training.init_state(exp)
     zero = jax.tree_util.tree_map(jnp.zeros_like, meta)
-    checkpoint_lib.Checkpointer(wd).save(10, {'meta': zero, 'opt_state': exp.optimizer.init(zero)}, {})
+    checkpoint_lib.Checkpointer(wd).save(10, {'meta': zero, 'opt_state': opt}, {})
     n = 30
     r = evaluate_workdir(wd, num_tasks=n, which='last', log=lambda s: None)
     # the evaluation's fixed test tasks: sample(10_000_000 + i, batch, 'test', query), batch = eval.batch_size
@@ -254,7 +254,7 @@ def test_checkpoint_of_another_parameter_layout_is_refused_and_kept(tmp_path):
         with pytest.raises(checkpoint_lib.CheckpointLayoutError, match=r'ckpt_000000020 was written with another '
                            r'parameter layout .* another --workdir'):
             ck.restore_latest({'meta': template, 'opt_state': opt_state})
-    # an optimizer state of another layout (leaf by leaf, as md-meta kept it before optax.flatten)
+    # an optimizer state of another layout (leaf by leaf, as md-meta kept it before it raveled theta for the optimizer)
     with pytest.raises(checkpoint_lib.CheckpointLayoutError, match=r'ckpt_000000020 .*\(an optimizer state of \d+ '
                        r'arrays where the model\'s has \d+'):
         ck.restore_latest({'meta': meta, 'opt_state': optax.adam(1e-3).init(meta)})
