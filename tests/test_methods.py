@@ -76,16 +76,13 @@ def test_methods_start_as_maml_trajectory(net):
         phi0 = loop.params_of(loop.start(meta['init'], key))
         assert tree_max_abs_diff(phi0, ref_meta['init']) == 0.0, method
         phi, curves = jax.jit(lambda m: trajectory(learner, m, task, key))(meta)
-        if net == 'cnn':
-            # the same values up to rounding: a transformed network computes another product order, and XLA may
-            # contract a multiply-add into an FMA in one program and not in the other (seen for Meta-SGD's
-            # per-element step on CNN4 at LLVM opt level 0: 2e-9); the MLP case below stays bitwise
-            np.testing.assert_allclose(curves['loss'], ref_curves['loss'], rtol=2e-6, err_msg=method)
-            for a, b in zip(jax.tree_util.tree_leaves(phi), jax.tree_util.tree_leaves(ref_phi)):
-                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=method)
-        else:
-            np.testing.assert_array_equal(curves['loss'], ref_curves['loss'], err_msg=method)
-            assert tree_max_abs_diff(phi, ref_phi) == 0.0, method
+        # the same values up to rounding: a transformed network computes another product order, and XLA may
+        # contract a multiply-add into an FMA in one program and not in the other (seen for Meta-SGD's per-element
+        # step on CNN4 at LLVM opt level 0: 2e-9; for T-net's MLP under XLA:CPU's loop emitters: 1 ulp)
+        rtol, atol = (2e-6, 1e-7) if net == 'cnn' else (1e-6, 1e-8)
+        np.testing.assert_allclose(curves['loss'], ref_curves['loss'], rtol=rtol, err_msg=method)
+        for a, b in zip(jax.tree_util.tree_leaves(phi), jax.tree_util.tree_leaves(ref_phi)):
+            np.testing.assert_allclose(a, b, rtol=5 * rtol, atol=atol, err_msg=method)
 
 
 def test_mtnet_masks_freeze_units():

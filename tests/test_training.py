@@ -339,14 +339,15 @@ def test_corrupted_checkpoint_array_is_caught_by_its_checksum(tmp_path):
 
 def test_second_process_in_one_workdir_is_refused_and_evaluate_warns(tmp_path):
     run_dir = str(tmp_path / 'run')
-    p = subprocess.Popen(_cli_cmd(run_dir, ['--config.meta.steps=3000']), cwd=ROOT, env=_env(),
+    # a run that cannot finish while the test looks at it (it is killed at the end), however fast the machine
+    p = subprocess.Popen(_cli_cmd(run_dir, ['--config.meta.steps=100000000']), cwd=ROOT, env=_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in p.stdout:
             if line.startswith('[maml] step ') and int(line.split()[2].split('/')[0]) >= 60:
                 break   # past the first checkpoint
         assert workdirs.holder(run_dir) == p.pid
-        r = subprocess.run(_cli_cmd(run_dir, ['--config.meta.steps=3000']), cwd=ROOT, env=_env(),
+        r = subprocess.run(_cli_cmd(run_dir, ['--config.meta.steps=100000000']), cwd=ROOT, env=_env(),
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
         assert r.stderr.strip().splitlines() == [r.stderr.strip()] and f'pid {p.pid}' in r.stderr, r.stderr
