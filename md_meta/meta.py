@@ -184,10 +184,6 @@ def ravel(tree) -> jnp.ndarray:
     return jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
 
 
-def all_finite(tree) -> jnp.ndarray:
-    return jnp.all(jnp.isfinite(ravel(tree)))
-
-
 def init_optimizer_state(optimizer: optax.GradientTransformation, meta):
     """The optimizer's state for ``meta_update``, which updates theta as one vector: init(ravel(theta))."""
     return optimizer.init(ravel(meta))
@@ -200,9 +196,8 @@ def meta_update(learner: MetaLearner, optimizer: optax.GradientTransformation, m
     ``opt_state`` from ``init_optimizer_state``). A non-finite meta-loss or meta-gradient leaves theta and the
     optimizer state unchanged and reports ``skipped = 1``."""
     flat_meta, unravel = jax.flatten_util.ravel_pytree(meta)
-    expected, leaves = jax.eval_shape(optimizer.init, flat_meta), jax.tree_util.tree_leaves
-    if jax.tree_util.tree_structure(opt_state) != jax.tree_util.tree_structure(expected) or any(
-            jnp.shape(a) != b.shape for a, b in zip(leaves(opt_state), leaves(expected))):
+    shapes = lambda tree: jax.tree_util.tree_map(jnp.shape, tree)
+    if shapes(opt_state) != shapes(jax.eval_shape(optimizer.init, flat_meta)):   # structure and shapes
         raise ValueError('opt_state is not the optimizer\'s state of the raveled meta-parameters: '
                          'make it with meta.init_optimizer_state(optimizer, meta)')
     (loss, metrics), grads = _value_and_raveled_grad(learner, meta, batch, key)
