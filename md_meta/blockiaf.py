@@ -391,23 +391,59 @@ def pack(theta: Params, spec: BlockIAFSpec) -> Params:
     return out
 
 
+DENSE_LAYER_MAX = 1 << 17
+
+
 def effective_packed(packed: Params, monotone: bool) -> Params:
-    """``effective_weights`` on the packed layout: in monotone mode each layer keeps its factors and gains
-    ``scale`` = prod_k 1 / max(1, ||U_k||_F) per group member (the link: one scalar), applied to the layer's
-    product (X x_1 c_1 U_1 ... x_m c_m U_m = (prod c_k) X x_1 U_1 ... x_m U_m), so that the normalised factors
-    are never materialised; all the norms are one segment sum. A function of theta alone, computed once per
-    adaptation."""
-    if not monotone:
-        return packed
-    layers = [p for group in packed['enc'] + packed['dec'] for p in group]
-    links = list(packed['link'])
-    norms = iter(_inverse_norms([u for p in layers for u in p['u']] + [packed['link'][b]['w'][None] for b in links]))
-    scales = iter([math.prod(next(norms) for _ in p['u']) for p in layers])
-    scaled = lambda group: [dict(p, scale=next(scales)) for p in group]
-    enc = [scaled(group) for group in packed['enc']]
-    dec = [scaled(group) for group in packed['dec']]
-    link = {b: dict(packed['link'][b], scale=next(norms)[0]) for b in links}
-    return dict(packed, enc=enc, dec=dec, link=link)
+    """The weights ``apply_packed`` reads, a function of theta alone, computed once per adaptation (outside
+    the inner loop's scan, so that each application of g inside it is fewer and larger products):
+
+    * in monotone mode each layer gains ``scale`` = prod_k 1 / max(1, ||U_k||_F) per group member (the link:
+      one scalar), applied to the layer's product (X x_1 c_1 U_1 ... x_m c_m U_m = (prod c_k) X x_1 U_1 ...
+      x_m U_m), so that the normalised factors are never materialised; all the norms are one segment sum;
+    * a layer of two or more modes whose matrix kron(U_m, ..., U_1) has at most ``DENSE_LAYER_MAX`` entries
+      per member becomes that matrix (times its scale): one product instead of one per mode (CNN4: the
+      smaller encoder and decoder layers; the 9x64x64 kernels' outer layers stay factored);
+    * the links of blocks 1..B-1 become one matrix over the concatenated encodings of blocks 0..B-2 (the
+      row block of block i, in the blocks' sorted names: link i times its scale, zero over the encodings of
+      blocks >= i): one product for all blocks.
+    """
+    links = sorted(packed['link'])   # rows in the blocks' sorted names, the order ``apply_packed`` slices
+    if monotone:
+        layers = [p for group in packed['enc'] + packed['dec'] for p in group]
+        norms = iter(_inverse_norms([u for p in layers for u in p['u']] + [packed['link'][b]['w'][None] for b in links]))
+        scales = iter([math.prod(next(norms) for _ in p['u']) for p in layers])
+        scaled = lambda group: [dict(p, scale=next(scales)) for p in group]
+        packed = dict(packed, enc=[scaled(group) for group in packed['enc']],
+                      dec=[scaled(group) for group in packed['dec']],
+                      link={b: dict(packed['link'][b], scale=next(norms)[0]) for b in links})
+    layer = lambda p: _dense_layer(p) if len(p['u']) > 1 and _dense_size(p) <= DENSE_LAYER_MAX else p
+    out = dict(packed, enc=[[layer(p) for p in group] for group in packed['enc']],
+               dec=[[layer(p) for p in group] for group in packed['dec']], link={})
+    if links:
+        d_in = max(packed['link'][b]['w'].shape[1] for b in links)
+        rows = [_scaled(packed['link'][b]['w'], packed['link'][b]) for b in links]
+        out['link'] = {'w': jnp.concatenate([jnp.pad(w, ((0, 0), (0, d_in - w.shape[1]))) for w in rows]),
+                       'b': jnp.concatenate([packed['link'][b]['b'] for b in links])}
+    return out
+
+
+def _scaled(w, p):
+    return w * p['scale'].reshape((-1,) + (1,) * (w.ndim - 1)) if 'scale' in p else w
+
+
+def _dense_size(p) -> int:
+    return math.prod(u.shape[1] * u.shape[2] for u in p['u'])
+
+
+def _dense_layer(p):
+    """kron(U_m, ..., U_1) of each member (times its scale), (G, prod n'_k, prod n_k), rows and columns in
+    the modes' order: W[(i'_1..i'_m), (i_1..i_m)] = prod_k U_k[i'_k, i_k]."""
+    w = p['u'][0]
+    for u in p['u'][1:]:
+        g, (a_out, a_in), (b_out, b_in) = w.shape[0], w.shape[1:], u.shape[1:]
+        w = (w[:, :, None, :, None] * u[:, None, :, None, :]).reshape(g, a_out * b_out, a_in * b_in)
+    return {'dense': _scaled(w, p), 'b': p['b']}
 
 
 def _inverse_norms(stacks: list) -> list:
@@ -428,7 +464,11 @@ def _inverse_norms(stacks: list) -> list:
 def _batched_layer(p, x):
     """X x_1 U_1 ... x_m U_m (times ``p['scale']`` where present) + b for a stack of G tensors X (G, n_1..n_m)
     and factors U_k (G, n'_k, n_k): one batched dot_general per mode, contracting the leading mode and
-    appending the new one last (as ``mode_product``)."""
+    appending the new one last (as ``mode_product``); a layer made dense by ``effective_packed``: one batched
+    product of its matrix with X raveled."""
+    if 'dense' in p:
+        y = jax.lax.dot_general(p['dense'], x.reshape(x.shape[0], -1), (((2,), (1,)), ((0,), (0,))))
+        return y.reshape(p['b'].shape) + p['b']
     for u in p['u']:
         x = jax.lax.dot_general(x, u, (((1,), (2,)), ((0,), (0,))))
     if 'scale' in p:
@@ -451,18 +491,16 @@ def apply_packed(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
         for g, member in enumerate(members):
             codes[member] = x[g].reshape(-1)
     encodings = [jnp.concatenate([codes[(b, j)] for j in range(len(template[b]))]) for b in blocks[:-1]]
-    # links: one dense layer per block on the encodings of the earlier blocks; decoders grouped
+    # links: one product for all blocks (block i reads the encodings of blocks < i); decoders grouped
     inputs = {}
-    for i, b in enumerate(blocks[1:], start=1):
-        link = w['link'][b]
-        h = link['w'] @ jnp.concatenate(encodings[:i])
-        h = (h * link['scale'] if 'scale' in link else h) + link['b']
-        start = 0
-        for j, s in enumerate(shapes[b]):
-            shape = _shrink_sequence(s, spec.encoder_layers)[-1]
-            n = int(np.prod(shape))
-            inputs[(b, j)] = jax.nn.relu(h[start:start + n].reshape(shape))
-            start += n
+    if len(blocks) > 1:
+        h, start = w['link']['w'] @ jnp.concatenate(encodings) + w['link']['b'], 0
+        for b in sorted(blocks[1:]):   # the rows' order (``effective_packed``)
+            for j, s in enumerate(shapes[b]):
+                shape = _shrink_sequence(s, spec.encoder_layers)[-1]
+                n = int(np.prod(shape))
+                inputs[(b, j)] = jax.nn.relu(h[start:start + n].reshape(shape))
+                start += n
     heads = {}
     trunk_len = spec.encoder_layers - 1
     for layers, members in zip(w['dec'], _plan(shapes, spec, 'dec')):

@@ -139,23 +139,32 @@ def test_blockiaf_init_same_under_jit_and_vmap():
 
 
 @pytest.mark.parametrize('net,monotone', [('mlp', False), ('cnn4', False), ('cnn4', True)])
-def test_grouped_products_compute_the_per_leaf_map(net, monotone):
-    """forward (leaves of equal mode shape stacked, one batched product per layer and mode) == forward_per_leaf
-    (one product per leaf), values and gradients w.r.t. theta and z, in float64, on a network whose leaves form
-    groups of several sizes (CNN4: twelve 64-vectors, three 9x64x64 kernels, single leaves). Eagerly (MLP) the
-    two agree exactly; under jit to rounding, as XLA fuses and reorders the two programs differently (measured:
-    <= 1e-15 of values of order 1). The monotone map applies the product of its factors' norms to each layer's
-    output instead of normalising the factors: the same numbers up to rounding."""
+def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
+    """forward (leaves of equal mode shape stacked, one batched product per layer and mode; the small layers
+    as one kron matrix each; the links as one matrix) == forward_per_leaf (one product per leaf and mode), values
+    and gradients w.r.t. theta and z, in float64, on a network whose leaves form groups of several sizes (CNN4:
+    twelve 8-vectors, three 9x8x8 kernels, single leaves; the dense layers' size limit lowered so that the outer
+    layers stay factored, as a 64-channel CNN4's do). The MLP's blocks run in reverse order, so the merged links' rows (in the blocks' sorted
+    names) are not in the blocks' order. Both sum in different orders (a kron matrix against its factors one
+    mode at a time), so they agree to rounding: eagerly (MLP) 9e-16, under jit <= 1e-15 of values of order 1
+    (measured). The monotone
+    map applies the product of its factors' norms to each layer's output instead of normalising the factors:
+    the same numbers up to rounding."""
     with jax.enable_x64(True):
         if net == 'mlp':
             model, x = make_model('mlp', hidden=(8, 8)), jnp.zeros((4, 1))
         else:
             model, x = make_model('cnn4', num_classes=5, features=8, conv_impl='patches'), jnp.zeros((2, 28, 28, 1))
+            monkeypatch.setattr(blockiaf, 'DENSE_LAYER_MAX', 4096)
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(0), x)['params'])
-        spec = blockiaf.make_spec(params, scale='bounded', monotone=monotone)
+        blocks = tuple(reversed(blockiaf.default_blocks(params))) if net == 'mlp' else None
+        spec = blockiaf.make_spec(params, blocks=blocks, scale='bounded', monotone=monotone)
         theta = blockiaf.init(jax.random.PRNGKey(1), params, spec, head_init='learnable')
         theta = jax.tree_util.tree_map(lambda t, n: t + n, theta, random_like(jax.random.PRNGKey(2), theta, 0.3))
         z = random_like(jax.random.PRNGKey(5), params)
+        if net == 'cnn4':   # both kinds of layer are in the program
+            layers = [p for group in blockiaf.effective_packed(blockiaf.pack(theta, spec), monotone)['enc'] for p in group]
+            assert {'dense' in p for p in layers} == {True, False}
         assert tree_max_abs_diff(blockiaf.forward(theta, z, spec), z) > 0.1   # far from the identity
 
         def loss(fn):
@@ -163,7 +172,7 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone):
         grouped, per_leaf = jax.value_and_grad(loss(blockiaf.forward), (0, 1)), \
             jax.value_and_grad(loss(blockiaf.forward_per_leaf), (0, 1))
         if net == 'mlp':   # eagerly (op by op: slow on CNN4)
-            assert tree_max_abs_diff(grouped(theta, z), per_leaf(theta, z)) < 1e-15
+            assert tree_max_abs_diff(grouped(theta, z), per_leaf(theta, z)) < 1e-14
         assert tree_max_abs_diff(jax.jit(grouped)(theta, z), jax.jit(per_leaf)(theta, z)) < 1e-12
         assert tree_max_abs_diff(blockiaf.inverse(theta, jax.jit(lambda t, zz: blockiaf.forward(t, zz, spec))(theta, z),
                                                   spec), z) < 1e-12
