@@ -404,9 +404,10 @@ def effective_packed(packed: Params, monotone: bool) -> Params:
     * a layer of two or more modes whose matrix kron(U_m, ..., U_1) has at most ``DENSE_LAYER_MAX`` entries
       per member becomes that matrix (times its scale): one product instead of one per mode (CNN4: the
       smaller encoder and decoder layers; the 9x64x64 kernels' outer layers stay factored);
-    * the links of blocks 1..B-1 become one matrix over the concatenated encodings of blocks 0..B-2 (the
-      row block of block i, in the blocks' sorted names: link i times its scale, zero over the encodings of
-      blocks >= i): one product for all blocks.
+    * where that matrix has at most ``DENSE_LAYER_MAX`` entries too (CNN4; not ResNet-12, whose links would
+      grow 5x), the links of blocks 1..B-1 become one matrix ``links`` over the concatenated encodings of
+      blocks 0..B-2 (the row block of block i, in the blocks' sorted names: link i times its scale, zero over
+      the encodings of blocks >= i): one product for all blocks.
     """
     links = sorted(packed['link'])   # rows in the blocks' sorted names, the order ``apply_packed`` slices
     if monotone:
@@ -419,12 +420,15 @@ def effective_packed(packed: Params, monotone: bool) -> Params:
                       link={b: dict(packed['link'][b], scale=next(norms)[0]) for b in links})
     layer = lambda p: _dense_layer(p) if len(p['u']) > 1 and _dense_size(p) <= DENSE_LAYER_MAX else p
     out = dict(packed, enc=[[layer(p) for p in group] for group in packed['enc']],
-               dec=[[layer(p) for p in group] for group in packed['dec']], link={})
+               dec=[[layer(p) for p in group] for group in packed['dec']])
     if links:
         d_in = max(packed['link'][b]['w'].shape[1] for b in links)
-        rows = [_scaled(packed['link'][b]['w'], packed['link'][b]) for b in links]
-        out['link'] = {'w': jnp.concatenate([jnp.pad(w, ((0, 0), (0, d_in - w.shape[1]))) for w in rows]),
-                       'b': jnp.concatenate([packed['link'][b]['b'] for b in links])}
+        d_out = sum(packed['link'][b]['w'].shape[0] for b in links)
+        if d_in * d_out <= DENSE_LAYER_MAX:
+            rows = [_scaled(packed['link'][b]['w'], packed['link'][b]) for b in links]
+            out['link'] = {}
+            out['links'] = {'w': jnp.concatenate([jnp.pad(w, ((0, 0), (0, d_in - w.shape[1]))) for w in rows]),
+                            'b': jnp.concatenate([packed['link'][b]['b'] for b in links])}
     return out
 
 
@@ -491,16 +495,21 @@ def apply_packed(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
         for g, member in enumerate(members):
             codes[member] = x[g].reshape(-1)
     encodings = [jnp.concatenate([codes[(b, j)] for j in range(len(template[b]))]) for b in blocks[:-1]]
-    # links: one product for all blocks (block i reads the encodings of blocks < i); decoders grouped
+    # links: block i reads the encodings of blocks < i (where small, one product for all blocks, its rows in
+    # the blocks' sorted names: ``effective_packed``); decoders grouped
     inputs = {}
-    if len(blocks) > 1:
-        h, start = w['link']['w'] @ jnp.concatenate(encodings) + w['link']['b'], 0
-        for b in sorted(blocks[1:]):   # the rows' order (``effective_packed``)
-            for j, s in enumerate(shapes[b]):
-                shape = _shrink_sequence(s, spec.encoder_layers)[-1]
-                n = int(np.prod(shape))
-                inputs[(b, j)] = jax.nn.relu(h[start:start + n].reshape(shape))
-                start += n
+    if 'links' in w:
+        h, start = w['links']['w'] @ jnp.concatenate(encodings) + w['links']['b'], 0
+    for b in sorted(blocks[1:]):
+        if 'links' not in w:
+            link = w['link'][b]
+            h, start = link['w'] @ jnp.concatenate(encodings[:blocks.index(b)]), 0
+            h = (h * link['scale'] if 'scale' in link else h) + link['b']
+        for j, s in enumerate(shapes[b]):
+            shape = _shrink_sequence(s, spec.encoder_layers)[-1]
+            n = int(np.prod(shape))
+            inputs[(b, j)] = jax.nn.relu(h[start:start + n].reshape(shape))
+            start += n
     heads = {}
     trunk_len = spec.encoder_layers - 1
     for layers, members in zip(w['dec'], _plan(shapes, spec, 'dec')):

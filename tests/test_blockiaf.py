@@ -143,8 +143,9 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
     """forward (leaves of equal mode shape stacked, one batched product per layer and mode; the small layers
     as one kron matrix each; the links as one matrix) == forward_per_leaf (one product per leaf and mode), values
     and gradients w.r.t. theta and z, in float64, on a network whose leaves form groups of several sizes (CNN4:
-    twelve 8-vectors, three 9x8x8 kernels, single leaves; the dense layers' size limit lowered so that the outer
-    layers stay factored, as a 64-channel CNN4's do). The MLP's blocks run in reverse order, so the merged links' rows (in the blocks' sorted
+    twelve 8-vectors, three 9x8x8 kernels, single leaves; the size limit of the matrices applied whole lowered
+    so that the outer layers stay factored, as a 64-channel CNN4's do, and in one case the links stay one
+    product per block, as ResNet-12's do). The MLP's blocks run in reverse order, so the merged links' rows (in the blocks' sorted
     names) are not in the blocks' order. Both sum in different orders (a kron matrix against its factors one
     mode at a time), so they agree to rounding: eagerly (MLP) 9e-16, under jit <= 1e-15 of values of order 1
     (measured). The monotone
@@ -155,16 +156,17 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
             model, x = make_model('mlp', hidden=(8, 8)), jnp.zeros((4, 1))
         else:
             model, x = make_model('cnn4', num_classes=5, features=8, conv_impl='patches'), jnp.zeros((2, 28, 28, 1))
-            monkeypatch.setattr(blockiaf, 'DENSE_LAYER_MAX', 4096)
+            monkeypatch.setattr(blockiaf, 'DENSE_LAYER_MAX', 128 if monotone else 4096)
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(0), x)['params'])
         blocks = tuple(reversed(blockiaf.default_blocks(params))) if net == 'mlp' else None
         spec = blockiaf.make_spec(params, blocks=blocks, scale='bounded', monotone=monotone)
         theta = blockiaf.init(jax.random.PRNGKey(1), params, spec, head_init='learnable')
         theta = jax.tree_util.tree_map(lambda t, n: t + n, theta, random_like(jax.random.PRNGKey(2), theta, 0.3))
         z = random_like(jax.random.PRNGKey(5), params)
-        if net == 'cnn4':   # both kinds of layer are in the program
-            layers = [p for group in blockiaf.effective_packed(blockiaf.pack(theta, spec), monotone)['enc'] for p in group]
-            assert {'dense' in p for p in layers} == {True, False}
+        if net == 'cnn4':   # both kinds of layer are in the program; the links merged (4096) or not (128)
+            weights = blockiaf.effective_packed(blockiaf.pack(theta, spec), monotone)
+            assert {'dense' in p for group in weights['enc'] for p in group} == {True, False}
+            assert ('links' in weights) != monotone
         assert tree_max_abs_diff(blockiaf.forward(theta, z, spec), z) > 0.1   # far from the identity
 
         def loss(fn):
