@@ -338,7 +338,7 @@ def plot_curve(points, x_key, path, title):
 def main(argv):
     del argv
     from experiments import prepare_process
-    prepare_process()  # before any JAX computation
+    prepare_process(compilation_cache=False)  # before any JAX computation; times compilation
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     repeats = 2 if FLAGS.quick else FLAGS.repeats
     method_list = FLAGS.methods or list(methods.names())

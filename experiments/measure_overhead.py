@@ -28,7 +28,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 2, 'Pairs of (without, with) runs.')
 def main(argv):
     del argv
     from experiments import prepare_process
-    prepare_process()  # before any JAX computation
+    prepare_process(compilation_cache=False)  # before any JAX computation; times compilation
     from md_meta import training
     config = _CONFIG.value
     exp = training.build(config)

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import compilation_cache_dir
 from md_meta import checkpoint as checkpoint_lib
 from md_meta import training, workdirs
 from md_meta.config import ConfigError
@@ -425,15 +426,19 @@ def _sigint_during_save(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes_bitwise(tmp_path):
+    """Also: the rerun loads its compiled programs from the first run's persistent compilation cache
+    (``--compilation_cache``, every program cached however fast it compiled) and still resumes bitwise."""
     ref, run_dir = str(tmp_path / 'ref'), str(tmp_path / 'run')
     flags_ = ['--config.train.checkpoint_every=5', '--config.train.keep=1']   # saves are a large share of the time
     ref_p = subprocess.Popen(_cli_cmd(ref, flags_), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
+    flags_ += [f'--compilation_cache={tmp_path / "cache"}']
+    cached_env = dict(_env(), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_LOG_COMPILES='1')
     target = random.Random(os.getpid()).randint(60, 200)
     # SIGINT at its default in the child, which then installs Python's Ctrl-C handler (a test process started
     # in the background may have inherited SIGINT ignored)
-    p = subprocess.Popen(_cli_cmd(run_dir, flags_), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
+    p = subprocess.Popen(_cli_cmd(run_dir, flags_), cwd=ROOT, env=dict(cached_env, JAX_LOG_COMPILES='0'),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:
         if line.startswith('[maml] step ') and int(line.split()[2].split('/')[0]) >= target:
@@ -443,8 +448,11 @@ def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes_bitwise(tmp_path):
     assert p.returncode == 130, err[-2000:]
     assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
     assert 'interrupted; rerun the same command to resume' in err
-    r2 = subprocess.run(_cli_cmd(run_dir, flags_), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    r2 = subprocess.run(_cli_cmd(run_dir, flags_), cwd=ROOT, env=cached_env, capture_output=True, text=True,
+                        timeout=300)
     assert r2.returncode == 0 and 'resuming from' in r2.stdout, r2.stderr[-2000:]
+    assert "Persistent compilation cache hit for 'jit_chunk'" in r2.stderr, r2.stderr[-2000:]
+    assert os.listdir(tmp_path / 'cache') == [os.path.basename(compilation_cache_dir(str(tmp_path / 'cache')))]
     _, ref_err = ref_p.communicate(timeout=300)
     assert ref_p.returncode == 0, ref_err[-2000:]
     s1, a, _ = _last_state(ref)
