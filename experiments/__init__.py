@@ -10,11 +10,11 @@ _HOST_MEMORY = flags.DEFINE_enum(
 
 
 _COMPILATION_CACHE = flags.DEFINE_string(
-    'compilation_cache', os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join('~', '.cache', 'md_meta', 'xla'),
+    'compilation_cache', os.path.join('~', '.cache', 'md_meta', 'xla'),
     "Directory of JAX's persistent compilation cache, one subdirectory per kind of CPU (the entries are native "
     "code): a run that compiles a program compiled before loads it instead (MD's CNN4 meta-step: 1 s, not ~40 s); "
-    "'' turns it off. Default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/md_meta/xla. The benchmark and "
-    "measure_overhead never use it: they time compilation.")
+    "'' turns it off. Unless given, $JAX_COMPILATION_CACHE_DIR (JAX's own setting) takes its place, used as it "
+    "is. The benchmark and measure_overhead never use a cache: they time compilation.")
 
 
 def prepare_process(compilation_cache: bool = True) -> None:
@@ -25,10 +25,11 @@ def prepare_process(compilation_cache: bool = True) -> None:
     quiet_library_logs()
     host_memory.configure(_HOST_MEMORY.value)
     import jax
-    if compilation_cache and _COMPILATION_CACHE.value:
-        jax.config.update('jax_compilation_cache_dir', compilation_cache_dir(_COMPILATION_CACHE.value))
-    else:
+    given = flags.FLAGS['compilation_cache'].present
+    if not compilation_cache or not _COMPILATION_CACHE.value:
         jax.config.update('jax_enable_compilation_cache', False)
+    elif given or not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+        jax.config.update('jax_compilation_cache_dir', compilation_cache_dir(_COMPILATION_CACHE.value))
 
 
 def compilation_cache_dir(base: str) -> str:
