@@ -391,7 +391,7 @@ def pack(theta: Params, spec: BlockIAFSpec) -> Params:
     return out
 
 
-DENSE_LAYER_MAX = 1 << 17
+DENSE_LAYER_MAX = 1 << 17   # entries of a matrix that g applies whole (``effective_packed``)
 
 
 def effective_packed(packed: Params, monotone: bool) -> Params:
@@ -404,10 +404,10 @@ def effective_packed(packed: Params, monotone: bool) -> Params:
     * a layer of two or more modes whose matrix kron(U_m, ..., U_1) has at most ``DENSE_LAYER_MAX`` entries
       per member becomes that matrix (times its scale): one product instead of one per mode (CNN4: the
       smaller encoder and decoder layers; the 9x64x64 kernels' outer layers stay factored);
-    * where that matrix has at most ``DENSE_LAYER_MAX`` entries too (CNN4; not ResNet-12, whose links would
-      grow 5x), the links of blocks 1..B-1 become one matrix ``links`` over the concatenated encodings of
-      blocks 0..B-2 (the row block of block i, in the blocks' sorted names: link i times its scale, zero over
-      the encodings of blocks >= i): one product for all blocks.
+    * the links of blocks 1..B-1 become one matrix ``links`` over the concatenated encodings of blocks
+      0..B-2 (the row block of block i, in the blocks' sorted names: link i times its scale, zero over the
+      encodings of blocks >= i), one product for all blocks, where that matrix has at most ``DENSE_LAYER_MAX``
+      entries too (CNN4; not ResNet-12, whose links would grow 5x with the zeros).
     """
     links = sorted(packed['link'])   # rows in the blocks' sorted names, the order ``apply_packed`` slices
     if monotone:

@@ -141,16 +141,15 @@ def test_blockiaf_init_same_under_jit_and_vmap():
 @pytest.mark.parametrize('net,monotone', [('mlp', False), ('cnn4', False), ('cnn4', True)])
 def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
     """forward (leaves of equal mode shape stacked, one batched product per layer and mode; the small layers
-    as one kron matrix each; the links as one matrix) == forward_per_leaf (one product per leaf and mode), values
-    and gradients w.r.t. theta and z, in float64, on a network whose leaves form groups of several sizes (CNN4:
-    twelve 8-vectors, three 9x8x8 kernels, single leaves; the size limit of the matrices applied whole lowered
-    so that the outer layers stay factored, as a 64-channel CNN4's do, and in one case the links stay one
-    product per block, as ResNet-12's do). The MLP's blocks run in reverse order, so the merged links' rows (in the blocks' sorted
-    names) are not in the blocks' order. Both sum in different orders (a kron matrix against its factors one
-    mode at a time), so they agree to rounding: eagerly (MLP) 9e-16, under jit <= 6e-16 of values up to 48
-    (measured). The monotone
-    map applies the product of its factors' norms to each layer's output instead of normalising the factors:
-    the same numbers up to rounding."""
+    as one kron matrix each; the links as one matrix) == forward_per_leaf (one product per leaf and mode),
+    values and gradients w.r.t. theta and z, in float64, on a network whose leaves form groups of several sizes
+    (CNN4: twelve 8-vectors, three 9x8x8 kernels, single leaves; the size limit of the matrices applied whole
+    lowered so that the outer layers stay factored, as a 64-channel CNN4's do, and in one case the links stay
+    one product per block, as ResNet-12's do). The MLP's blocks run in reverse order, so the merged links' rows
+    (in the blocks' sorted names) are not in the blocks' order. Both sum in different orders (a kron matrix
+    against its factors one mode at a time), so they agree to rounding: eagerly (MLP) 9e-16, under jit <= 6e-16
+    of values up to 48 (measured). The monotone map applies the product of its factors' norms to each layer's
+    output instead of normalising the factors: the same numbers up to rounding."""
     with jax.enable_x64(True):
         if net == 'mlp':
             model, x = make_model('mlp', hidden=(8, 8)), jnp.zeros((4, 1))
