@@ -370,7 +370,13 @@ def _theta_mode_shapes(theta, spec) -> dict:
 
 
 def _stack(trees):
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+    """The trees' leaves stacked: on the host where concrete (eagerly, ``jnp.stack`` compiles one kernel per
+    shape: a second for a CNN4 map), traced otherwise."""
+    def stack(*xs):
+        if any(isinstance(x, jax.core.Tracer) for x in xs):
+            return jnp.stack(xs)
+        return jnp.asarray(np.stack([np.asarray(x) for x in xs]))
+    return jax.tree_util.tree_map(stack, *trees)
 
 
 def _decoder_layers(dec, monotone: bool) -> list:

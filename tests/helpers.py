@@ -1,6 +1,7 @@
 """Small shared builders for tests."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from md_meta import methods
 from md_meta.config import base_config
@@ -33,13 +34,28 @@ def tiny_config(method='maml', **overrides):
 
 
 def tree_max_abs_diff(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    """max |a - b| over every leaf, on the host (eagerly, each leaf shape would compile its own kernels)."""
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
 def random_like(key, tree, scale=1.0):
+    """N(0, scale^2) leaves shaped like ``tree``'s, cut from one draw: drawn leaf by leaf, eagerly or under
+    jit, a tree of many shapes costs one compiled kernel per shape (a minute for a float64 blockIAF)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [scale * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
+    sizes = [int(np.prod(np.shape(l))) for l in leaves]
+    flat = scale * jax.random.normal(key, (max(sum(sizes), 1),), jnp.result_type(*leaves))
+    if not isinstance(flat, jax.core.Tracer):
+        flat = np.asarray(flat)   # cut on the host: no kernel per shape
+    starts = np.cumsum([0] + sizes)
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[a:b].reshape(np.shape(l)), l.dtype)
+                                                  for a, b, l in zip(starts[:-1], starts[1:], leaves)])
+
+
+def perturbed(key, tree, scale):
+    """tree + random_like(key, tree, scale), added on the host (no kernel per leaf shape)."""
+    noise = random_like(key, tree, scale)
+    return jax.tree_util.tree_map(lambda t, n: jnp.asarray(np.asarray(t) + np.asarray(n)), tree, noise)
 
 
 def tree_vdot(a, b):

@@ -8,7 +8,7 @@ import pytest
 
 from md_meta import blockiaf
 from md_meta.networks import make_model
-from tests.helpers import random_like, tiny_config, tree_max_abs_diff, tree_vdot
+from tests.helpers import perturbed, random_like, tiny_config, tree_max_abs_diff, tree_vdot
 
 
 def mlp_params(key=0, hidden=(8, 8)):
@@ -16,8 +16,7 @@ def mlp_params(key=0, hidden=(8, 8)):
 
 
 def perturbed_theta(spec, params, scale=0.3, key=1):
-    theta = blockiaf.init(jax.random.PRNGKey(key), params, spec)
-    return jax.tree_util.tree_map(lambda t, n: t + n, theta, random_like(jax.random.PRNGKey(key + 1), theta, scale))
+    return perturbed(jax.random.PRNGKey(key + 1), blockiaf.init(jax.random.PRNGKey(key), params, spec), scale)
 
 
 def _geom_grads_after_one_step(head_init, monotone):
@@ -147,8 +146,8 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
     lowered so that the outer layers stay factored, as a 64-channel CNN4's do, and in one case the links stay
     one product per block, as ResNet-12's do). The MLP's blocks run in reverse order, so the merged links' rows
     (in the blocks' sorted names) are not in the blocks' order. Both sum in different orders (a kron matrix
-    against its factors one mode at a time), so they agree to rounding: eagerly (MLP) 9e-16, under jit <= 6e-16
-    of values up to 48 (measured). The monotone map applies the product of its factors' norms to each layer's
+    against its factors one mode at a time), so they agree to rounding: the grouped map eagerly (MLP) 9e-16,
+    under jit <= 6e-16 of values up to 48 (measured). The monotone map applies the product of its factors' norms to each layer's
     output instead of normalising the factors: the same numbers up to rounding."""
     with jax.enable_x64(True):
         if net == 'mlp':
@@ -156,27 +155,29 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
         else:
             model, x = make_model('cnn4', num_classes=5, features=8, conv_impl='patches'), jnp.zeros((2, 28, 28, 1))
             monkeypatch.setattr(blockiaf, 'DENSE_LAYER_MAX', 128 if monotone else 4096)
-        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.init(jax.random.PRNGKey(0), x)['params'])
+        params = jax.jit(lambda x: jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                                          model.init(jax.random.PRNGKey(0), x)['params']))(x)
         blocks = tuple(reversed(blockiaf.default_blocks(params))) if net == 'mlp' else None
         spec = blockiaf.make_spec(params, blocks=blocks, scale='bounded', monotone=monotone)
-        theta = blockiaf.init(jax.random.PRNGKey(1), params, spec, head_init='learnable')
-        theta = jax.tree_util.tree_map(lambda t, n: t + n, theta, random_like(jax.random.PRNGKey(2), theta, 0.3))
+        theta = perturbed(jax.random.PRNGKey(2), blockiaf.init(jax.random.PRNGKey(1), params, spec, head_init='learnable'),
+                          0.3)
         z = random_like(jax.random.PRNGKey(5), params)
         if net == 'cnn4':   # both kinds of layer are in the program; the links merged (4096) or not (128)
-            weights = blockiaf.effective_packed(blockiaf.pack(theta, spec), monotone)
+            weights = jax.eval_shape(lambda th: blockiaf.effective_packed(blockiaf.pack(th, spec), monotone), theta)
             assert {'dense' in p for group in weights['enc'] for p in group} == {True, False}
             assert ('links' in weights) != monotone
-        assert tree_max_abs_diff(blockiaf.forward(theta, z, spec), z) > 0.1   # far from the identity
+        phi = jax.jit(lambda t, zz: blockiaf.forward(t, zz, spec))(theta, z)
+        assert tree_max_abs_diff(phi, z) > 0.1   # far from the identity
 
         def loss(fn):
             return lambda th, zz: sum(jnp.sum(jnp.sin(l)) for l in jax.tree_util.tree_leaves(fn(th, zz, spec)))
         grouped, per_leaf = jax.value_and_grad(loss(blockiaf.forward), (0, 1)), \
             jax.value_and_grad(loss(blockiaf.forward_per_leaf), (0, 1))
-        if net == 'mlp':   # eagerly (op by op: slow on CNN4)
-            assert tree_max_abs_diff(grouped(theta, z), per_leaf(theta, z)) < 1e-14
-        assert tree_max_abs_diff(jax.jit(grouped)(theta, z), jax.jit(per_leaf)(theta, z)) < 1e-12
-        assert tree_max_abs_diff(blockiaf.inverse(theta, jax.jit(lambda t, zz: blockiaf.forward(t, zz, spec))(theta, z),
-                                                  spec), z) < 1e-12
+        reference = jax.jit(per_leaf)(theta, z)
+        if net == 'mlp':   # the grouped map eagerly (op by op: slow on CNN4)
+            assert tree_max_abs_diff(grouped(theta, z), reference) < 1e-14
+        assert tree_max_abs_diff(jax.jit(grouped)(theta, z), reference) < 1e-12
+        assert tree_max_abs_diff(jax.jit(lambda t, p: blockiaf.inverse(t, p, spec))(theta, phi), z) < 1e-12
 
 
 def test_blocks_follow_the_network_whatever_the_key_order():

@@ -72,8 +72,8 @@ def test_methods_start_as_maml_trajectory(net):
     for method in STARTS_AS_GD:
         learner = make_learner(method, net, steps, {'mtnet.init_logit': 50.0})
         meta = init_meta_params(learner, key, task.support_x)
-        loop = learner.geometry.inner(meta['geom'])
-        phi0 = loop.params_of(loop.start(meta['init'], key))
+        phi0 = jax.jit(lambda m: (lambda loop: loop.params_of(loop.start(m['init'], key)))(
+            learner.geometry.inner(m['geom'])))(meta)   # eagerly, MD's map alone takes seconds
         assert tree_max_abs_diff(phi0, ref_meta['init']) == 0.0, method
         phi, curves = jax.jit(lambda m: trajectory(learner, m, task, key))(meta)
         # the same values up to rounding: a transformed network computes another product order, and XLA may
