@@ -12,6 +12,8 @@ For every method in ``md_meta.methods.names()`` (or ``--methods``) and every sha
   (b) miniImageNet 84x84x3, same;
   (c) Omniglot 28x28x1, 32 tasks, K=1;
   (r) ResNet-12 on (b)'s shapes (not in the default --shapes: ~12M parameters);
+  (s) the main job's step: sinusoid, 1-40-40-1 MLP, 25 tasks, K=1 (experiments/configs/sinusoid.py; not in
+      the default --shapes);
 it builds the experiment with ``md_meta.training.build`` (a ``base_config()`` config) and times
 ``md_meta.training.make_host_step`` -- the jitted meta-step the trainer runs -- on random episodes of
 the right shapes (no dataset needed). Reported: compile time, the kernel count (``count_kernels``), median / min seconds per meta-step after
@@ -48,7 +50,7 @@ from md_meta.tasks import Task
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('methods', [], 'methods to benchmark (default: every registered method)')
-flags.DEFINE_list('shapes', ['a', 'b', 'c'], 'shapes to benchmark: a, b, c')
+flags.DEFINE_list('shapes', ['a', 'b', 'c'], 'shapes to benchmark: a, b, c, r, s')
 flags.DEFINE_integer('repeats', 5, 'timed meta-steps per configuration (after two warm-up steps); 0: compile '
                      'only (compile time, kernels, memory)')
 flags.DEFINE_bool('quick', False, 'quick mode: 2 repeats, short curves')
@@ -75,6 +77,7 @@ SHAPES = {
     'b': dict(task='miniimagenet', size=84, channels=3, tasks=4, K=5),
     'c': dict(task='omniglot', size=28, channels=1, tasks=32, K=1),
     'r': dict(task='miniimagenet', size=84, channels=3, tasks=4, K=5, model='resnet12'),
+    's': dict(task='sinusoid', tasks=25, K=1),
 }
 WAYS, SHOTS, QUERY = 5, 1, 15
 
@@ -90,14 +93,18 @@ def parse_value(s):
 
 def make_config(method: str, shape: str, K=None, num_tasks=None, overrides=()):
     s = SHAPES[shape]
-    c = config_lib.base_config()
+    if s['task'] == 'sinusoid':   # the main job's config
+        from experiments.configs import sinusoid
+        c = sinusoid.get_config()
+    else:
+        c = config_lib.base_config()
+        c.task.name = s['task']
+        c.task.ways, c.task.shots, c.task.query = WAYS, SHOTS, QUERY
+        c.model.name = s.get('model', 'cnn4')
+        c.inner.step_size = 0.4 if s['task'] == 'omniglot' else 0.01
+        c.inner.first_order = False
     c.method = method
-    c.task.name = s['task']
-    c.task.ways, c.task.shots, c.task.query = WAYS, SHOTS, QUERY
-    c.model.name = s.get('model', 'cnn4')
     c.inner.steps = K or s['K']
-    c.inner.step_size = 0.4 if s['task'] == 'omniglot' else 0.01
-    c.inner.first_order = False
     c.meta.batch_size = num_tasks or s['tasks']
     for item in overrides:
         key, value = item.split('=', 1)
@@ -128,7 +135,10 @@ def synthetic_source(config) -> tasks.TaskSource:
 
 
 def build(config):
-    """``training.build`` with random episodes of the config's shapes as the task source."""
+    """``training.build`` with random episodes of the config's shapes as the task source (sinusoid: its own
+    tasks, drawn on the device)."""
+    if config.task.name == 'sinusoid':
+        return training.build(config)
     return training.build(config, source=synthetic_source(config))
 
 
@@ -222,7 +232,10 @@ def host_sampling_time(config, repeats: int = 5):
     """(median seconds, note): the host episode sampler (``md_meta.data.episodes.EpisodeSampler``, without
     its prefetch thread, which would hide the cost) drawing one meta-batch of ``config``'s shape. It
     samples from the real data under ``--data_dir`` when it loads, else from a synthetic pool of the same
-    image shape (the cost depends on the shapes, not on the pixels); the note says which."""
+    image shape (the cost depends on the shapes, not on the pixels); the note says which. Sinusoid tasks
+    are drawn on the device, inside the step: (None, note)."""
+    if config.task.name == 'sinusoid':
+        return None, 'drawn on the device'
     from md_meta.data import episodes
     from md_meta.tasks import images
     config = config.copy_and_resolve_references()
