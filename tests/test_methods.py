@@ -17,7 +17,7 @@ from md_meta.inner import InnerConfig, adapt
 from md_meta.meta import MetaLearner, Task, init_meta_params, init_optimizer_state, make_meta_step, meta_loss
 from md_meta.networks import make_model
 from md_meta.tasks import sinusoid
-from tests.helpers import random_like, tiny_config, tree_max_abs_diff, tree_vdot
+from tests.helpers import perturbed, random_like, tiny_config, tree_max_abs_diff, tree_vdot
 
 ALL = methods.names()
 STARTS_AS_GD = [m for m in ALL if m != 'maml']  # every other method starts as MAML (mtnet: masks forced on)
@@ -107,7 +107,7 @@ def test_second_order_meta_gradient_matches_finite_differences(method):
         meta = init_meta_params(learner, jax.random.PRNGKey(0), batch.support_x[0])
         meta = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), meta)
         # move away from the identity geometry so that every method-specific term matters
-        meta = jax.tree_util.tree_map(lambda t, n: t + n, meta, random_like(jax.random.PRNGKey(9), meta, 0.1))
+        meta = perturbed(jax.random.PRNGKey(9), meta, 0.1)
         v = random_like(jax.random.PRNGKey(2), meta)
         if method == 'mtnet':  # straight-through surrogate gradient for the mask logits: not a derivative
             v['geom'] = jax.tree_util.tree_map(jnp.zeros_like, v['geom'])
