@@ -45,7 +45,7 @@ import numpy as np
 
 from md_meta import config as config_lib
 from md_meta import methods, tasks, training
-from md_meta.meta import resolve_task_gradients, task_batching_for
+from md_meta.meta import task_batching_for, task_gradients_for
 from md_meta.tasks import Task
 
 FLAGS = flags.FLAGS
@@ -224,7 +224,7 @@ def measure(config, repeats: int, count_flops: bool = True, profile_peak_gflops:
                 max_rss_mb=max_rss_mb(), inner_unroll=unroll,
                 task_batching=task_batching,
                 task_chunk=task_chunk,
-                task_gradients=resolve_task_gradients(learner.task_gradients),
+                task_gradients=task_gradients_for(learner, batch),
                 finite=finite)
 
 

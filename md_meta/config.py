@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.meta.steps = 70000
     c.meta.task_batching = 'auto'    # 'vmap' | 'map' | 'auto' (meta.resolve_task_batching)
     c.meta.task_chunk = 2            # at most this many tasks per vmapped chunk under 'map' (a divisor of batch_size)
-    c.meta.task_gradients = 'auto'   # 'batched' | 'per_task' | 'auto' (per_task on CPU; md_meta.meta.meta_value_and_grad)
+    c.meta.task_gradients = 'auto'   # 'batched' | 'per_task' | 'auto' (per_task for image tasks on CPU; md_meta.meta.meta_value_and_grad)
     c.meta.compute_dtype = 'float32'  # 'bfloat16': bf16 network compute, fp32 params and optimizer state
     c.meta.lr_decay_every = 0  # sgd_nesterov: x0.1 every N steps (0: never)
     c.meta.weight_decay = 0.0

@@ -137,13 +137,21 @@ def meta_loss(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
     return total, metrics
 
 
-def resolve_task_gradients(task_gradients: str) -> str:
-    """'auto' -> 'per_task' on CPU (measured faster there, docs/benchmarks.md), 'batched' elsewhere."""
+def resolve_task_gradients(task_gradients: str, *, images: bool) -> str:
+    """'auto' -> 'per_task' for image tasks on CPU, 'batched' otherwise (docs/benchmarks.md, "Speed switches"):
+    per-task gradients were faster for CNN4 on XLA:CPU (MD (a) by ~2.5%), but on the sinusoid MLP they
+    materialise each task's cotangent of MD's small kron matrices (MD's step 29 ms per-task, 9.3 ms batched).
+    ``images``: the inputs are (examples, H, W, C) per task."""
     if task_gradients not in TASK_GRADIENTS:
         raise ValueError(f'task_gradients must be one of {TASK_GRADIENTS}, got {task_gradients!r}')
     if task_gradients == 'auto':
-        return 'per_task' if jax.default_backend() == 'cpu' else 'batched'
+        return 'per_task' if jax.default_backend() == 'cpu' and images else 'batched'
     return task_gradients
+
+
+def task_gradients_for(learner: MetaLearner, batch: Task) -> str:
+    """The ``task_gradients`` mode ``meta_value_and_grad`` uses for this batch of tasks."""
+    return resolve_task_gradients(learner.task_gradients, images=batch.support_x.ndim == 5)
 
 
 def meta_value_and_grad(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
@@ -161,7 +169,7 @@ def meta_value_and_grad(learner: MetaLearner, meta: dict, batch: Task, key: jax.
 
 def _value_and_raveled_grad(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
     """``meta_value_and_grad`` with the gradient as one vector (``ravel``'s order)."""
-    if resolve_task_gradients(learner.task_gradients) == 'batched':
+    if task_gradients_for(learner, batch) == 'batched':
         value, grad = jax.value_and_grad(meta_loss, argnums=1, has_aux=True)(learner, meta, batch, key)
         return value, ravel(grad)
     keys = jax.random.split(key, batch.support_x.shape[0])

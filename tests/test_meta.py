@@ -215,10 +215,12 @@ def test_resolve_task_batching_and_config():
 
 
 def test_resolve_task_gradients_and_config():
-    assert resolve_task_gradients('auto') in ('per_task', 'batched')
-    assert resolve_task_gradients('batched') == 'batched'
+    cpu = jax.default_backend() == 'cpu'
+    assert resolve_task_gradients('auto', images=True) == ('per_task' if cpu else 'batched')
+    assert resolve_task_gradients('auto', images=False) == 'batched'
+    assert resolve_task_gradients('per_task', images=False) == 'per_task'
     with pytest.raises(ValueError, match='task_gradients'):
-        resolve_task_gradients('sum')
+        resolve_task_gradients('sum', images=True)
     c = tiny_config('maml')
     c.meta.task_gradients = 'sum'
     with pytest.raises(ConfigError, match='meta.task_gradients'):
