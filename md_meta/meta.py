@@ -139,9 +139,9 @@ def meta_loss(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
 
 def resolve_task_gradients(task_gradients: str, *, images: bool) -> str:
     """'auto' -> 'per_task' for image tasks on CPU, 'batched' otherwise (docs/benchmarks.md, "Speed switches"):
-    per-task gradients were faster for CNN4 on XLA:CPU (MD (a) by ~2.5%), but on the sinusoid MLP they
-    materialise each task's cotangent of MD's small kron matrices (MD's step 29 ms per-task, 9.3 ms batched).
-    ``images``: the inputs are (examples, H, W, C) per task."""
+    per-task gradients are faster for CNN4 on XLA:CPU, but on the sinusoid MLP each task materialises its own
+    cotangent of MD's small kron matrices (MD's step there ~3x slower than batched). ``images``: the inputs
+    are (examples, H, W, C) per task."""
     if task_gradients not in TASK_GRADIENTS:
         raise ValueError(f'task_gradients must be one of {TASK_GRADIENTS}, got {task_gradients!r}')
     if task_gradients == 'auto':

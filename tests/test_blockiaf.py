@@ -147,8 +147,8 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
     one product per block, as ResNet-12's do). The MLP's blocks run in reverse order, so the merged links' rows
     (in the blocks' sorted names) are not in the blocks' order. Both sum in different orders (a kron matrix
     against its factors one mode at a time), so they agree to rounding: the grouped map eagerly (MLP) 9e-16,
-    under jit <= 6e-16 of values up to 48 (measured). The monotone map applies the product of its factors' norms to each layer's
-    output instead of normalising the factors: the same numbers up to rounding."""
+    under jit <= 6e-16 of values up to 48 (measured). The monotone map applies the product of its factors'
+    norms to each layer's output instead of normalising the factors: the same numbers up to rounding."""
     with jax.enable_x64(True):
         if net == 'mlp':
             model, x = make_model('mlp', hidden=(8, 8)), jnp.zeros((4, 1))
