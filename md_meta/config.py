@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.inner.step_size = 0.01
     c.inner.first_order = False
     c.inner.unroll = 1         # inner steps per iteration of the rolled loop (md_meta.inner.InnerConfig)
-    c.inner.remat = True       # jax.checkpoint per inner step: less memory, and faster on CPU (docs/benchmarks.md)
+    c.inner.remat = True       # jax.checkpoint per step of the loop (K >= 2): less memory, and faster on CPU (docs/benchmarks.md)
     c.inner.eval_steps = -1    # -1: same as steps
 
     c.meta = ml_collections.ConfigDict()

@@ -30,8 +30,10 @@ def adapt(loop: InnerLoop, support_loss: Callable, init, key: jax.Array, cfg: In
           final_stats: bool = False):
     """Runs the inner loop; ``support_loss(phi) -> scalar``. Returns (phi_K, {'loss', 'grad_norm'}).
 
-    Where phi is computed from the state (``loop.params_of`` does arithmetic: MD's g), the scan runs K + 1
-    bodies and phi_K is the one the last body computed (its gradient step skipped by a ``lax.cond`` unless
+    K = 1 is one step, no loop: phi_0 = params_of(state_0), state_1, phi_1 = params_of(state_1) (``remat``
+    applies to the loop's bodies: with one step there is nothing to keep between them). For K > 1, where phi
+    is computed from the state (``loop.params_of`` does arithmetic: MD's g), the scan runs K + 1 bodies and
+    phi_K is the one the last body computed (its gradient step skipped by a ``lax.cond`` unless
     ``final_stats``), so that the program holds that map once, not also after the loop. Where it only
     selects (MAML's identity, MT-net's state['phi']), the scan runs K bodies."""
     grad_fn = jax.value_and_grad(support_loss)
@@ -42,18 +44,23 @@ def adapt(loop: InnerLoop, support_loss: Callable, init, key: jax.Array, cfg: In
             grad = jax.lax.stop_gradient(grad)
         return loop.update(state, grad), (loss, optax.tree.norm(grad))
 
+    def with_final_stats(state, phi, losses, norms):
+        if final_stats:
+            _, (loss, norm) = step(state, phi)
+            losses, norms = jnp.append(losses, loss), jnp.append(norms, norm)
+        return phi, {'loss': losses, 'grad_norm': norms}
+
     start = loop.start(init, key)
+    if cfg.steps == 1:
+        state, (loss, norm) = step(start, loop.params_of(start))
+        return with_final_stats(state, loop.params_of(state), loss[None], norm[None])
     start_shape = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), start)
     params_of_jaxpr, phi_shape = jax.make_jaxpr(loop.params_of, return_shape=True)(start_shape)
     if not params_of_jaxpr.eqns:   # phi is (part of) the state: nothing to recompute
         body = lambda state, _: step(state, loop.params_of(state))
         body = jax.checkpoint(body) if cfg.remat else body
         state, (losses, norms) = jax.lax.scan(body, start, None, length=cfg.steps, unroll=cfg.unroll)
-        phi = loop.params_of(state)
-        if final_stats:
-            _, (loss, norm) = step(state, phi)
-            losses, norms = jnp.append(losses, loss), jnp.append(norms, norm)
-        return phi, {'loss': losses, 'grad_norm': norms}
+        return with_final_stats(state, loop.params_of(state), losses, norms)
 
     zeros = lambda tree: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), tree)
     no_stats = zeros(jax.eval_shape(step, start_shape, phi_shape)[1])

@@ -74,8 +74,9 @@ def test_linear_mirror_map_is_preconditioned_gd():
 
 def test_computed_params_run_k_plus_one_bodies_and_select_runs_k():
     """A loop whose phi is computed from the state (here phi = 2 z) scans K + 1 bodies, the last only computing
-    phi_K: the same phi_K and K losses as the unrolled definition, with or without the final stats, and the
-    same after one meta-gradient. A loop whose phi only selects from the state scans K bodies."""
+    phi_K: the same phi_K and K losses as the unrolled definition, with or without the final stats. A loop
+    whose phi only selects from the state scans K bodies. K = 1 runs no loop, with the unrolled definition's
+    meta-gradient and stats."""
     steps, alpha = 3, 0.1
     params = mlp_params()
     x = jnp.linspace(-1.0, 1.0, 8)[:, None]
@@ -94,11 +95,15 @@ def test_computed_params_run_k_plus_one_bodies_and_select_runs_k():
         assert tree_max_abs_diff(phi, double.params_of(z)) < 1e-6
         np.testing.assert_allclose(curves['loss'][:steps], want, rtol=1e-5)
         assert curves['loss'].shape == (steps + final_stats,)
-    scans = lambda loop: [e.params['length'] for e in jax.make_jaxpr(
+    scans = lambda loop, cfg=cfg: [e.params['length'] for e in jax.make_jaxpr(
         lambda p: adapt(loop, loss, p, key, cfg))(params).eqns if e.primitive.name == 'scan']
     assert scans(double) == [steps + 1]
     assert scans(InnerLoop(update=double.update)) == [steps]
-    # the meta-gradient through the K + 1 bodies is the unrolled one's
+    # K = 1: one step, no loop, for both kinds; its meta-gradient and stats are the unrolled definition's
+    one = InnerConfig(1, remat=True)
+    assert scans(double, one) == [] and scans(InnerLoop(update=double.update), one) == []
     unrolled = lambda p: loss(double.params_of(double.update(p, jax.grad(loss)(double.params_of(p)))))
-    one_step = lambda p: loss(adapt(double, loss, p, key, InnerConfig(1))[0])
+    one_step = lambda p: loss(adapt(double, loss, p, key, one)[0])
     assert tree_max_abs_diff(jax.grad(one_step)(params), jax.grad(unrolled)(params)) < 1e-5
+    phi, curves = adapt(double, loss, params, key, one, final_stats=True)
+    np.testing.assert_allclose(curves['loss'], [want[0], float(loss(phi))], rtol=1e-5)
