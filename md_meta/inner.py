@@ -31,7 +31,8 @@ def adapt(loop: InnerLoop, support_loss: Callable, init, key: jax.Array, cfg: In
     """Runs the inner loop; ``support_loss(phi) -> scalar``. Returns (phi_K, {'loss', 'grad_norm'}).
 
     K = 1 is one step, no loop: phi_0 = params_of(state_0), state_1, phi_1 = params_of(state_1) (``remat``
-    applies to the loop's bodies: with one step there is nothing to keep between them). For K > 1, where phi
+    applies to the loop's bodies: with one step there is nothing to keep between them; under a vmap over
+    tasks that share state_0, phi_0 is computed once). For K > 1, where phi
     is computed from the state (``loop.params_of`` does arithmetic: MD's g), the scan runs K + 1 bodies and
     phi_K is the one the last body computed (its gradient step skipped by a ``lax.cond`` unless
     ``final_stats``), so that the program holds that map once, not also after the loop. Where it only

@@ -76,7 +76,7 @@ def test_computed_params_run_k_plus_one_bodies_and_select_runs_k():
     """A loop whose phi is computed from the state (here phi = 2 z) scans K + 1 bodies, the last only computing
     phi_K: the same phi_K and K losses as the unrolled definition, with or without the final stats. A loop
     whose phi only selects from the state scans K bodies. K = 1 runs no loop, with the unrolled definition's
-    meta-gradient and stats."""
+    meta-gradient and stats; at K = 2 the meta-gradient through the bodies is the unrolled one's."""
     steps, alpha = 3, 0.1
     params = mlp_params()
     x = jnp.linspace(-1.0, 1.0, 8)[:, None]
@@ -107,3 +107,9 @@ def test_computed_params_run_k_plus_one_bodies_and_select_runs_k():
     assert tree_max_abs_diff(jax.grad(one_step)(params), jax.grad(unrolled)(params)) < 1e-5
     phi, curves = adapt(double, loss, params, key, one, final_stats=True)
     np.testing.assert_allclose(curves['loss'], [want[0], float(loss(phi))], rtol=1e-5)
+    # K = 2: the meta-gradient through the K + 1 bodies (and their cond), with and without remat
+    step_once = lambda p: double.update(p, jax.grad(loss)(double.params_of(p)))
+    unrolled2 = lambda p: loss(double.params_of(step_once(step_once(p))))
+    for remat in (False, True):
+        two = lambda p: loss(adapt(double, loss, p, key, InnerConfig(2, remat=remat))[0])
+        assert tree_max_abs_diff(jax.grad(two)(params), jax.grad(unrolled2)(params)) < 1e-5
