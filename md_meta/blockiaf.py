@@ -30,6 +30,7 @@ All functions are pure; ``spec`` is static (hashable) and the map parameters are
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from typing import Any, NamedTuple, Sequence
@@ -398,6 +399,102 @@ def pack(theta: Params, spec: BlockIAFSpec) -> Params:
 
 
 DENSE_LAYER_MAX = 1 << 17   # entries of a matrix that g applies whole (``effective_packed``)
+GROUP_PADDING_MAX = 1.25    # a merged group holds at most this many times its members' entries (zero padding),
+GROUP_SMALL = 1 << 16       # or at most this many entries in all (``merge_plan``)
+
+
+class MergedGroup(NamedTuple):
+    """Storage groups run as one batched product, zero-padded to ``shape`` (M modes): ``parts`` = ((storage
+    group index, slots), ...), slots the positions of that group's modes among the M (the others size 1)."""
+    shape: tuple
+    parts: tuple
+
+
+def _embed(shape: tuple, slots: tuple, modes: int) -> tuple:
+    """``shape`` with size-1 modes inserted at the positions not in ``slots``."""
+    out = [1] * modes
+    for k, n in zip(slots, shape):
+        out[k] = n
+    return tuple(out)
+
+
+def merge_plan(groups: Sequence[tuple]) -> list:
+    """[MergedGroup, ...] from the storage groups [(mode shape, members), ...]: greedily, the pair whose merge
+    adds the fewest padded entries first, while a merged group holds at most ``GROUP_PADDING_MAX`` times its
+    members' entries or at most ``GROUP_SMALL`` in all. A group of fewer modes goes into the order-preserving
+    positions of the other's that pad least (CNN4: the 64-vectors as (1, 1, 64) with the first kernel, 9x1x64;
+    the classifier's bias as (5, 1) with its kernel, 64x5). Deterministic: ``effective_packed`` plans from
+    theta's shapes, ``apply_packed`` from z's, and both get the same plan."""
+    merged = [(tuple(s), n, n * math.prod(s), ((i, tuple(range(len(s)))),)) for i, (s, n) in enumerate(groups)]
+
+    def merge(a, b):
+        hi, lo = (a, b) if len(a[0]) >= len(b[0]) else (b, a)
+        modes = len(hi[0])
+        best = None
+        for comb in itertools.combinations(range(modes), len(lo[0])):
+            shape = tuple(max(x, y) for x, y in zip(hi[0], _embed(lo[0], comb, modes)))
+            if best is None or math.prod(shape) < math.prod(best[0]):
+                best = shape, comb
+        shape, comb = best
+        parts = hi[3] + tuple((g, tuple(comb[k] for k in slots)) for g, slots in lo[3])
+        return shape, a[1] + b[1], a[2] + b[2], tuple(sorted(parts))
+
+    padded = lambda m: m[1] * math.prod(m[0])
+    while True:
+        options = []
+        for i, j in itertools.combinations(range(len(merged)), 2):
+            m = merge(merged[i], merged[j])
+            if padded(m) <= max(GROUP_PADDING_MAX * m[2], GROUP_SMALL):
+                options.append((padded(m) - padded(merged[i]) - padded(merged[j]), i, j, m))
+        if not options:
+            break
+        _, i, j, m = min(options, key=lambda o: o[:3])
+        merged = [x for k, x in enumerate(merged) if k not in (i, j)] + [m]
+    merged.sort(key=lambda m: m[3][0][0])
+    return [MergedGroup(m[0], m[3]) for m in merged]
+
+
+def _pad_to(x: jnp.ndarray, shape: tuple) -> jnp.ndarray:
+    """x zero-padded at the end of each axis to ``shape``."""
+    return jnp.pad(x, [(0, n - m) for m, n in zip(x.shape, shape)]) if x.shape != tuple(shape) else x
+
+
+def _merged_layer(layers: list, slots: list) -> dict:
+    """One layer of a merged group from that layer of each part (stacked factors (G, n'_k, n_k) of its modes,
+    bias (G, *n'), optional scale (G,)): each mode's factors zero-padded to the largest and concatenated, a
+    part's missing modes a 1x1 factor of 1 (the identity on a size-1 mode), the biases padded with zeros. On
+    inputs zero outside each member's own modes, the outputs are each member's layer, zero outside it."""
+    if len(layers) == 1 and slots[0] == tuple(range(len(layers[0]['u']))):
+        return layers[0]
+    modes = max(len(p['u']) for p in layers)
+    factors = [[p['u'][s.index(k)] if k in s else jnp.ones((p['b'].shape[0], 1, 1), p['b'].dtype)
+                for k in range(modes)] for p, s in zip(layers, slots)]
+    out = {'u': []}
+    for k in range(modes):
+        size = (max(f[k].shape[1] for f in factors), max(f[k].shape[2] for f in factors))
+        out['u'].append(jnp.concatenate([_pad_to(f[k], (f[k].shape[0],) + size) for f in factors]))
+    out_shape = tuple(u.shape[1] for u in out['u'])
+    out['b'] = jnp.concatenate([_pad_to(p['b'].reshape(p['b'].shape[:1] + _embed(p['b'].shape[1:], s, modes)),
+                                        p['b'].shape[:1] + out_shape) for p, s in zip(layers, slots)])
+    if 'scale' in layers[0]:
+        out['scale'] = jnp.concatenate([p['scale'] for p in layers])
+    return out
+
+
+def _storage_shapes(packed: Params, part: str) -> list:
+    """[(mode shape, members), ...] of the storage groups of ``part``, read off their factors (the encoders'
+    input modes, the decoder heads' output modes)."""
+    if part == 'enc':
+        return [(tuple(u.shape[2] for u in group[0]['u']), group[0]['b'].shape[0]) for group in packed['enc']]
+    return [(tuple(u.shape[1] for u in group[-1]['u']), group[-1]['b'].shape[0]) for group in packed['dec']]
+
+
+def _merged(packed: Params, part: str) -> list:
+    """The layers of ``part`` per merged group (``merge_plan``)."""
+    groups = packed[part]
+    return [[_merged_layer([groups[g][l] for g, _ in m.parts], [s for _, s in m.parts])
+             for l in range(len(groups[m.parts[0][0]]))]
+            for m in merge_plan(_storage_shapes(packed, part))]
 
 
 def effective_packed(packed: Params, monotone: bool) -> Params:
@@ -407,6 +504,8 @@ def effective_packed(packed: Params, monotone: bool) -> Params:
     * in monotone mode each layer gains ``scale`` = prod_k 1 / max(1, ||U_k||_F) per group member (the link:
       one scalar), applied to the layer's product (X x_1 c_1 U_1 ... x_m c_m U_m = (prod c_k) X x_1 U_1 ...
       x_m U_m), so that the normalised factors are never materialised; all the norms are one segment sum;
+    * storage groups of different mode shapes whose zero padding costs little run as one group
+      (``merge_plan``: CNN4's encoders in two groups instead of three, its decoders in two instead of four);
     * a layer of two or more modes whose matrix kron(U_m, ..., U_1) has at most ``DENSE_LAYER_MAX`` entries
       per member becomes that matrix (times its scale): one product instead of one per mode (CNN4: the
       smaller encoder and decoder layers; the 9x64x64 kernels' outer layers stay factored);
@@ -425,8 +524,8 @@ def effective_packed(packed: Params, monotone: bool) -> Params:
                       dec=[scaled(group) for group in packed['dec']],
                       link={b: dict(packed['link'][b], scale=next(norms)[0]) for b in links})
     layer = lambda p: _dense_layer(p) if len(p['u']) > 1 and _dense_size(p) <= DENSE_LAYER_MAX else p
-    out = dict(packed, enc=[[layer(p) for p in group] for group in packed['enc']],
-               dec=[[layer(p) for p in group] for group in packed['dec']])
+    out = dict(packed, enc=[[layer(p) for p in group] for group in _merged(packed, 'enc')],
+               dec=[[layer(p) for p in group] for group in _merged(packed, 'dec')])
     if links:
         d_in = max(packed['link'][b]['w'].shape[1] for b in links)
         d_out = sum(packed['link'][b]['w'].shape[0] for b in links)
@@ -488,43 +587,50 @@ def _batched_layer(p, x):
 
 def apply_packed(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
     """phi = g(z) from ``weights = effective_packed(pack(theta, spec), spec.monotone)``: equal to
-    ``forward_per_leaf(theta, z, spec)`` up to float rounding."""
+    ``forward_per_leaf(theta, z, spec)`` up to float rounding. Encoders and decoders run per merged group
+    (``merge_plan``) on the members stacked and zero-padded to the group's shape; where the links are one matrix
+    (``effective_packed``) it reads the code stacks and writes the decoder stacks, its columns and rows gathered
+    into their order (``_links_indices``: a gather of the weights alone, which JAX hoists out of the inner loop)."""
     blocks, w = spec.blocks, weights
     template = {b: _leaves(z[b]) for b in blocks}
     shapes = {b: [mode_shape(leaf.shape) for leaf in leaves] for b, leaves in template.items()}
-    # encoders: every leaf of every block but the last, grouped
-    codes = {}
-    for layers, members in zip(w['enc'], _plan(shapes, spec, 'enc')):
-        x = jnp.stack([template[b][j].reshape(mode_shape(template[b][j].shape)) for b, j in members])
+    depth = spec.encoder_layers
+    enc_groups, dec_groups = _merged_members(shapes, spec, 'enc'), _merged_members(shapes, spec, 'dec')
+    codes = []   # encoders: every leaf of every block but the last
+    for layers, (parts, padded) in zip(w['enc'], enc_groups):
+        x = _stack_padded(parts, lambda m: template[m[0]][m[1]], 0, padded[0])
         for p in layers:
             x = jax.nn.relu(_batched_layer(p, x))
-        for g, member in enumerate(members):
-            codes[member] = x[g].reshape(-1)
-    encodings = [jnp.concatenate([codes[(b, j)] for j in range(len(template[b]))]) for b in blocks[:-1]]
-    # links: block i reads the encodings of blocks < i (where small, one product for all blocks, its rows in
-    # the blocks' sorted names: ``effective_packed``); decoders grouped
-    inputs = {}
-    if 'links' in w:
-        h, start = w['links']['w'] @ jnp.concatenate(encodings) + w['links']['b'], 0
-    for b in sorted(blocks[1:]):
-        if 'links' not in w:
+        codes.append(x)
+    if 'links' in w:   # links: block i reads the encodings of blocks < i
+        cols, rows = _links_indices(shapes, spec, enc_groups, dec_groups)
+        link_w = jnp.pad(w['links']['w'], ((0, 1), (0, 1)))[rows][:, cols]   # padding: a zero row / column
+        link_b = jnp.pad(w['links']['b'], (0, 1))[rows]
+        h = jax.nn.relu(link_w @ jnp.concatenate([x.reshape(-1) for x in codes]) + link_b)
+        sizes = [sum(len(m) for m, _ in parts) * math.prod(padded[depth]) for parts, padded in dec_groups]
+        dec_in = [x.reshape((-1,) + padded[depth]) for x, (_, padded) in
+                  zip(jnp.split(h, np.cumsum(sizes)[:-1]), dec_groups)]
+    else:
+        code = {}
+        for x, (parts, _) in zip(codes, enc_groups):
+            code.update(_unstack_padded(x, parts, depth))
+        encodings = [jnp.concatenate([code[(b, j)] for j in range(len(template[b]))]) for b in blocks[:-1]]
+        inputs = {}
+        for b in blocks[1:]:
             link = w['link'][b]
-            h, start = link['w'] @ jnp.concatenate(encodings[:blocks.index(b)]), 0
-            h = (h * link['scale'] if 'scale' in link else h) + link['b']
-        for j, s in enumerate(shapes[b]):
-            shape = _shrink_sequence(s, spec.encoder_layers)[-1]
-            n = int(np.prod(shape))
-            inputs[(b, j)] = jax.nn.relu(h[start:start + n].reshape(shape))
-            start += n
-    heads = {}
-    trunk_len = spec.encoder_layers - 1
-    for layers, members in zip(w['dec'], _plan(shapes, spec, 'dec')):
-        x = jnp.stack([inputs[m] for m in members])
-        for p in layers[:trunk_len]:
+            h = link['w'] @ jnp.concatenate(encodings[:blocks.index(b)])
+            h = jax.nn.relu((h * link['scale'] if 'scale' in link else h) + link['b'])
+            sizes = [math.prod(_shrink_sequence(s, depth)[-1]) for s in shapes[b]]
+            inputs.update({(b, j): x for j, x in enumerate(jnp.split(h, np.cumsum(sizes)[:-1]))})
+        dec_in = [_stack_padded(parts, inputs.get, depth, padded[depth]) for parts, padded in dec_groups]
+    heads = {}   # decoders: every leaf of every block but the first
+    for layers, (parts, _), x in zip(w['dec'], dec_groups, dec_in):
+        for p in layers[:depth - 1]:
             x = jax.nn.relu(_batched_layer(p, x))
-        outs = [_batched_layer(p, x) for p in layers[trunk_len:]]   # mu, then a (unconstrained form)
-        for g, (b, j) in enumerate(members):
-            heads[(b, j)] = [o[g].reshape(template[b][j].shape) for o in outs]
+        outs = [_unstack_padded(_batched_layer(p, x), parts, 0) for p in layers[depth - 1:]]   # mu, then a
+        for members, _ in parts:
+            for b, j in members:
+                heads[(b, j)] = [o[(b, j)].reshape(template[b][j].shape) for o in outs]
     phi = {}
     for i, b in enumerate(blocks):
         treedef = jax.tree_util.tree_structure(z[b])
@@ -539,6 +645,71 @@ def apply_packed(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
                 a = jax.tree_util.tree_unflatten(treedef, [heads[(b, j)][1] for j in range(len(template[b]))])
         phi[b] = jax.tree_util.tree_map(lambda zz, aa, mm: zz * _sigma(aa, spec) + mm, z[b], a, mu)
     return phi
+
+
+def _merged_members(shapes: dict, spec: BlockIAFSpec, part: str) -> list:
+    """Per merged group of ``part`` (``merge_plan``): (its parts, in stacking order, each ([(block, leaf
+    index), ...], the members' mode shapes through the encoder's layers in the group's M modes), the group's
+    mode shapes through the layers)."""
+    plan = _plan(shapes, spec, part)
+    depth = spec.encoder_layers
+    out = []
+    for m in merge_plan([(shapes[b][j], len(members)) for members in plan for b, j in members[:1]]):
+        parts = []
+        for g, slots in m.parts:
+            b, j = plan[g][0]
+            parts.append((plan[g], [_embed(s, slots, len(m.shape)) for s in _shrink_sequence(shapes[b][j], depth)]))
+        out.append((parts, _shrink_sequence(m.shape, depth)))
+    return out
+
+
+def _links_indices(shapes: dict, spec: BlockIAFSpec, enc_groups: list, dec_groups: list) -> tuple:
+    """Static (cols, rows) that gather the merged links (``effective_packed``) into the order of the stacks:
+    cols[k] = the column (the position in the blocks' concatenated encodings) that reads entry k of the code
+    stacks raveled, rows[k] = the row (blocks in sorted names) that writes entry k of the decoder stacks
+    raveled; padding entries index the extra last column / row, of zeros."""
+    depth = spec.encoder_layers
+    size = lambda s: int(np.prod(_shrink_sequence(s, depth)[-1]))
+    def offsets(blocks):
+        out, start = {}, 0
+        for b in blocks:
+            for j, s in enumerate(shapes[b]):
+                out[(b, j)] = start
+                start += size(s)
+        return out, start
+    def index(groups, offs, total, layer):
+        idx = []
+        for parts, padded in groups:
+            for members, seq in parts:
+                real = np.zeros(padded[layer], bool)
+                real[tuple(slice(0, n) for n in seq[layer])] = True
+                pos = np.full(padded[layer], total)
+                pos[real] = np.arange(real.sum())
+                for m in members:
+                    idx.append(np.where(real, pos + offs[m], total).reshape(-1))
+        return np.concatenate(idx)
+    enc_off, enc_total = offsets(spec.blocks[:-1])
+    dec_off, dec_total = offsets(sorted(spec.blocks[1:]))
+    return index(enc_groups, enc_off, enc_total, depth), index(dec_groups, dec_off, dec_total, depth)
+
+
+def _stack_padded(parts: list, leaf, layer: int, padded: tuple) -> jnp.ndarray:
+    """The members' tensors at ``layer`` (``leaf(member)``, any shape of that many entries) stacked, each
+    part's stack zero-padded to ``padded`` once: (G, *padded)."""
+    return jnp.concatenate([_pad_to(jnp.stack([leaf(m).reshape(-1) for m in members]).reshape((len(members),) + seq[layer]),
+                                    (len(members),) + tuple(padded)) for members, seq in parts])
+
+
+def _unstack_padded(x: jnp.ndarray, parts: list, layer: int) -> dict:
+    """{member: its entries of the stack x (G, *padded) at ``layer``, the real region, raveled}."""
+    out, start = {}, 0
+    for members, seq in parts:
+        real = x[(slice(start, start + len(members)),) + tuple(slice(0, n) for n in seq[layer])]
+        real = real.reshape(len(members), -1)
+        for g, m in enumerate(members):
+            out[m] = real[g]
+        start += len(members)
+    return out
 
 
 def inverse(theta: Params, phi: Params, spec: BlockIAFSpec) -> Params:

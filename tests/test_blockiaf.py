@@ -142,7 +142,8 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
     """forward (leaves of equal mode shape stacked, one batched product per layer and mode; the small layers
     as one kron matrix each; the links as one matrix) == forward_per_leaf (one product per leaf and mode),
     values and gradients w.r.t. theta and z, in float64, on a network whose leaves form groups of several sizes
-    (CNN4: twelve 8-vectors, three 9x8x8 kernels, single leaves; the size limit of the matrices applied whole
+    (CNN4: twelve 8-vectors, three 9x8x8 kernels, single leaves, all merged into padded groups of mixed mode
+    counts, ``merge_plan``; the size limit of the matrices applied whole
     lowered so that the outer layers stay factored, as a 64-channel CNN4's do, and in one case the links stay
     one product per block, as ResNet-12's do). The MLP's blocks run in reverse order, so the merged links' rows
     (in the blocks' sorted names) are not in the blocks' order. Both sum in different orders (a kron matrix
@@ -166,6 +167,8 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
             weights = jax.eval_shape(lambda th: blockiaf.effective_packed(blockiaf.pack(th, spec), monotone), theta)
             assert {'dense' in p for group in weights['enc'] for p in group} == {True, False}
             assert ('links' in weights) != monotone
+            packed = jax.eval_shape(lambda th: blockiaf.pack(th, spec), theta)   # groups of several mode shapes merged
+            assert len(weights['enc']) < len(packed['enc']) and len(weights['dec']) < len(packed['dec'])
         phi = jax.jit(lambda t, zz: blockiaf.forward(t, zz, spec))(theta, z)
         assert tree_max_abs_diff(phi, z) > 0.1   # far from the identity
 
@@ -178,6 +181,34 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
             assert tree_max_abs_diff(grouped(theta, z), reference) < 1e-14
         assert tree_max_abs_diff(jax.jit(grouped)(theta, z), reference) < 1e-12
         assert tree_max_abs_diff(jax.jit(lambda t, p: blockiaf.inverse(t, p, spec))(theta, phi), z) < 1e-12
+
+
+def test_merge_plan_partitions_the_groups_within_the_padding_bound():
+    """merge_plan: every storage group in exactly one merged group, its modes in increasing positions of the
+    merged shape and no larger there; a merged group's zero padding within the bound. CNN4 (64 channels): the
+    vectors join the first kernel (as 1x1x64), the classifier's bias and kernel join the vectors (as 5x1 and
+    64x5), the 9x64x64 kernels stay alone."""
+    cnn4_enc = [((64,), 12), ((9, 1, 64), 1), ((9, 64, 64), 3)]
+    cnn4_dec = [((64,), 9), ((9, 64, 64), 3), ((5,), 1), ((64, 5), 1)]
+    assert blockiaf.merge_plan(cnn4_enc) == [blockiaf.MergedGroup((9, 1, 64), ((0, (2,)), (1, (0, 1, 2)))),
+                                             blockiaf.MergedGroup((9, 64, 64), ((2, (0, 1, 2)),))]
+    assert blockiaf.merge_plan(cnn4_dec) == [blockiaf.MergedGroup((64, 5), ((0, (0,)), (2, (0,)), (3, (0, 1)))),
+                                             blockiaf.MergedGroup((9, 64, 64), ((1, (0, 1, 2)),))]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        groups = [(tuple(int(n) for n in rng.choice([1, 3, 9, 16, 64, 160], size=rng.integers(1, 4))),
+                   int(rng.integers(1, 5))) for _ in range(rng.integers(1, 8))]
+        plan = blockiaf.merge_plan(groups)
+        assert sorted(g for m in plan for g, _ in m.parts) == list(range(len(groups)))
+        for m in plan:
+            for g, slots in m.parts:
+                shape = groups[g][0]
+                assert len(slots) == len(shape) and list(slots) == sorted(set(slots))
+                assert all(n <= m.shape[k] for k, n in zip(slots, shape))
+            members = sum(groups[g][1] for g, _ in m.parts)
+            real = sum(groups[g][1] * int(np.prod(groups[g][0])) for g, _ in m.parts)
+            if len(m.parts) > 1:
+                assert members * np.prod(m.shape) <= max(blockiaf.GROUP_PADDING_MAX * real, blockiaf.GROUP_SMALL)
 
 
 def test_blocks_follow_the_network_whatever_the_key_order():
