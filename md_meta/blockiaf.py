@@ -340,7 +340,9 @@ def forward_per_leaf(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
 # kernels. Leaves whose layers have the same factor shapes (CNN4: the 64-vectors of every block, the 64x64
 # kernels of layers 1-3) run as one batched product per layer and mode: their factors are stored stacked
 # (``pack``: MD meta-learns theta in this layout, so no stacking in the meta-step) and the leaves of z are
-# stacked once per call. The same sums as ``forward_per_leaf``, up to the order of float rounding.
+# stacked once per call. Storage groups of different shapes run as one where zero padding to a common shape
+# costs little (``merge_plan``, applied by ``effective_packed``). The same sums as ``forward_per_leaf``, up to
+# the order of float rounding.
 
 def _groups(items) -> list:
     """[[member, ...], ...]: the members (block, leaf index) of equal key, in first-seen order. The key is
@@ -399,8 +401,7 @@ def pack(theta: Params, spec: BlockIAFSpec) -> Params:
 
 
 DENSE_LAYER_MAX = 1 << 17   # entries of a matrix that g applies whole (``effective_packed``)
-GROUP_PADDING_MAX = 1.25    # a merged group holds at most this many times its members' entries (zero padding),
-GROUP_SMALL = 1 << 16       # or at most this many entries in all (``merge_plan``)
+GROUP_COST_MAX = 1.5        # a merged group costs at most this many times its members' products (``merge_plan``)
 
 
 class MergedGroup(NamedTuple):
@@ -418,34 +419,50 @@ def _embed(shape: tuple, slots: tuple, modes: int) -> tuple:
     return tuple(out)
 
 
-def merge_plan(groups: Sequence[tuple]) -> list:
-    """[MergedGroup, ...] from the storage groups [(mode shape, members), ...]: greedily, the pair whose merge
-    adds the fewest padded entries first, while a merged group holds at most ``GROUP_PADDING_MAX`` times its
-    members' entries or at most ``GROUP_SMALL`` in all. A group of fewer modes goes into the order-preserving
-    positions of the other's that pad least (CNN4: the 64-vectors as (1, 1, 64) with the first kernel, 9x1x64;
-    the classifier's bias as (5, 1) with its kernel, 64x5). Deterministic: ``effective_packed`` plans from
+def _layer_cost(n_in: tuple, n_out: tuple) -> int:
+    """Multiply-adds of one layer of one member, as ``effective_packed`` / ``_batched_layer`` apply it: its kron
+    matrix where that has at most ``DENSE_LAYER_MAX`` entries (two or more modes), else mode by mode."""
+    if len(n_in) > 1 and math.prod(n_in) * math.prod(n_out) <= DENSE_LAYER_MAX:
+        return math.prod(n_in) * math.prod(n_out)
+    return sum(math.prod(n_out[:k + 1]) * math.prod(n_in[k:]) for k in range(len(n_in)))
+
+
+def _encoder_cost(shape: tuple, layers: int) -> int:
+    """Multiply-adds of the encoder of one member of mode shape ``shape`` (the decoder mirrors it)."""
+    seq = _shrink_sequence(shape, layers)
+    return sum(_layer_cost(a, b) for a, b in zip(seq[:-1], seq[1:]))
+
+
+def merge_plan(groups: Sequence[tuple], layers: int) -> list:
+    """[MergedGroup, ...] from the storage groups [(mode shape, members), ...] of an encoder (decoder) of
+    ``layers`` layers: greedily, the pair whose merge adds the fewest multiply-adds first, while a merged group
+    costs at most ``GROUP_COST_MAX`` times its parts (``_encoder_cost``: zero padding is paid for in full, a
+    padded layer may lose its kron matrix). A group of fewer modes goes into the order-preserving positions of
+    the other's that cost least (CNN4's encoders: the first kernel, 9x1x64, with the 9x64x64 kernels; its
+    decoders: the classifier's bias, 5, with the 64-vectors). Deterministic: ``effective_packed`` plans from
     theta's shapes, ``apply_packed`` from z's, and both get the same plan."""
-    merged = [(tuple(s), n, n * math.prod(s), ((i, tuple(range(len(s)))),)) for i, (s, n) in enumerate(groups)]
+    cost = lambda shape, n: n * _encoder_cost(shape, layers)
+    merged = [(tuple(s), n, cost(s, n), ((i, tuple(range(len(s)))),)) for i, (s, n) in enumerate(groups)]
 
     def merge(a, b):
         hi, lo = (a, b) if len(a[0]) >= len(b[0]) else (b, a)
-        modes = len(hi[0])
+        modes, n = len(hi[0]), a[1] + b[1]
         best = None
         for comb in itertools.combinations(range(modes), len(lo[0])):
             shape = tuple(max(x, y) for x, y in zip(hi[0], _embed(lo[0], comb, modes)))
-            if best is None or math.prod(shape) < math.prod(best[0]):
+            if best is None or cost(shape, n) < cost(best[0], n):
                 best = shape, comb
         shape, comb = best
         parts = hi[3] + tuple((g, tuple(comb[k] for k in slots)) for g, slots in lo[3])
-        return shape, a[1] + b[1], a[2] + b[2], tuple(sorted(parts))
+        return shape, n, a[2] + b[2], tuple(sorted(parts))
 
-    padded = lambda m: m[1] * math.prod(m[0])
     while True:
         options = []
         for i, j in itertools.combinations(range(len(merged)), 2):
             m = merge(merged[i], merged[j])
-            if padded(m) <= max(GROUP_PADDING_MAX * m[2], GROUP_SMALL):
-                options.append((padded(m) - padded(merged[i]) - padded(merged[j]), i, j, m))
+            padded = cost(m[0], m[1])
+            if padded <= GROUP_COST_MAX * m[2]:
+                options.append((padded - cost(*merged[i][:2]) - cost(*merged[j][:2]), i, j, m))
         if not options:
             break
         _, i, j, m = min(options, key=lambda o: o[:3])
@@ -494,7 +511,7 @@ def _merged(packed: Params, part: str) -> list:
     groups = packed[part]
     return [[_merged_layer([groups[g][l] for g, _ in m.parts], [s for _, s in m.parts])
              for l in range(len(groups[m.parts[0][0]]))]
-            for m in merge_plan(_storage_shapes(packed, part))]
+            for m in merge_plan(_storage_shapes(packed, part), len(packed['enc'][0]) if packed['enc'] else 1)]
 
 
 def effective_packed(packed: Params, monotone: bool) -> Params:
@@ -654,7 +671,7 @@ def _merged_members(shapes: dict, spec: BlockIAFSpec, part: str) -> list:
     plan = _plan(shapes, spec, part)
     depth = spec.encoder_layers
     out = []
-    for m in merge_plan([(shapes[b][j], len(members)) for members in plan for b, j in members[:1]]):
+    for m in merge_plan([(shapes[b][j], len(members)) for members in plan for b, j in members[:1]], depth):
         parts = []
         for g, slots in m.parts:
             b, j = plan[g][0]

@@ -183,22 +183,22 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
         assert tree_max_abs_diff(jax.jit(lambda t, p: blockiaf.inverse(t, p, spec))(theta, phi), z) < 1e-12
 
 
-def test_merge_plan_partitions_the_groups_within_the_padding_bound():
+def test_merge_plan_partitions_the_groups_within_the_cost_bound():
     """merge_plan: every storage group in exactly one merged group, its modes in increasing positions of the
-    merged shape and no larger there; a merged group's zero padding within the bound. CNN4 (64 channels): the
-    vectors join the first kernel (as 1x1x64), the classifier's bias and kernel join the vectors (as 5x1 and
-    64x5), the 9x64x64 kernels stay alone."""
+    merged shape and no larger there; a merged group's multiply-adds, zero padding included, within
+    GROUP_COST_MAX times its parts'. CNN4 (64 channels): the first kernel (9x1x64) and, in the decoders, the
+    classifier's kernel (as 1x64x5) join the 9x64x64 kernels; the classifier's bias joins the 64-vectors."""
     cnn4_enc = [((64,), 12), ((9, 1, 64), 1), ((9, 64, 64), 3)]
     cnn4_dec = [((64,), 9), ((9, 64, 64), 3), ((5,), 1), ((64, 5), 1)]
-    assert blockiaf.merge_plan(cnn4_enc) == [blockiaf.MergedGroup((9, 1, 64), ((0, (2,)), (1, (0, 1, 2)))),
-                                             blockiaf.MergedGroup((9, 64, 64), ((2, (0, 1, 2)),))]
-    assert blockiaf.merge_plan(cnn4_dec) == [blockiaf.MergedGroup((64, 5), ((0, (0,)), (2, (0,)), (3, (0, 1)))),
-                                             blockiaf.MergedGroup((9, 64, 64), ((1, (0, 1, 2)),))]
+    assert blockiaf.merge_plan(cnn4_enc, 3) == [blockiaf.MergedGroup((64,), ((0, (0,)),)),
+                                                blockiaf.MergedGroup((9, 64, 64), ((1, (0, 1, 2)), (2, (0, 1, 2))))]
+    assert blockiaf.merge_plan(cnn4_dec, 3) == [blockiaf.MergedGroup((64,), ((0, (0,)), (2, (0,)))),
+                                                blockiaf.MergedGroup((9, 64, 64), ((1, (0, 1, 2)), (3, (1, 2))))]
     rng = np.random.default_rng(0)
     for _ in range(20):
         groups = [(tuple(int(n) for n in rng.choice([1, 3, 9, 16, 64, 160], size=rng.integers(1, 4))),
                    int(rng.integers(1, 5))) for _ in range(rng.integers(1, 8))]
-        plan = blockiaf.merge_plan(groups)
+        plan = blockiaf.merge_plan(groups, 3)
         assert sorted(g for m in plan for g, _ in m.parts) == list(range(len(groups)))
         for m in plan:
             for g, slots in m.parts:
@@ -206,9 +206,8 @@ def test_merge_plan_partitions_the_groups_within_the_padding_bound():
                 assert len(slots) == len(shape) and list(slots) == sorted(set(slots))
                 assert all(n <= m.shape[k] for k, n in zip(slots, shape))
             members = sum(groups[g][1] for g, _ in m.parts)
-            real = sum(groups[g][1] * int(np.prod(groups[g][0])) for g, _ in m.parts)
-            if len(m.parts) > 1:
-                assert members * np.prod(m.shape) <= max(blockiaf.GROUP_PADDING_MAX * real, blockiaf.GROUP_SMALL)
+            parts = sum(groups[g][1] * blockiaf._encoder_cost(groups[g][0], 3) for g, _ in m.parts)
+            assert members * blockiaf._encoder_cost(m.shape, 3) <= blockiaf.GROUP_COST_MAX * parts
 
 
 def test_blocks_follow_the_network_whatever_the_key_order():
