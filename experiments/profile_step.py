@@ -10,7 +10,8 @@ and sums their durations by class of the HLO instruction that ran (``classify``)
   geometry matmul     the other dot / convolution fusions (the method's map, e.g. MD's blockIAF products)
   network elementwise the network's other fusions (batch norm, pooling, activations, their backward)
   layout copies       copy / transpose fusions (data moved to suit a matmul's layout)
-  optimizer           the meta-optimizer's update (Adam: in the cond that skips non-finite steps)
+  optimizer           the meta-optimizer's update (Adam: in the cond that skips non-finite steps, outside
+                      the differentiated step)
   other               everything else (the geometry's elementwise work, slicing, the task mean)
 
 For the matmul classes it also counts FLOPs from the instructions' shapes (2 x output size x contracted
@@ -130,7 +131,7 @@ def classify(hlo: str) -> dict:
                 cls = 'layout copies'
             elif network:
                 cls = 'network elementwise'
-            elif '/cond/' in op_name:
+            elif '/cond/' in op_name and 'jvp(' not in op_name:   # not a cond inside the differentiated step
                 cls = 'optimizer'
             else:
                 cls = 'other'

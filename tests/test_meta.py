@@ -296,6 +296,13 @@ def test_step_profile_counts_the_matmul_flops_and_classes_of_a_compiled_step():
     matmuls = [v for v in classes.values() if v[1] > 0]
     assert matmuls and all(v[0] == 'geometry matmul' for v in matmuls)   # not the network's: no Flax model
     assert sum(v[1] for v in matmuls) == 2 * 8 * 4 * 16
+    assert [v[0] for v in classes.values()].count('optimizer') > 0
+    # a cond inside the differentiated step (MD's inner loop has one) is not the optimizer's
+    inner = lambda m, x: jax.grad(lambda m: jnp.sum(jax.lax.cond(jnp.sum(x) > 0, lambda m: jnp.sin(x @ m),
+                                                                  lambda m: x @ m, m)))(m)
+    inner_classes = profile_step.classify(jax.jit(inner).lower(args[0], args[2]).compile().as_text())
+    assert 'other' in [v[0] for v in inner_classes.values()]
+    assert 'optimizer' not in [v[0] for v in inner_classes.values()]
     p = profile_step.profile(compiled, args, repeats=2, peak_gflops=100.0)
     assert abs(p['classes']['geometry matmul']['gflop'] - 1024e-9) < 1e-15
     assert p['classes']['geometry matmul']['launches'] == 1
