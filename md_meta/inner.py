@@ -35,8 +35,10 @@ def adapt(loop: InnerLoop, support_loss: Callable, init, key: jax.Array, cfg: In
     tasks that share state_0, phi_0 is computed once). For K > 1, where phi
     is computed from the state (``loop.params_of`` does arithmetic: MD's g), the scan runs K + 1 bodies and
     phi_K is the one the last body computed (its gradient step skipped by a ``lax.cond`` unless
-    ``final_stats``), so that the program holds that map once, not also after the loop. Where it only
-    selects (MAML's identity, MT-net's state['phi']), the scan runs K bodies."""
+    ``final_stats``), so that the program holds that map once, not also after the loop; with ``remat`` the
+    map and the step are checkpointed apart, so that the cond keeps only the step's inputs and its backward
+    recomputes and transposes the step in one branch. Where it only selects (MAML's identity, MT-net's
+    state['phi']), the scan runs K bodies."""
     grad_fn = jax.value_and_grad(support_loss)
 
     def step(state, phi):
@@ -66,16 +68,18 @@ def adapt(loop: InnerLoop, support_loss: Callable, init, key: jax.Array, cfg: In
     zeros = lambda tree: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), tree)
     no_stats = zeros(jax.eval_shape(step, start_shape, phi_shape)[1])
 
+    remat = jax.checkpoint if cfg.remat else (lambda f: f)
+    params_of, remat_step = remat(loop.params_of), remat(step)
+
     def body(carry, k):
         state, _ = carry
-        phi = loop.params_of(state)
+        phi = params_of(state)
         if final_stats:
-            state, stats = step(state, phi)
+            state, stats = remat_step(state, phi)
         else:
-            state, stats = jax.lax.cond(k < cfg.steps, step, lambda state, phi: (state, no_stats), state, phi)
+            state, stats = jax.lax.cond(k < cfg.steps, remat_step, lambda state, phi: (state, no_stats), state, phi)
         return (state, phi), stats
 
-    body = jax.checkpoint(body) if cfg.remat else body
     (_, phi), (losses, norms) = jax.lax.scan(body, (start, zeros(phi_shape)), jnp.arange(cfg.steps + 1),
                                              unroll=cfg.unroll)
     n = cfg.steps + 1 if final_stats else cfg.steps
