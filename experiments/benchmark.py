@@ -385,7 +385,8 @@ def main(argv):
             results['rows'].append(r)
             flops = '' if r['flops_rolled'] or r['median_s'] is None else \
                 f"{r['flops'] / 1e9:.2f} GFLOP {r['gflops_per_s']:.1f} GFLOP/s "
-            print(f"{method} ({shape}): compile {r['compile_s']:.1f}s kernels {r['kernels']} median {_s(r['median_s'])}s "
+            launches = f"launches {r['profile']['launches']} " if 'profile' in r else ''
+            print(f"{method} ({shape}): compile {r['compile_s']:.1f}s kernels {r['kernels']} {launches}median {_s(r['median_s'])}s "
                   f"min {_s(r['min_s'])}s {flops}mem {fmt_mb(r['memory'].get('peak', 0))} MiB", flush=True)
             save()
     ok_rows = [r for r in results['rows'] if 'error' not in r]
@@ -396,6 +397,8 @@ def main(argv):
     ratio = lambda m, s, k: by[(m, s)][k] / by[('maml', s)][k]
     ratios = [f"- shape ({s}): {m} / maml = " + (f"{ratio(m, s, 'median_s'):.2f} time, " if repeats else '')
               + f"{ratio(m, s, 'compile_s'):.2f} compile, {ratio(m, s, 'kernels'):.2f} kernels"
+              + (f", {by[(m, s)]['profile']['launches'] / by[('maml', s)]['profile']['launches']:.2f} launches per step"
+                 if 'profile' in by[(m, s)] and 'profile' in by[('maml', s)] else '')
               for s in FLAGS.shapes for m in method_list if m != 'maml' and (m, s) in by and ('maml', s) in by]
     if ratios:
         md.append('\nRelative to MAML (same run):\n\n' + '\n'.join(ratios))

@@ -194,7 +194,8 @@ def matmul_gflops() -> float:
 
 def profile(compiled, args, repeats: int, peak_gflops: float) -> dict:
     """Per-class milliseconds, launches and GFLOP per step of a compiled meta-step ``compiled(*args)``
-    (returning (meta, opt_state, metrics), the trainer's step), and the wall time per step."""
+    (returning (meta, opt_state, metrics), the trainer's step), the wall time and the launches per step (each
+    execution of a kernel: a loop body's once per iteration, unlike ``benchmark.count_kernels``)."""
     import jax
     classes = classify(compiled.as_text())
     state = list(args)
@@ -226,13 +227,14 @@ def profile(compiled, args, repeats: int, peak_gflops: float) -> dict:
         r['pct_matmul'] = 100.0 * r['gflops'] / matmul_gflops() if r['gflops'] else None
         r['gbps'] = r['gb'] / (r['ms'] / 1000.0) if r['ms'] > 0 and r['gb'] > 0 else None
     return {'wall_ms': 1000.0 * wall, 'events_ms': sum(r['ms'] for r in rows.values()),
+            'launches': round(sum(r['launches'] for r in rows.values())),
             'unmatched_ms': unknown / 1000.0 / repeats, 'stream_gbps': stream_gbps(), 'matmul_gflops': matmul_gflops(),
             'peak_gflops': peak_gflops, 'classes': rows}
 
 
 def table(method: str, shape: str, p: dict) -> str:
     lines = [f"### {method}, shape ({shape}): wall {p['wall_ms']:.0f} ms per step under the profiler, kernel "
-             f"events {p['events_ms']:.0f} ms; roofs: peak {p['peak_gflops']:.0f} GFLOP/s (given), matmul "
+             f"events {p['events_ms']:.0f} ms, {p['launches']} launches; roofs: peak {p['peak_gflops']:.0f} GFLOP/s (given), matmul "
              f"{p['matmul_gflops']:.0f} GFLOP/s and stream {p['stream_gbps']:.1f} GB/s (measured)",
              '', '| op class | ms / step | % of events | launches / step | GFLOP / step | GFLOP/s | % peak | '
              '% matmul roof | GB moved / step | GB/s | % stream |',

@@ -305,6 +305,7 @@ def test_step_profile_counts_the_matmul_flops_and_classes_of_a_compiled_step():
     assert 'optimizer' not in [v[0] for v in inner_classes.values()]
     p = profile_step.profile(compiled, args, repeats=2, peak_gflops=100.0)
     assert abs(p['classes']['geometry matmul']['gflop'] - 1024e-9) < 1e-15
+    assert p['launches'] == round(sum(r['launches'] for r in p['classes'].values())) > 0
     assert p['classes']['geometry matmul']['launches'] == 1
     assert p['events_ms'] > 0 and p['stream_gbps'] > 0 and p['matmul_gflops'] > 0
     assert '| geometry matmul |' in profile_step.table('toy', 'a', p)
