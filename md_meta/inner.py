@@ -36,7 +36,7 @@ def adapt(loop: InnerLoop, support_loss: Callable, init, key: jax.Array, cfg: In
     is computed from the state (``loop.params_of`` does arithmetic: MD's g), the scan runs K + 1 bodies and
     phi_K is the one the last body computed (its gradient step skipped by a ``lax.cond`` unless
     ``final_stats``), so that the program holds that map once, not also after the loop; with ``remat`` the
-    map and the step are checkpointed apart, so that the cond keeps only the step's inputs and its backward
+    step inside the cond is checkpointed too, so that the cond keeps only the step's inputs and its backward
     recomputes and transposes the step in one branch. Where it only selects (MAML's identity, MT-net's
     state['phi']), the scan runs K bodies."""
     grad_fn = jax.value_and_grad(support_loss)
@@ -69,17 +69,18 @@ def adapt(loop: InnerLoop, support_loss: Callable, init, key: jax.Array, cfg: In
     no_stats = zeros(jax.eval_shape(step, start_shape, phi_shape)[1])
 
     remat = jax.checkpoint if cfg.remat else (lambda f: f)
-    params_of, remat_step = remat(loop.params_of), remat(step)
+    remat_step = remat(step)   # inside the body's checkpoint: the cond's residuals are the step's inputs
 
     def body(carry, k):
         state, _ = carry
-        phi = params_of(state)
+        phi = loop.params_of(state)
         if final_stats:
             state, stats = remat_step(state, phi)
         else:
             state, stats = jax.lax.cond(k < cfg.steps, remat_step, lambda state, phi: (state, no_stats), state, phi)
         return (state, phi), stats
 
+    body = remat(body)
     (_, phi), (losses, norms) = jax.lax.scan(body, (start, zeros(phi_shape)), jnp.arange(cfg.steps + 1),
                                              unroll=cfg.unroll)
     n = cfg.steps + 1 if final_stats else cfg.steps
