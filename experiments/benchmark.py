@@ -5,7 +5,8 @@ r"""Meta-step benchmark: time, FLOPs, throughput and memory of the trainer's own
     python -m experiments.benchmark --methods=maml,md --shapes=a --curves=K,tasks --curve_shape=a
     python -m experiments.benchmark --methods=maml,metasgd,metacurvature,md --authors_code=PATH \
         --authors_python=/path/to/torch/venv/bin/python      # + the authors' code on the same episodes
-    python -m experiments.benchmark --methods=maml,md --shapes=a --profile   # + time per op class vs roofline
+    python -m experiments.benchmark --methods=maml,md --shapes=a --profile   # + time per op class vs roofline,
+                                                                             #   launches per step
 
 For every method in ``md_meta.methods.names()`` (or ``--methods``) and every shape
   (a) Omniglot 28x28x1, CNN4, 5-way 1-shot 15 query, 4 tasks, K=5, second order;
