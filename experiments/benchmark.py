@@ -70,8 +70,8 @@ flags.DEFINE_string('authors_code', '', "checkout of github.com/zhangyilang/Meta
                     'MAML, Meta-SGD, MetaCurvature and MD on the same episodes (experiments.authors_yardstick) and '
                     "print md-meta's speed-up")
 flags.DEFINE_string('authors_python', '', "a Python with torch and torchmeta for --authors_code (default: this one)")
-flags.DEFINE_bool('profile', False, 'also profile each step: time per op class against its roofline '
-                  '(experiments.profile_step)')
+flags.DEFINE_bool('profile', False, 'also profile each step: time per op class against its roofline, and '
+                  'launches per step (experiments.profile_step)')
 
 SHAPES = {
     'a': dict(task='omniglot', size=28, channels=1, tasks=4, K=5),
