@@ -402,6 +402,8 @@ def pack(theta: Params, spec: BlockIAFSpec) -> Params:
 
 DENSE_LAYER_MAX = 1 << 17   # entries of a matrix that g applies whole (``effective_packed``)
 GROUP_COST_MAX = 1.5        # a merged group costs at most this many times its members' products (``merge_plan``)
+SEGMENT_CONSTANT_MAX = 1 << 22   # entries whose matrix ids ``_inverse_norms`` may hold as a constant of the program:
+                                 # a larger constant costs the compile more than the kernels that build the ids
 
 
 class MergedGroup(NamedTuple):
@@ -574,13 +576,21 @@ def _dense_layer(p):
 
 def _inverse_norms(stacks: list) -> list:
     """[1 / max(1, ||U||_F) of each matrix of the stack, shape (G,)] for stacks (G, n', n): all the norms as
-    one segment sum (a few kernels, not a few per factor)."""
+    one segment sum (a few kernels, not a few per factor). The ids of the entries' matrices are a constant of the
+    program up to ``SEGMENT_CONSTANT_MAX`` entries; above it, a constant of one id per entry (ResNet-12's map:
+    151.7M, 578 MiB) slows tracing, lowering and XLA (MD (r) on a 2-core Zen3: 31.0 + 10.3 + 119.6 s against
+    17.1 + 2.3 + 96.5 s with the ids made by iotas, which cost 101 more fusions there)."""
     if not stacks:
         return []
     sizes = [int(np.prod(u.shape[1:])) for u in stacks]
     counts = [u.shape[0] for u in stacks]
     flat = jnp.concatenate([u.reshape(-1) for u in stacks])
-    segments = np.repeat(np.arange(sum(counts)), np.repeat(sizes, counts))
+    if flat.size <= SEGMENT_CONSTANT_MAX:   # the ids as a constant of the program (CNN4: 0.5 MiB)
+        segments = np.repeat(np.arange(sum(counts)), np.repeat(sizes, counts))
+    else:   # made by iotas in the program, a few more kernels (ResNet-12: a constant would be 578 MiB)
+        starts = np.cumsum([0] + counts)[:-1]
+        segments = jnp.concatenate([(jax.lax.broadcasted_iota(jnp.int32, u.shape, 0) + int(s)).reshape(-1)
+                                    for u, s in zip(stacks, starts)])
     sq = jax.ops.segment_sum(flat * flat, segments, num_segments=sum(counts), indices_are_sorted=True)
     inv = 1.0 / jnp.maximum(1.0, jnp.sqrt(sq + 1e-12))
     offsets = np.cumsum([0] + counts)

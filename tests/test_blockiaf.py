@@ -210,6 +210,21 @@ def test_merge_plan_partitions_the_groups_within_the_cost_bound():
             assert members * blockiaf._encoder_cost(m.shape, 3) <= blockiaf.GROUP_COST_MAX * parts
 
 
+@pytest.mark.parametrize('constant_max', [1 << 22, 0])
+def test_inverse_norms_are_each_matrix_norm(constant_max, monkeypatch):
+    """_inverse_norms: 1 / max(1, ||U_g||_F) for every matrix of every stack, whether the ids of the entries'
+    matrices are a constant of the program or made by iotas in it (``SEGMENT_CONSTANT_MAX``), under jit."""
+    monkeypatch.setattr(blockiaf, 'SEGMENT_CONSTANT_MAX', constant_max)
+    rng = np.random.default_rng(0)
+    stacks = [rng.normal(size=s).astype(np.float32) * c for s, c in
+              [((3, 4, 5), 0.1), ((1, 7, 2), 1.0), ((2, 1, 1), 3.0), ((4, 6, 6), 0.3)]]
+    got = jax.jit(blockiaf._inverse_norms)([jnp.asarray(u) for u in stacks])
+    for g, u in zip(got, stacks):
+        want = 1.0 / np.maximum(1.0, np.sqrt((u.astype(np.float64) ** 2).sum(axis=(1, 2))))
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5)
+    assert min(float(g.min()) for g in got) < 1.0 and max(float(g.max()) for g in got) == 1.0   # both sides of max
+
+
 def test_blocks_follow_the_network_whatever_the_key_order():
     """md-meta's layer_N in numeric order (layer_10 after layer_9), other names sorted. MD's inner loop, on the
     packed map it meta-learns, computes the per-leaf definition, also for a one-block pytree (nothing to
