@@ -17,7 +17,8 @@ For every method in ``md_meta.methods.names()`` (or ``--methods``) and every sha
       the default --shapes);
 it builds the experiment with ``md_meta.training.build`` (a ``base_config()`` config) and times
 ``md_meta.training.make_host_step`` -- the jitted meta-step the trainer runs -- on random episodes of
-the right shapes (no dataset needed). Reported: compile time, the kernel count (``count_kernels``), median / min seconds per meta-step after
+the right shapes (no dataset needed). Reported: compile time (tracing + lowering + XLA, each printed and in
+``compile_phases_s``), the kernel count (``count_kernels``), median / min seconds per meta-step after
 two warm-up steps (``block_until_ready``), XLA's FLOP count (``cost_analysis`` of the compiled step; XLA
 counts a ``while`` body once, so when the inner loop is rolled or the tasks are mapped in chunks the
 FLOPs are taken from a lowering of the same step fully unrolled with the tasks in one vmap), achieved GFLOP/s and % of ``--peak_gflops``, compiled memory (arguments + outputs +
@@ -183,9 +184,15 @@ def measure(config, repeats: int, count_flops: bool = True, profile_peak_gflops:
                                                                   config.task.query))
     step_fn = training.make_host_step(exp)
     step0 = jnp.asarray(0, jnp.int32)
-    t = time.perf_counter()
-    compiled = step_fn.lower(meta, opt_state, batch, step0).compile()
-    compile_s = time.perf_counter() - t
+    t0 = time.perf_counter()
+    traced = step_fn.trace(meta, opt_state, batch, step0)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3 = time.perf_counter()
+    compile_s = t3 - t0   # tracing + lowering + XLA, each also reported (``compile_phases_s``)
+    compile_phases_s = {'trace': t1 - t0, 'lower': t2 - t1, 'xla': t3 - t2}
     kernels = count_kernels(compiled)
     flops = _cost(compiled)
     flops_rolled = False
@@ -219,7 +226,7 @@ def measure(config, repeats: int, count_flops: bool = True, profile_peak_gflops:
             extra['profile'] = profile_step.profile(compiled, (meta, opt_state, batch, step0), repeats,
                                                     profile_peak_gflops)
     med = statistics.median(times) if times else None
-    return dict(**extra, compile_s=compile_s, kernels=kernels, flops_rolled=flops_rolled, median_s=med,
+    return dict(**extra, compile_s=compile_s, compile_phases_s=compile_phases_s, kernels=kernels, flops_rolled=flops_rolled, median_s=med,
                 min_s=min(times) if times else None, times=times, flops=flops,
                 gflops_per_s=flops / med / 1e9 if med and flops == flops else float('nan'), memory=mem,
                 max_rss_mb=max_rss_mb(), inner_unroll=unroll,
@@ -387,7 +394,8 @@ def main(argv):
             flops = '' if r['flops_rolled'] or r['median_s'] is None else \
                 f"{r['flops'] / 1e9:.2f} GFLOP {r['gflops_per_s']:.1f} GFLOP/s "
             launches = f"launches {r['profile']['launches']} " if 'profile' in r else ''
-            print(f"{method} ({shape}): compile {r['compile_s']:.1f}s kernels {r['kernels']} {launches}median {_s(r['median_s'])}s "
+            phases = ' + '.join(f"{k} {v:.1f}" for k, v in r['compile_phases_s'].items())
+            print(f"{method} ({shape}): compile {r['compile_s']:.1f}s ({phases}) kernels {r['kernels']} {launches}median {_s(r['median_s'])}s "
                   f"min {_s(r['min_s'])}s {flops}mem {fmt_mb(r['memory'].get('peak', 0))} MiB", flush=True)
             save()
     ok_rows = [r for r in results['rows'] if 'error' not in r]
