@@ -226,7 +226,8 @@ def measure(config, repeats: int, count_flops: bool = True, profile_peak_gflops:
             extra['profile'] = profile_step.profile(compiled, (meta, opt_state, batch, step0), repeats,
                                                     profile_peak_gflops)
     med = statistics.median(times) if times else None
-    return dict(**extra, compile_s=compile_s, compile_phases_s=compile_phases_s, kernels=kernels, flops_rolled=flops_rolled, median_s=med,
+    return dict(**extra, compile_s=compile_s, compile_phases_s=compile_phases_s, kernels=kernels,
+                flops_rolled=flops_rolled, median_s=med,
                 min_s=min(times) if times else None, times=times, flops=flops,
                 gflops_per_s=flops / med / 1e9 if med and flops == flops else float('nan'), memory=mem,
                 max_rss_mb=max_rss_mb(), inner_unroll=unroll,

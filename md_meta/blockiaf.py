@@ -402,8 +402,7 @@ def pack(theta: Params, spec: BlockIAFSpec) -> Params:
 
 DENSE_LAYER_MAX = 1 << 17   # entries of a matrix that g applies whole (``effective_packed``)
 GROUP_COST_MAX = 1.5        # a merged group costs at most this many times its members' products (``merge_plan``)
-SEGMENT_CONSTANT_MAX = 1 << 22   # entries whose matrix ids ``_inverse_norms`` may hold as a constant of the program:
-                                 # a larger constant costs the compile more than the kernels that build the ids
+SEGMENT_CONSTANT_MAX = 1 << 22   # entries whose matrix ids ``_inverse_norms`` holds as a constant of the program
 
 
 class MergedGroup(NamedTuple):
@@ -577,9 +576,9 @@ def _dense_layer(p):
 def _inverse_norms(stacks: list) -> list:
     """[1 / max(1, ||U||_F) of each matrix of the stack, shape (G,)] for stacks (G, n', n): all the norms as
     one segment sum (a few kernels, not a few per factor). The ids of the entries' matrices are a constant of the
-    program up to ``SEGMENT_CONSTANT_MAX`` entries; above it, a constant of one id per entry (ResNet-12's map:
-    151.7M, 578 MiB) slows tracing, lowering and XLA (MD (r) on a 2-core Zen3: 31.0 + 10.3 + 119.6 s against
-    17.1 + 2.3 + 96.5 s with the ids made by iotas, which cost 101 more fusions there)."""
+    program up to ``SEGMENT_CONSTANT_MAX`` entries and made by iotas above it, where a constant of one id per
+    entry slows tracing, lowering and XLA more than the iotas' kernels cost (docs/benchmarks.md, "The norms'
+    segment ids in the program")."""
     if not stacks:
         return []
     sizes = [int(np.prod(u.shape[1:])) for u in stacks]
