@@ -400,6 +400,36 @@ def pack(theta: Params, spec: BlockIAFSpec) -> Params:
     return out
 
 
+def unpack(packed: Params, spec: BlockIAFSpec, params: Params) -> Params:
+    """The inverse of ``pack``: the per-leaf theta of a map stored packed (a trained MD's ``meta['geom']``),
+    for ``forward_per_leaf``, ``inverse`` and ``md_meta.monotonicity``. ``params``: any pytree of the
+    network's structure and shapes (``meta['init']``), which fixes the groups."""
+    shapes = {b: [mode_shape(np.shape(l)) for l in _leaves(params[b])] for b in spec.blocks}
+    plans = {part: _plan(shapes, spec, part) for part in ('enc', 'dec')}
+    mismatch = ValueError('unpack: the packed map is not the map of this network and spec (its groups or '
+                          'their mode shapes differ from those params give)')
+    if any(len(packed[part]) != len(plans[part]) for part in ('enc', 'dec')):
+        raise mismatch
+    member = lambda stacked, i: jax.tree_util.tree_map(lambda x: x[i], stacked)
+    theta = {'first': packed['first'], 'link': packed['link'],
+             'enc': {b: [None] * len(shapes[b]) for b in spec.blocks[:-1]},
+             'dec': {b: [None] * len(shapes[b]) for b in spec.blocks[1:]}}
+    for stacked, members in zip(packed['enc'], plans['enc']):
+        for i, (b, j) in enumerate(members):
+            theta['enc'][b][j] = member(stacked, i)
+    trunk = spec.encoder_layers - 1
+    for stacked, members in zip(packed['dec'], plans['dec']):
+        for i, (b, j) in enumerate(members):
+            layers = member(stacked, i)
+            theta['dec'][b][j] = {'trunk': layers[:trunk], 'mu': layers[trunk],
+                                  **({} if spec.monotone else {'a': layers[trunk + 1]})}
+    if spec.monotone:
+        theta['a'] = packed['a']
+    if len(spec.blocks) > 1 and _theta_mode_shapes(theta, spec) != shapes:
+        raise mismatch
+    return theta
+
+
 DENSE_LAYER_MAX = 1 << 17   # entries of a matrix that g applies whole (``effective_packed``)
 GROUP_COST_MAX = 1.5        # a merged group costs at most this many times its members' products (``merge_plan``)
 SEGMENT_CONSTANT_MAX = 1 << 22   # entries whose matrix ids ``_inverse_norms`` holds as a constant of the program

@@ -244,3 +244,25 @@ def test_blocks_follow_the_network_whatever_the_key_order():
         phi = geom.inner(blockiaf.pack(theta, spec)).params_of(z0)
         assert tree_max_abs_diff(phi, blockiaf.forward_per_leaf(theta, z0, spec)) < 1e-5
         assert tree_max_abs_diff(phi, z0) > 1e-3
+
+
+@pytest.mark.parametrize('monotone', [False, True])
+def test_unpack_inverts_pack(monotone):
+    """unpack(pack(theta)) is theta, leaf for leaf and bit for bit (CNN4: leaves of several mode shapes per
+    block, groups of members from several blocks; and a one-block MLP), so a trained map's per-leaf tools
+    (``monotonicity``, ``forward_per_leaf``) read meta['geom']; a map of another network is refused."""
+    model = make_model('cnn4', num_classes=5, features=8, conv_impl='patches')
+    cnn = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))['params']
+    for params in (cnn, {'layer_0': mlp_params()['layer_0']}):
+        spec = blockiaf.make_spec(params, monotone=monotone)
+        theta = perturbed(jax.random.PRNGKey(2), blockiaf.init(jax.random.PRNGKey(1), params, spec), 0.3)
+        back = blockiaf.unpack(blockiaf.pack(theta, spec), spec, params)
+        assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(theta)
+        assert tree_max_abs_diff(back, theta) == 0.0
+    spec = blockiaf.make_spec(cnn, monotone=monotone)
+    packed = blockiaf.pack(blockiaf.init(jax.random.PRNGKey(1), cnn, spec), spec)
+    wider = make_model('cnn4', num_classes=5, features=16, conv_impl='patches')   # the same groups, other shapes
+    for other in (wider.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))['params'],
+                  dict(cnn, layer_0={'w': jnp.zeros((3, 3, 1, 4))})):          # other groups
+        with pytest.raises(ValueError, match='not the map of this network'):
+            blockiaf.unpack(packed, spec, other)
