@@ -451,6 +451,8 @@ def run(reference_dir, methods, dtypes, rtol=1e-9, rtol32=2e-3, **kw):
 
 def main(argv):
     del argv
+    from experiments import prepare_process
+    prepare_process()  # before any JAX computation
     try:
         results, ok = run(FLAGS.reference_dir, FLAGS.methods, FLAGS.dtypes, FLAGS.rtol, FLAGS.rtol32,
                           ways=FLAGS.ways, shots=FLAGS.shots, query=FLAGS.query, steps=FLAGS.steps,

@@ -9,8 +9,6 @@ OUT=${OUT:-gpu_bench}
 S=${1:-100}   # time scale of the stage timeouts, percent
 mkdir -p "$OUT" /tmp/gpu_bench
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-# one persistent compilation cache across the stages: a step compiled in one stage is not compiled again
-export JAX_COMPILATION_CACHE_DIR=/tmp/gpu_bench/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 PEAK=${PEAK:-66900}   # H100/H200 SXM fp32 (non-tensor-core) peak, GFLOP/s
 stage() {  # stage NAME SECONDS ARGS...
   local name=$1 secs=$2; shift 2
