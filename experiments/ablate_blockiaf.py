@@ -7,7 +7,7 @@ and MetaKFO, with seeds, at equal budget.
 Every (variant, seed) is one ``python -m experiments.compare`` run (MAML's protocol: one run per shot count
 K with K support and K query points, meta-batch 25, one inner step alpha = 0.01, Adam 1e-3, ``--steps``
 meta-steps; MSE on ``--num_tasks`` new tasks), ``--config.seed=SEED`` and the variant's overrides, in
-<workdir>/<variant>-s<seed> (resumable: a finished run is read back, not re-run). The table gives, per variant
+<workdir>/<variant>-s<seed> (resumable: a finished run with these settings is read back, not re-run; one with other settings is refused). The table gives, per variant
 and shot count, the mean over seeds of the test MSE with a 95% interval over seeds (t quantile, n - 1 degrees
 of freedom), and is written as <out>.md, <out>.csv and <out>.json, with a bar chart <out>.png.
 """
@@ -24,6 +24,7 @@ import numpy as np
 from absl import flags
 
 from experiments import run
+from md_meta.workdirs import WorkdirError
 from md_meta.evaluation import seed_interval
 
 # name -> (method, config overrides, what it is)
@@ -69,6 +70,12 @@ def run_one(variant: str, seed: int) -> str:
     sub = os.path.join(FLAGS.workdir, f'{variant}-s{seed}')
     result = os.path.join(sub, 'comparison.json')
     if os.path.exists(result):
+        with open(result) as f:
+            done = json.load(f)
+        differs = _differs(done, method, seed, overrides)
+        if differs:
+            raise WorkdirError(f'{sub} holds a finished run with other settings ({differs}); '
+                               'use another --workdir or delete that run')
         return result
     cmd = [sys.executable, '-m', 'experiments.compare', f'--workdir={sub}', f'--methods={method}',
            f'--shots={",".join(FLAGS.shots)}', f'--steps={FLAGS.steps}', f'--num_tasks={FLAGS.num_tasks}',
@@ -79,6 +86,20 @@ def run_one(variant: str, seed: int) -> str:
     if rc != 0:
         raise RuntimeError(f'{variant} seed {seed} failed (exit {rc}); see {sub}/log.txt')
     return result
+
+
+def _differs(done: dict, method: str, seed: int, overrides: dict) -> str:
+    """'' if a finished run's comparison.json is the run asked for, else what differs."""
+    def get(path):
+        node = done['config']
+        for key in path.split('.'):
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+    asked = {'methods': [method], 'shots': sorted(int(x) for x in FLAGS.shots), 'steps': FLAGS.steps,
+             'num_tasks': FLAGS.num_tasks, 'seed': seed, **overrides}
+    found = {'methods': done['methods'], 'shots': sorted(done['shots']), 'steps': done['steps'],
+             'num_tasks': done['num_tasks'], 'seed': get('seed'), **{k: get(k) for k in overrides}}
+    return ', '.join(f'{k} {found[k]!r}, asked {asked[k]!r}' for k in asked if found[k] != asked[k])
 
 
 def summarise(results: dict) -> list:

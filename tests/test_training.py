@@ -304,6 +304,28 @@ def test_summarise_runs_table_interval_and_unfinished(tmp_path):
     assert conv[0] == 'variant,shots,k,support_loss,grad_norm,seeds' and len(conv) == 1 + 2 * 3
 
 
+def test_ablation_reads_back_only_the_run_asked_for(tmp_path):
+    """A finished (variant, seed) run is read back into the table when its shots, steps, tasks, seed and the
+    variant's overrides are the ones asked for; a run with other settings (here: other shots) is refused with
+    one line naming the workdir, not read back as if it were the run asked for."""
+    wd = tmp_path / 'ablate'
+    for seed, mse in enumerate((0.50, 0.55, 0.60)):
+        os.makedirs(wd / f'maml-s{seed}')
+        with open(wd / f'maml-s{seed}' / 'comparison.json', 'w') as f:
+            json.dump({'methods': ['maml'], 'shots': [5], 'steps': 70000, 'num_tasks': 600,
+                       'config': {'seed': seed}, 'results': [{'shots': 5, 'mse': mse}]}, f)
+    cli = lambda *a: subprocess.run([sys.executable, '-m', 'experiments.ablate_blockiaf', f'--workdir={wd}',
+                                     '--variants=maml', '--steps=70000', f'--out={tmp_path / "t"}', *a],
+                                    capture_output=True, text=True, cwd=ROOT, env=_env())
+    r = cli('--shots=5')
+    assert r.returncode == 0, r.stderr
+    row, = json.load(open(tmp_path / 't.json'))['rows']
+    assert row['per_seed'] == [0.50, 0.55, 0.60] and row['mean'] == pytest.approx(0.55)
+    r = cli('--shots=10,20')
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert 'maml-s0 holds a finished run with other settings' in r.stderr and 'shots [5], asked [10, 20]' in r.stderr
+
+
 # ----------------------------------------------------------------------------- trustworthy results
 def _largest_file(d):
     files = [f for f in glob.glob(os.path.join(d, '**', '*'), recursive=True) if os.path.isfile(f)]
