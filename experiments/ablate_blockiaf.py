@@ -7,8 +7,8 @@ and MetaKFO, with seeds, at equal budget.
 Every (variant, seed) is one ``python -m experiments.compare`` run (MAML's protocol: one run per shot count
 K with K support and K query points, meta-batch 25, one inner step alpha = 0.01, Adam 1e-3, ``--steps``
 meta-steps; MSE on ``--num_tasks`` new tasks), ``--config.seed=SEED`` and the variant's overrides, in
-<workdir>/<variant>-s<seed> (resumable: a finished run with these settings is read back, not re-run; one with other settings is refused). The table gives, per variant
-and shot count, the mean over seeds of the test MSE with a 95% interval over seeds (t quantile, n - 1 degrees
+<workdir>/<variant>-s<seed> (resumable: a finished run with these settings is read back, not re-run; one with
+other settings is refused). The table gives, per variant and shot count, the mean over seeds of the test MSE with a 95% interval over seeds (t quantile, n - 1 degrees
 of freedom), and is written as <out>.md, <out>.csv and <out>.json, with a bar chart <out>.png.
 """
 from __future__ import annotations
