@@ -8,8 +8,9 @@ Every (variant, seed) is one ``python -m experiments.compare`` run (MAML's proto
 K with K support and K query points, meta-batch 25, one inner step alpha = 0.01, Adam 1e-3, ``--steps``
 meta-steps; MSE on ``--num_tasks`` new tasks), ``--config.seed=SEED`` and the variant's overrides, in
 <workdir>/<variant>-s<seed> (resumable: a finished run with these settings is read back, not re-run; one with
-other settings is refused). The table gives, per variant and shot count, the mean over seeds of the test MSE with a 95% interval over seeds (t quantile, n - 1 degrees
-of freedom), and is written as <out>.md, <out>.csv and <out>.json, with a bar chart <out>.png.
+other settings is refused). The table gives, per variant and shot count, the mean over seeds of the test MSE
+with a 95% interval over seeds (t quantile, n - 1 degrees of freedom), and is written as <out>.md, <out>.csv
+and <out>.json, with a bar chart <out>.png.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import numpy as np
 from absl import flags
 
 from experiments import run
-from md_meta.workdirs import WorkdirError
 from md_meta.evaluation import seed_interval
+from md_meta.workdirs import WorkdirError
 
 # name -> (method, config overrides, what it is)
 VARIANTS = {
