@@ -51,6 +51,9 @@ class BlockIAFSpec(NamedTuple):
     monotone: the constrained variant (see module docstring).
     shift_lipschitz: c, the Lipschitz bound of each block's shift in monotone mode.
     encoder_layers: number of mode-product layers in each encoder and decoder.
+    group_cost_max: how far storage groups of different mode shapes are merged into one zero-padded batched
+      product (``merge_plan``): a merged group costs at most this many times its members' multiply-adds. How g
+      is computed, not what: larger means fewer kernels for more FLOPs.
     """
     blocks: tuple
     scale: str = 'bounded'
@@ -59,6 +62,7 @@ class BlockIAFSpec(NamedTuple):
     monotone: bool = False
     shift_lipschitz: float = 0.0
     encoder_layers: int = 3
+    group_cost_max: float = 1.5
 
 
 def default_blocks(params: Params) -> tuple:
@@ -74,7 +78,8 @@ def default_blocks(params: Params) -> tuple:
 
 def make_spec(params: Params, *, blocks: Sequence[str] | None = None, scale: str = 'bounded',
               s_min: float = 0.1, s_max: float = 2.0, monotone: bool = False,
-              shift_lipschitz: float | None = None, encoder_layers: int = 3) -> BlockIAFSpec:
+              shift_lipschitz: float | None = None, encoder_layers: int = 3,
+              group_cost_max: float = 1.5) -> BlockIAFSpec:
     """Builds and validates a spec; in monotone mode ``shift_lipschitz=None`` picks s_min / (2 sqrt(B-1))."""
     blocks = tuple(blocks) if blocks is not None else default_blocks(params)
     missing = [b for b in blocks if b not in params]
@@ -87,6 +92,8 @@ def make_spec(params: Params, *, blocks: Sequence[str] | None = None, scale: str
         raise ValueError(f'bounded scale needs 0 <= s_min < 1 < s_max (identity at start), got {s_min}, {s_max}')
     if encoder_layers < 1:
         raise ValueError(f'encoder_layers must be >= 1, got {encoder_layers}')
+    if not group_cost_max >= 1.0:
+        raise ValueError(f'group_cost_max must be >= 1 (1: merge only where padding costs nothing), got {group_cost_max}')
     if monotone:
         if scale != 'bounded' or s_min <= 0:
             raise ValueError('the monotone blockIAF needs scale="bounded" with s_min > 0')
@@ -97,7 +104,7 @@ def make_spec(params: Params, *, blocks: Sequence[str] | None = None, scale: str
             raise ValueError(f'shift_lipschitz={shift_lipschitz} leaves no monotonicity margin: need '
                              f'c * sqrt(B-1) < s_min = {s_min} with B = {nb}')
     return BlockIAFSpec(blocks, scale, float(s_min), float(s_max), bool(monotone),
-                        float(shift_lipschitz or 0.0), int(encoder_layers))
+                        float(shift_lipschitz or 0.0), int(encoder_layers), float(group_cost_max))
 
 
 def monotone_margin(spec: BlockIAFSpec) -> float:
@@ -317,7 +324,7 @@ def _block_scale_shift(theta, spec, i, encodings, template):
 
 def forward(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
     """phi = g(z), all blocks in parallel (each block reads the encodings of earlier blocks of z)."""
-    return apply_packed(effective_packed(pack(theta, spec), spec.monotone), z, spec)
+    return apply_packed(effective_packed(pack(theta, spec), spec.monotone, spec.group_cost_max), z, spec)
 
 
 def forward_per_leaf(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
@@ -431,7 +438,6 @@ def unpack(packed: Params, spec: BlockIAFSpec, params: Params) -> Params:
 
 
 DENSE_LAYER_MAX = 1 << 17   # entries of a matrix that g applies whole (``effective_packed``)
-GROUP_COST_MAX = 1.5        # a merged group costs at most this many times its members' products (``merge_plan``)
 SEGMENT_CONSTANT_MAX = 1 << 22   # entries whose matrix ids ``_inverse_norms`` holds as a constant of the program
 
 
@@ -464,10 +470,10 @@ def _encoder_cost(shape: tuple, layers: int) -> int:
     return sum(_layer_cost(a, b) for a, b in zip(seq[:-1], seq[1:]))
 
 
-def merge_plan(groups: Sequence[tuple], layers: int) -> list:
+def merge_plan(groups: Sequence[tuple], layers: int, cost_max: float) -> list:
     """[MergedGroup, ...] from the storage groups [(mode shape, members), ...] of an encoder (decoder) of
     ``layers`` layers: greedily, the pair whose merge adds the fewest multiply-adds first, while a merged group
-    costs at most ``GROUP_COST_MAX`` times its parts (``_encoder_cost``: zero padding is paid for in full, a
+    costs at most ``cost_max`` (``BlockIAFSpec.group_cost_max``) times its parts (``_encoder_cost``: zero padding is paid for in full, a
     padded layer may lose its kron matrix). A group of fewer modes goes into the order-preserving positions of
     the other's that cost least (CNN4's encoders: the first kernel, 9x1x64, with the 9x64x64 kernels; its
     decoders: the classifier's bias, 5, with the 64-vectors). Deterministic: ``effective_packed`` plans from
@@ -492,7 +498,7 @@ def merge_plan(groups: Sequence[tuple], layers: int) -> list:
         for i, j in itertools.combinations(range(len(merged)), 2):
             m = merge(merged[i], merged[j])
             padded = cost(m[0], m[1])
-            if padded <= GROUP_COST_MAX * m[2]:
+            if padded <= cost_max * m[2]:
                 options.append((padded - cost(*merged[i][:2]) - cost(*merged[j][:2]), i, j, m))
         if not options:
             break
@@ -537,23 +543,26 @@ def _storage_shapes(packed: Params, part: str) -> list:
     return [(tuple(u.shape[1] for u in group[-1]['u']), group[-1]['b'].shape[0]) for group in packed['dec']]
 
 
-def _merged(packed: Params, part: str) -> list:
+def _merged(packed: Params, part: str, cost_max: float) -> list:
     """The layers of ``part`` per merged group (``merge_plan``)."""
     groups = packed[part]
+    layers = len(packed['enc'][0]) if packed['enc'] else 1
     return [[_merged_layer([groups[g][l] for g, _ in m.parts], [s for _, s in m.parts])
              for l in range(len(groups[m.parts[0][0]]))]
-            for m in merge_plan(_storage_shapes(packed, part), len(packed['enc'][0]) if packed['enc'] else 1)]
+            for m in merge_plan(_storage_shapes(packed, part), layers, cost_max)]
 
 
-def effective_packed(packed: Params, monotone: bool) -> Params:
+def effective_packed(packed: Params, monotone: bool, group_cost_max: float) -> Params:
     """The weights ``apply_packed`` reads, a function of theta alone, computed once per adaptation (outside
-    the inner loop's scan, so that each application of g inside it is fewer and larger products):
+    the inner loop's scan, so that each application of g inside it is fewer and larger products);
+    ``monotone`` and ``group_cost_max`` as in the spec that ``apply_packed`` is given:
 
     * in monotone mode each layer gains ``scale`` = prod_k 1 / max(1, ||U_k||_F) per group member (the link:
       one scalar), applied to the layer's product (X x_1 c_1 U_1 ... x_m c_m U_m = (prod c_k) X x_1 U_1 ...
       x_m U_m), so that the normalised factors are never materialised; all the norms are one segment sum;
     * storage groups of different mode shapes whose zero padding costs little run as one group
-      (``merge_plan``: CNN4's encoders in two groups instead of three, its decoders in two instead of four);
+      (``merge_plan`` with ``group_cost_max``: at 1.5, CNN4's encoders in two groups instead of three, its
+      decoders in two instead of four);
     * a layer of two or more modes whose matrix kron(U_m, ..., U_1) has at most ``DENSE_LAYER_MAX`` entries
       per member becomes that matrix (times its scale): one product instead of one per mode (CNN4: the
       smaller encoder and decoder layers; the 9x64x64 kernels' outer layers stay factored);
@@ -572,8 +581,8 @@ def effective_packed(packed: Params, monotone: bool) -> Params:
                       dec=[scaled(group) for group in packed['dec']],
                       link={b: dict(packed['link'][b], scale=next(norms)[0]) for b in links})
     layer = lambda p: _dense_layer(p) if len(p['u']) > 1 and _dense_size(p) <= DENSE_LAYER_MAX else p
-    out = dict(packed, enc=[[layer(p) for p in group] for group in _merged(packed, 'enc')],
-               dec=[[layer(p) for p in group] for group in _merged(packed, 'dec')])
+    out = dict(packed, enc=[[layer(p) for p in group] for group in _merged(packed, 'enc', group_cost_max)],
+               dec=[[layer(p) for p in group] for group in _merged(packed, 'dec', group_cost_max)])
     if links:
         d_in = max(packed['link'][b]['w'].shape[1] for b in links)
         d_out = sum(packed['link'][b]['w'].shape[0] for b in links)
@@ -642,7 +651,7 @@ def _batched_layer(p, x):
 
 
 def apply_packed(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
-    """phi = g(z) from ``weights = effective_packed(pack(theta, spec), spec.monotone)``: equal to
+    """phi = g(z) from ``weights = effective_packed(pack(theta, spec), spec.monotone, spec.group_cost_max)``: equal to
     ``forward_per_leaf(theta, z, spec)`` up to float rounding. Encoders and decoders run per merged group
     (``merge_plan``) on the members stacked and zero-padded to the group's shape; where the links are one matrix
     (``effective_packed``) it reads the code stacks and writes the decoder stacks, its columns and rows gathered
@@ -652,6 +661,11 @@ def apply_packed(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
     shapes = {b: [mode_shape(leaf.shape) for leaf in leaves] for b, leaves in template.items()}
     depth = spec.encoder_layers
     enc_groups, dec_groups = _merged_members(shapes, spec, 'enc'), _merged_members(shapes, spec, 'dec')
+    planned = lambda groups, layer: [(sum(len(m) for m, _ in parts),) + tuple(padded[layer]) for parts, padded in groups]
+    made = lambda part: [tuple(np.shape(layers[0]['b'])) for layers in w[part]]
+    if made('enc') != planned(enc_groups, 1) or made('dec') != planned(dec_groups, depth - 1):
+        raise ValueError('apply_packed: the weights are not effective_packed(..., spec.monotone, spec.group_cost_max) '
+                         'of a map of this network (their merged groups differ from the plan of z and spec)')
     codes = []   # encoders: every leaf of every block but the last
     for layers, (parts, padded) in zip(w['enc'], enc_groups):
         x = _stack_padded(parts, lambda m: template[m[0]][m[1]], 0, padded[0])
@@ -710,7 +724,8 @@ def _merged_members(shapes: dict, spec: BlockIAFSpec, part: str) -> list:
     plan = _plan(shapes, spec, part)
     depth = spec.encoder_layers
     out = []
-    for m in merge_plan([(shapes[b][j], len(members)) for members in plan for b, j in members[:1]], depth):
+    for m in merge_plan([(shapes[b][j], len(members)) for members in plan for b, j in members[:1]], depth,
+                        spec.group_cost_max):
         parts = []
         for g, slots in m.parts:
             b, j = plan[g][0]

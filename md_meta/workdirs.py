@@ -36,7 +36,8 @@ except ImportError:  # not POSIX: no locking
 NON_COMPUTE_FIELDS = ('meta.steps', 'eval.', 'train.keep', 'train.max_nonfinite', 'train.log_every',
                       'train.tensorboard', 'task.data_dir', 'task.source',
                       'dist.',  # topology: a run may resume on other devices/processes
-                      'meta.task_batching', 'meta.task_chunk')  # how tasks are batched: same values up to rounding
+                      'meta.task_batching', 'meta.task_chunk',  # how tasks are batched: same values up to rounding
+                      'md.group_cost_max')  # how g's products are grouped: the same map up to rounding
 LOCK_NAME = '.lock'
 
 

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from md_meta import blockiaf
+from md_meta import config as config_lib
 from md_meta.networks import make_model
 from tests.helpers import perturbed, random_like, tiny_config, tree_max_abs_diff, tree_vdot
 
@@ -164,7 +165,7 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
                           0.3)
         z = random_like(jax.random.PRNGKey(5), params)
         if net == 'cnn4':   # both kinds of layer are in the program; the links merged (4096) or not (128)
-            weights = jax.eval_shape(lambda th: blockiaf.effective_packed(blockiaf.pack(th, spec), monotone), theta)
+            weights = jax.eval_shape(lambda th: blockiaf.effective_packed(blockiaf.pack(th, spec), monotone, 1.5), theta)
             assert {'dense' in p for group in weights['enc'] for p in group} == {True, False}
             assert ('links' in weights) != monotone
             packed = jax.eval_shape(lambda th: blockiaf.pack(th, spec), theta)   # groups of several mode shapes merged
@@ -183,22 +184,58 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
         assert tree_max_abs_diff(jax.jit(lambda t, p: blockiaf.inverse(t, p, spec))(theta, phi), z) < 1e-12
 
 
+def test_group_cost_max_changes_the_products_not_the_map():
+    """spec.group_cost_max (config md.group_cost_max) sets how far merge_plan merges: on an 8-channel CNN4,
+    1.5 gives 2 encoder and 2 decoder groups, 20 one of each (everything zero-padded to the 9x8x8 kernels).
+    Both compute the per-leaf map, in float64 under jit, values and gradients; weights made with one bound are
+    refused by apply_packed under a spec with another (else the zip over groups would silently drop some), and
+    a bound below 1 is refused by make_spec and by the config's validation."""
+    with jax.enable_x64(True):
+        model = make_model('cnn4', num_classes=5, features=8, conv_impl='patches')
+        params = jax.jit(lambda x: jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                                          model.init(jax.random.PRNGKey(0), x)['params']))(
+            jnp.zeros((2, 28, 28, 1)))
+        z = random_like(jax.random.PRNGKey(5), params)
+        specs = {g: blockiaf.make_spec(params, monotone=True, group_cost_max=g) for g in (1.5, 20.0)}
+        theta = perturbed(jax.random.PRNGKey(2), blockiaf.init(jax.random.PRNGKey(1), params, specs[1.5],
+                                                               head_init='learnable'), 0.3)
+        weights = {g: jax.jit(lambda th, g=g: blockiaf.effective_packed(blockiaf.pack(th, specs[g]), True, g))(theta)
+                   for g in specs}
+        assert [(len(weights[g]['enc']), len(weights[g]['dec'])) for g in specs] == [(2, 2), (1, 1)]
+
+        def loss(fn, spec):
+            return lambda th, zz: sum(jnp.sum(jnp.sin(l)) for l in jax.tree_util.tree_leaves(fn(th, zz, spec)))
+        reference = jax.jit(jax.value_and_grad(loss(blockiaf.forward_per_leaf, specs[1.5]), (0, 1)))(theta, z)
+        for spec in specs.values():
+            grouped = jax.jit(jax.value_and_grad(loss(blockiaf.forward, spec), (0, 1)))(theta, z)
+            assert tree_max_abs_diff(grouped, reference) < 1e-12
+        with pytest.raises(ValueError, match='merged groups differ'):
+            blockiaf.apply_packed(weights[1.5], z, specs[20.0])
+    with pytest.raises(ValueError, match='group_cost_max must be >= 1'):
+        blockiaf.make_spec(params, group_cost_max=0.5)
+    config = config_lib.base_config()
+    config.md.group_cost_max = 0.5
+    with pytest.raises(config_lib.ConfigError, match='config.md.group_cost_max: must be a number >= 1'):
+        config_lib.validate(config)
+
+
 def test_merge_plan_partitions_the_groups_within_the_cost_bound():
     """merge_plan: every storage group in exactly one merged group, its modes in increasing positions of the
     merged shape and no larger there; a merged group's multiply-adds, zero padding included, within
-    GROUP_COST_MAX times its parts'. CNN4 (64 channels): the first kernel (9x1x64) and, in the decoders, the
+    cost_max times its parts'. CNN4 (64 channels): the first kernel (9x1x64) and, in the decoders, the
     classifier's kernel (as 1x64x5) join the 9x64x64 kernels; the classifier's bias joins the 64-vectors."""
     cnn4_enc = [((64,), 12), ((9, 1, 64), 1), ((9, 64, 64), 3)]
     cnn4_dec = [((64,), 9), ((9, 64, 64), 3), ((5,), 1), ((64, 5), 1)]
-    assert blockiaf.merge_plan(cnn4_enc, 3) == [blockiaf.MergedGroup((64,), ((0, (0,)),)),
+    assert blockiaf.merge_plan(cnn4_enc, 3, 1.5) == [blockiaf.MergedGroup((64,), ((0, (0,)),)),
                                                 blockiaf.MergedGroup((9, 64, 64), ((1, (0, 1, 2)), (2, (0, 1, 2))))]
-    assert blockiaf.merge_plan(cnn4_dec, 3) == [blockiaf.MergedGroup((64,), ((0, (0,)), (2, (0,)))),
+    assert blockiaf.merge_plan(cnn4_dec, 3, 1.5) == [blockiaf.MergedGroup((64,), ((0, (0,)), (2, (0,)))),
                                                 blockiaf.MergedGroup((9, 64, 64), ((1, (0, 1, 2)), (3, (1, 2))))]
     rng = np.random.default_rng(0)
     for _ in range(20):
         groups = [(tuple(int(n) for n in rng.choice([1, 3, 9, 16, 64, 160], size=rng.integers(1, 4))),
                    int(rng.integers(1, 5))) for _ in range(rng.integers(1, 8))]
-        plan = blockiaf.merge_plan(groups, 3)
+        cost_max = float(rng.choice([1.0, 1.5, 3.0]))
+        plan = blockiaf.merge_plan(groups, 3, cost_max)
         assert sorted(g for m in plan for g, _ in m.parts) == list(range(len(groups)))
         for m in plan:
             for g, slots in m.parts:
@@ -207,7 +244,7 @@ def test_merge_plan_partitions_the_groups_within_the_cost_bound():
                 assert all(n <= m.shape[k] for k, n in zip(slots, shape))
             members = sum(groups[g][1] for g, _ in m.parts)
             parts = sum(groups[g][1] * blockiaf._encoder_cost(groups[g][0], 3) for g, _ in m.parts)
-            assert members * blockiaf._encoder_cost(m.shape, 3) <= blockiaf.GROUP_COST_MAX * parts
+            assert members * blockiaf._encoder_cost(m.shape, 3) <= cost_max * parts
 
 
 @pytest.mark.parametrize('constant_max', [1 << 22, 0])

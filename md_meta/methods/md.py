@@ -20,7 +20,7 @@ def spec_from_config(config, params) -> blockiaf.BlockIAFSpec:
     c = config.md
     return blockiaf.make_spec(params, scale=c.scale, s_min=c.s_min, s_max=c.s_max,
                               monotone=c.monotone, shift_lipschitz=c.shift_lipschitz,
-                              encoder_layers=c.encoder_layers)
+                              encoder_layers=c.encoder_layers, group_cost_max=c.group_cost_max)
 
 
 def make(config) -> Geometry:
@@ -37,7 +37,7 @@ def make(config) -> Geometry:
         return z0, blockiaf.pack(theta, spec)
 
     def inner(theta):
-        weights = blockiaf.effective_packed(theta, config.md.monotone)  # once per adaptation
+        weights = blockiaf.effective_packed(theta, config.md.monotone, config.md.group_cost_max)  # once per adaptation
         return InnerLoop(update=lambda z, grad: sgd_step(z, grad, alpha),
                          params_of=lambda z: blockiaf.apply_packed(weights, z, spec_for(z)))
 
@@ -52,6 +52,8 @@ def validate(config, require) -> None:
     if c.scale == 'bounded':
         require(0 <= c.s_min < 1, 'md.s_min', f'must be in [0, 1) so that g starts as the identity, got {c.s_min}')
         require(c.s_max > 1, 'md.s_max', f'must exceed 1 so that g starts as the identity, got {c.s_max}')
+    require(isinstance(c.group_cost_max, (int, float)) and not isinstance(c.group_cost_max, bool)
+            and c.group_cost_max >= 1, 'md.group_cost_max', f'must be a number >= 1, got {c.group_cost_max!r}')
     require(c.head_init in blockiaf.HEAD_INITS, 'md.head_init',
             f'must be one of {blockiaf.HEAD_INITS}, got {c.head_init!r}')
     if c.monotone:
