@@ -15,9 +15,9 @@ mkdir -p "$OUT" /tmp/gpu_bench
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PEAK=${PEAK:-66900}   # H100/H200 SXM fp32 (non-tensor-core) peak, GFLOP/s
 stage() {  # stage NAME SECONDS ARGS...
-  local name=$1 secs=$2; shift 2
+  local name=$1 secs=$(( $2 * S / 100 > 0 ? $2 * S / 100 : 1 )); shift 2   # timeout 0 would mean none
   echo "== stage $name" | tee -a "$OUT/gpu_benchmark.log"
-  timeout $((secs * S / 100)) python3 -m experiments.benchmark --peak_gflops=$PEAK --flops=false \
+  timeout $secs python3 -m experiments.benchmark --peak_gflops=$PEAK --flops=false \
       --out_dir=/tmp/gpu_bench/$name "$@" 2>&1 | grep -v '^[IW][0-9]\{4\} ' | tee -a "$OUT/gpu_benchmark.log"
   cp /tmp/gpu_bench/$name/results.json "$OUT/$name.json" 2>/dev/null || echo "stage $name: no results" | tee -a "$OUT/gpu_benchmark.log"
 }
