@@ -191,6 +191,7 @@ def test_workdir_of_another_config_is_refused(tmp_path):
         workdirs.prepare(c2, wd)
     c3 = get_config()
     c3.meta.steps, c3.eval.num_tasks, c3.train.log_every = 9000, 100, 10
+    c3.md.group_cost_max = 3.0   # how g's products are grouped: the same map, so the same run
     workdirs.prepare(c3, wd)
 
 
