@@ -42,6 +42,13 @@ VARIANTS = {
     'md-monotone-learnable': ('md', {'md.head_init': 'learnable'}, 'MD, monotone blockIAF, learnable heads'),
     'md-paper-bounded': ('md', {'md.monotone': False, 'md.scale': 'bounded', 'md.head_init': 'zero'},
                          "MD, the authors' form with the paper's bounded scale (eq. 8a)"),
+    'md-paper-bounded-smin001': ('md', {'md.monotone': False, 'md.scale': 'bounded', 'md.head_init': 'zero',
+                                        'md.s_min': 0.01},
+                                 "MD, the authors' form with the bounded scale in [0.01, 2] (step factors as small "
+                                 "as Meta-SGD's)"),
+    'md-monotone-smin001': ('md', {'md.head_init': 'zero', 'md.s_min': 0.01},
+                            'MD, monotone blockIAF, scales in [0.01, 2] (its shift bound, set by the margin, 10x '
+                            'smaller)'),
     'md-paper-enc1': ('md', {'md.monotone': False, 'md.scale': 'exp', 'md.head_init': 'zero', 'md.encoder_layers': 1},
                       "MD, the authors' form and init, one-layer encoders and decoders"),
     'md-paper-learnable-enc1': ('md', {'md.monotone': False, 'md.scale': 'exp', 'md.head_init': 'learnable',
