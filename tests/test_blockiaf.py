@@ -303,3 +303,23 @@ def test_unpack_inverts_pack(monotone):
                   dict(cnn, layer_0={'w': jnp.zeros((3, 3, 1, 4))})):          # other groups
         with pytest.raises(ValueError, match='not the map of this network'):
             blockiaf.unpack(packed, spec, other)
+
+
+def test_md_step_factors_are_the_monotone_scales():
+    """experiments.step_factors: diag(dg/dz) of the monotone map is sigma(a) of its per-element scale logits
+    (block i's scale and shift read only blocks < i), computed here from theta directly; with the shifts far from
+    zero and the logits spread, so that a Jacobian's off-diagonal or a wrong order would show."""
+    from jax.flatten_util import ravel_pytree
+    from experiments.step_factors import md_step_factors
+    with jax.enable_x64(True):
+        model = make_model('mlp', hidden=(8, 8))
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                        model.init(jax.random.PRNGKey(0), jnp.zeros((4, 1)))['params'])
+        spec = blockiaf.make_spec(params, monotone=True)
+        theta = perturbed(jax.random.PRNGKey(2), blockiaf.init(jax.random.PRNGKey(1), params, spec,
+                                                               head_init='learnable'), 1.0)
+        z = random_like(jax.random.PRNGKey(5), params)
+        logits = {b: theta['first']['a'] if i == 0 else theta['a'][b] for i, b in enumerate(spec.blocks)}
+        expected = ravel_pytree(jax.tree_util.tree_map(lambda a: blockiaf._sigma(a, spec), logits))[0]
+        assert float(jnp.std(expected)) > 0.1
+        np.testing.assert_allclose(md_step_factors(theta, z, spec), expected, rtol=1e-12, atol=1e-14)
