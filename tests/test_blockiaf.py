@@ -307,18 +307,24 @@ def test_unpack_inverts_pack(monotone):
 
 def test_md_step_factors_are_the_monotone_scales():
     """experiments.step_factors: diag(dg/dz) of the monotone map is sigma(a) of its per-element scale logits
-    (block i's scale and shift read only blocks < i), computed here from theta directly; with the shifts far from
-    zero and the logits spread, so that a Jacobian's off-diagonal or a wrong order would show."""
+    (block i's scale and shift read only blocks < i), computed here from theta directly. The logits are spread and
+    the shifts depend on z (one-layer encoders, a shift bound of 0.3: the Jacobian's off-diagonal reaches 1e-2;
+    with three layers this small MLP's codes are all zero after the ReLUs), so that row or column sums of the
+    Jacobian instead of its diagonal, or a wrong order, would show."""
     from jax.flatten_util import ravel_pytree
     from experiments.step_factors import md_step_factors
     with jax.enable_x64(True):
         model = make_model('mlp', hidden=(8, 8))
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
                                         model.init(jax.random.PRNGKey(0), jnp.zeros((4, 1)))['params'])
-        spec = blockiaf.make_spec(params, monotone=True)
+        spec = blockiaf.make_spec(params, monotone=True, s_min=0.5, shift_lipschitz=0.3, encoder_layers=1)
         theta = perturbed(jax.random.PRNGKey(2), blockiaf.init(jax.random.PRNGKey(1), params, spec,
                                                                head_init='learnable'), 1.0)
         z = random_like(jax.random.PRNGKey(5), params)
+        flat, unravel = ravel_pytree(z)
+        jac = jax.jacfwd(lambda x: ravel_pytree(blockiaf.forward_per_leaf(theta, unravel(x), spec))[0])(flat)
+        off_diagonal = jac - jnp.diag(jnp.diagonal(jac))
+        assert float(jnp.abs(off_diagonal.sum(0)).max()) > 1e-2 and float(jnp.abs(off_diagonal.sum(1)).max()) > 1e-3
         logits = {b: theta['first']['a'] if i == 0 else theta['a'][b] for i, b in enumerate(spec.blocks)}
         expected = ravel_pytree(jax.tree_util.tree_map(lambda a: blockiaf._sigma(a, spec), logits))[0]
         assert float(jnp.std(expected)) > 0.1
