@@ -93,7 +93,8 @@ def make_spec(params: Params, *, blocks: Sequence[str] | None = None, scale: str
     if encoder_layers < 1:
         raise ValueError(f'encoder_layers must be >= 1, got {encoder_layers}')
     if not group_cost_max >= 1.0:
-        raise ValueError(f'group_cost_max must be >= 1 (1: merge only where padding costs nothing), got {group_cost_max}')
+        raise ValueError(f'group_cost_max must be >= 1 (1: merge only where padding costs nothing), '
+                         f'got {group_cost_max}')
     if monotone:
         if scale != 'bounded' or s_min <= 0:
             raise ValueError('the monotone blockIAF needs scale="bounded" with s_min > 0')
@@ -473,8 +474,8 @@ def _encoder_cost(shape: tuple, layers: int) -> int:
 def merge_plan(groups: Sequence[tuple], layers: int, cost_max: float) -> list:
     """[MergedGroup, ...] from the storage groups [(mode shape, members), ...] of an encoder (decoder) of
     ``layers`` layers: greedily, the pair whose merge adds the fewest multiply-adds first, while a merged group
-    costs at most ``cost_max`` (``BlockIAFSpec.group_cost_max``) times its parts (``_encoder_cost``: zero padding is paid for in full, a
-    padded layer may lose its kron matrix). A group of fewer modes goes into the order-preserving positions of
+    costs at most ``cost_max`` (``BlockIAFSpec.group_cost_max``) times its parts (``_encoder_cost``: zero padding
+    is paid for in full, a padded layer may lose its kron matrix). A group of fewer modes goes into the order-preserving positions of
     the other's that cost least (CNN4's encoders: the first kernel, 9x1x64, with the 9x64x64 kernels; its
     decoders: the classifier's bias, 5, with the 64-vectors). Deterministic: ``effective_packed`` plans from
     theta's shapes, ``apply_packed`` from z's, and both get the same plan."""
@@ -651,8 +652,8 @@ def _batched_layer(p, x):
 
 
 def apply_packed(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
-    """phi = g(z) from ``weights = effective_packed(pack(theta, spec), spec.monotone, spec.group_cost_max)``: equal to
-    ``forward_per_leaf(theta, z, spec)`` up to float rounding. Encoders and decoders run per merged group
+    """phi = g(z) from ``weights = effective_packed(pack(theta, spec), spec.monotone, spec.group_cost_max)``:
+    equal to ``forward_per_leaf(theta, z, spec)`` up to float rounding. Encoders and decoders run per merged group
     (``merge_plan``) on the members stacked and zero-padded to the group's shape; where the links are one matrix
     (``effective_packed``) it reads the code stacks and writes the decoder stacks, its columns and rows gathered
     into their order (``_links_indices``: a gather of the weights alone, which JAX hoists out of the inner loop)."""
@@ -661,7 +662,8 @@ def apply_packed(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
     shapes = {b: [mode_shape(leaf.shape) for leaf in leaves] for b, leaves in template.items()}
     depth = spec.encoder_layers
     enc_groups, dec_groups = _merged_members(shapes, spec, 'enc'), _merged_members(shapes, spec, 'dec')
-    planned = lambda groups, layer: [(sum(len(m) for m, _ in parts),) + tuple(padded[layer]) for parts, padded in groups]
+    planned = lambda groups, layer: [(sum(len(m) for m, _ in parts),) + tuple(padded[layer])
+                                     for parts, padded in groups]
     made = lambda part: [tuple(np.shape(layers[0]['b'])) for layers in w[part]]
     if made('enc') != planned(enc_groups, 1) or made('dec') != planned(dec_groups, depth - 1):
         raise ValueError('apply_packed: the weights are not effective_packed(..., spec.monotone, spec.group_cost_max) '

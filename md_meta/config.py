@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.md.shift_lipschitz = ml_collections.FieldReference(None, field_type=float)
     c.md.encoder_layers = 3
     c.md.head_init = 'zero'    # decoder heads: 'zero' (paper/authors: kernels' factors never learn) | 'learnable'
-    c.md.group_cost_max = 1.5  # how g is computed, not what: fewer kernels for more FLOPs above 1.5 (docs/benchmarks.md)
+    c.md.group_cost_max = 1.5  # how g is computed, not what: higher, fewer kernels for more FLOPs (docs/benchmarks.md)
 
     c.mtnet = ml_collections.ConfigDict()  # md_meta.methods.mtnet
     c.mtnet.init_logit = 0.0       # mask logits at start (0: each unit adapts w.p. 1/2; >= 50: all on)

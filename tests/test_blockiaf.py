@@ -165,7 +165,8 @@ def test_grouped_products_compute_the_per_leaf_map(net, monotone, monkeypatch):
                           0.3)
         z = random_like(jax.random.PRNGKey(5), params)
         if net == 'cnn4':   # both kinds of layer are in the program; the links merged (4096) or not (128)
-            weights = jax.eval_shape(lambda th: blockiaf.effective_packed(blockiaf.pack(th, spec), monotone, 1.5), theta)
+            weights = jax.eval_shape(lambda th: blockiaf.effective_packed(blockiaf.pack(th, spec), monotone, 1.5),
+                                     theta)
             assert {'dense' in p for group in weights['enc'] for p in group} == {True, False}
             assert ('links' in weights) != monotone
             packed = jax.eval_shape(lambda th: blockiaf.pack(th, spec), theta)   # groups of several mode shapes merged
@@ -227,9 +228,9 @@ def test_merge_plan_partitions_the_groups_within_the_cost_bound():
     cnn4_enc = [((64,), 12), ((9, 1, 64), 1), ((9, 64, 64), 3)]
     cnn4_dec = [((64,), 9), ((9, 64, 64), 3), ((5,), 1), ((64, 5), 1)]
     assert blockiaf.merge_plan(cnn4_enc, 3, 1.5) == [blockiaf.MergedGroup((64,), ((0, (0,)),)),
-                                                blockiaf.MergedGroup((9, 64, 64), ((1, (0, 1, 2)), (2, (0, 1, 2))))]
+                                                     blockiaf.MergedGroup((9, 64, 64), ((1, (0, 1, 2)), (2, (0, 1, 2))))]
     assert blockiaf.merge_plan(cnn4_dec, 3, 1.5) == [blockiaf.MergedGroup((64,), ((0, (0,)), (2, (0,)))),
-                                                blockiaf.MergedGroup((9, 64, 64), ((1, (0, 1, 2)), (3, (1, 2))))]
+                                                     blockiaf.MergedGroup((9, 64, 64), ((1, (0, 1, 2)), (3, (1, 2))))]
     rng = np.random.default_rng(0)
     for _ in range(20):
         groups = [(tuple(int(n) for n in rng.choice([1, 3, 9, 16, 64, 160], size=rng.integers(1, 4))),
