@@ -3,18 +3,22 @@ import os
 
 from absl import flags
 
-_HOST_MEMORY = flags.DEFINE_enum(
-    'host_memory', 'retain', ['retain', 'system'],
-    "'retain': freed host memory stays mapped for the next meta-step (glibc; saves XLA:CPU ~1M page faults "
-    "per CNN4 step, md_meta.host_memory); 'system': malloc's defaults.")
-
-
-_COMPILATION_CACHE = flags.DEFINE_string(
-    'compilation_cache', os.path.join('~', '.cache', 'md_meta', 'xla'),
-    "Directory of JAX's persistent compilation cache, one subdirectory per kind of CPU (the entries are native "
-    "code): a run that compiles a program compiled before loads it instead (MD's CNN4 meta-step: 1 s, not ~40 s); "
-    "'' turns it off. Unless given, $JAX_COMPILATION_CACHE_DIR (JAX's own setting) takes its place, used as it "
-    "is. The benchmark and measure_overhead never use a cache: they time compilation.")
+def define_process_flags() -> None:
+    """``--host_memory`` and ``--compilation_cache``, shared by every entry point. Defined by ``run`` (once per
+    process), never at import: no module that tests, notebooks or the library import defines a flag, so any set
+    of modules imports into one interpreter."""
+    if 'host_memory' in flags.FLAGS:
+        return
+    flags.DEFINE_enum(
+        'host_memory', 'retain', ['retain', 'system'],
+        "'retain': freed host memory stays mapped for the next meta-step (glibc; saves XLA:CPU ~1M page faults "
+        "per CNN4 step, md_meta.host_memory); 'system': malloc's defaults.")
+    flags.DEFINE_string(
+        'compilation_cache', os.path.join('~', '.cache', 'md_meta', 'xla'),
+        "Directory of JAX's persistent compilation cache, one subdirectory per kind of CPU (the entries are native "
+        "code): a run that compiles a program compiled before loads it instead (MD's CNN4 meta-step: 1 s, not ~40 "
+        "s); '' turns it off. Unless given, $JAX_COMPILATION_CACHE_DIR (JAX's own setting) takes its place, used as "
+        "it is. The benchmark and measure_overhead never use a cache: they time compilation.")
 
 
 def prepare_process(compilation_cache: bool = True) -> None:
@@ -23,13 +27,13 @@ def prepare_process(compilation_cache: bool = True) -> None:
     where ``compilation_cache=False``: entry points that time compilation)."""
     from md_meta import host_memory
     quiet_library_logs()
-    host_memory.configure(_HOST_MEMORY.value)
+    host_memory.configure(flags.FLAGS.host_memory)
     import jax
-    given = flags.FLAGS['compilation_cache'].present
-    if not compilation_cache or not _COMPILATION_CACHE.value:
+    cache = flags.FLAGS['compilation_cache']
+    if not compilation_cache or not cache.value:
         jax.config.update('jax_enable_compilation_cache', False)
-    elif given or not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-        jax.config.update('jax_compilation_cache_dir', compilation_cache_dir(_COMPILATION_CACHE.value))
+    elif cache.present or not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+        jax.config.update('jax_compilation_cache_dir', compilation_cache_dir(cache.value))
 
 
 def compilation_cache_dir(base: str) -> str:
@@ -131,6 +135,8 @@ def run(main, argv=None) -> None:
 
     from absl import app
 
+    define_process_flags()
+
     def fatal(message, status=EXIT_USAGE):
         """One line, then exit at once: no atexit handlers or library threads adding tracebacks."""
         import os
@@ -162,7 +168,8 @@ def run(main, argv=None) -> None:
 
 def define_config_file(name: str, default: str, help_string: str):
     """ml_collections' DEFINE_config_file, whose overrides (``--config.a.b=v``) are resolved when the flag
-    is defined, at import: an unknown field there ends with one line (exit status 2), not a traceback."""
+    is defined (in the entry point's ``__main__`` block): an unknown field there ends with one line (exit
+    status 2), not a traceback."""
     from ml_collections import config_flags
     try:
         return config_flags.DEFINE_config_file(name, default, help_string)

@@ -61,14 +61,6 @@ DEFAULT = ('maml', 'metasgd', 'metacurvature', 'metakfo', 'md-paper', 'md-paper-
            'md-paper-enc1', 'md-paper-learnable-enc1', 'md-monotone', 'md-monotone-learnable',
            'md-monotone-learnable-enc1')
 
-flags.DEFINE_string('workdir', 'runs/ablate', 'one sub-directory per (variant, seed)')
-flags.DEFINE_list('variants', list(DEFAULT), f'from {sorted(VARIANTS)}')
-flags.DEFINE_list('seeds', ['0', '1', '2'], 'config.seed of each run')
-flags.DEFINE_list('shots', ['5', '10', '20'], 'shot counts (one training run each)')
-flags.DEFINE_integer('steps', 5000, 'meta-steps per run (the same for every variant)')
-flags.DEFINE_integer('num_tasks', 600, 'new test tasks per evaluation')
-flags.DEFINE_integer('jobs', 1, 'runs in parallel (each a process)')
-flags.DEFINE_string('out', '', 'path prefix of the table files (default: <workdir>/ablation)')
 FLAGS = flags.FLAGS
 
 
@@ -207,4 +199,12 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    flags.DEFINE_string('workdir', 'runs/ablate', 'one sub-directory per (variant, seed)')
+    flags.DEFINE_list('variants', list(DEFAULT), f'from {sorted(VARIANTS)}')
+    flags.DEFINE_list('seeds', ['0', '1', '2'], 'config.seed of each run')
+    flags.DEFINE_list('shots', ['5', '10', '20'], 'shot counts (one training run each)')
+    flags.DEFINE_integer('steps', 5000, 'meta-steps per run (the same for every variant)')
+    flags.DEFINE_integer('num_tasks', 600, 'new test tasks per evaluation')
+    flags.DEFINE_integer('jobs', 1, 'runs in parallel (each a process)')
+    flags.DEFINE_string('out', '', 'path prefix of the table files (default: <workdir>/ablation)')
     run(main)

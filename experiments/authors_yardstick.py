@@ -27,11 +27,6 @@ import types
 
 from absl import app, flags
 
-flags.DEFINE_string('reference_dir', None, 'checkout of github.com/zhangyilang/MetaMirrorDescent')
-flags.DEFINE_list('methods', ['maml', 'metasgd', 'metacurvature', 'md'], 'the authors\' methods to time')
-flags.DEFINE_list('shapes', ['a', 'b', 'c'], "the benchmark's shapes (a, b, c)")
-flags.DEFINE_integer('repeats', 3, 'timed meta-steps (after one warm-up step)')
-flags.DEFINE_integer('threads', 0, 'torch threads (0: every core)')
 FLAGS = flags.FLAGS
 
 # shape -> (data set, image size, channels, tasks, K, alpha), as experiments.benchmark.SHAPES / make_config
@@ -120,4 +115,9 @@ def main(argv):
 
 if __name__ == '__main__':
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    flags.DEFINE_string('reference_dir', None, 'checkout of github.com/zhangyilang/MetaMirrorDescent')
+    flags.DEFINE_list('methods', ['maml', 'metasgd', 'metacurvature', 'md'], 'the authors\' methods to time')
+    flags.DEFINE_list('shapes', ['a', 'b', 'c'], "the benchmark's shapes (a, b, c)")
+    flags.DEFINE_integer('repeats', 3, 'timed meta-steps (after one warm-up step)')
+    flags.DEFINE_integer('threads', 0, 'torch threads (0: every core)')
     app.run(main)

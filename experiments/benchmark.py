@@ -51,28 +51,6 @@ from md_meta.meta import task_batching_for, task_gradients_for
 from md_meta.tasks import Task
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('methods', [], 'methods to benchmark (default: every registered method)')
-flags.DEFINE_list('shapes', ['a', 'b', 'c'], 'shapes to benchmark: a, b, c, r, s')
-flags.DEFINE_integer('repeats', 5, 'timed meta-steps per configuration (after two warm-up steps); 0: compile '
-                     'only (compile time, kernels, memory)')
-flags.DEFINE_bool('quick', False, 'quick mode: 2 repeats, short curves')
-flags.DEFINE_string('out_dir', 'benchmark_results', 'where results.md/json and the PNGs go')
-flags.DEFINE_float('peak_gflops', 157.0, 'machine fp32 peak for the % column (2 Zen3 cores: 157)')
-flags.DEFINE_list('curves', [], "scaling curves to run: 'K' (inner steps 1..50), 'tasks' (1..64)")
-flags.DEFINE_list('curve_methods', ['maml', 'md'], 'methods for the scaling curves')
-flags.DEFINE_string('curve_shape', 'a', 'base shape of the scaling curves')
-flags.DEFINE_list('curve_K', ['1', '2', '5', '10', '20', '50'], 'K values of the K curve')
-flags.DEFINE_list('curve_tasks', ['1', '4', '16', '32', '64'], 'task counts of the tasks curve')
-flags.DEFINE_bool('curve_remat', True, 'run the K curve with inner.remat=True beside inner.remat=False')
-flags.DEFINE_list('set', [], 'config overrides for every run, e.g. inner.unroll=5,meta.task_batching=vmap')
-flags.DEFINE_string('data_dir', '', 'task.data_dir for the host episode-sampling time (skipped without data)')
-flags.DEFINE_bool('flops', True, 'count FLOPs (compiles a fully unrolled copy of the step when needed)')
-flags.DEFINE_string('authors_code', '', "checkout of github.com/zhangyilang/MetaMirrorDescent: also time the authors' "
-                    'MAML, Meta-SGD, MetaCurvature and MD on the same episodes (experiments.authors_yardstick) and '
-                    "print md-meta's speed-up")
-flags.DEFINE_string('authors_python', '', "a Python with torch and torchmeta for --authors_code (default: this one)")
-flags.DEFINE_bool('profile', False, 'also profile each step: time per op class against its roofline, and '
-                  'launches per step (experiments.profile_step)')
 
 SHAPES = {
     'a': dict(task='omniglot', size=28, channels=1, tasks=4, K=5),
@@ -469,4 +447,26 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    flags.DEFINE_list('methods', [], 'methods to benchmark (default: every registered method)')
+    flags.DEFINE_list('shapes', ['a', 'b', 'c'], 'shapes to benchmark: a, b, c, r, s')
+    flags.DEFINE_integer('repeats', 5, 'timed meta-steps per configuration (after two warm-up steps); 0: compile '
+                         'only (compile time, kernels, memory)')
+    flags.DEFINE_bool('quick', False, 'quick mode: 2 repeats, short curves')
+    flags.DEFINE_string('out_dir', 'benchmark_results', 'where results.md/json and the PNGs go')
+    flags.DEFINE_float('peak_gflops', 157.0, 'machine fp32 peak for the % column (2 Zen3 cores: 157)')
+    flags.DEFINE_list('curves', [], "scaling curves to run: 'K' (inner steps 1..50), 'tasks' (1..64)")
+    flags.DEFINE_list('curve_methods', ['maml', 'md'], 'methods for the scaling curves')
+    flags.DEFINE_string('curve_shape', 'a', 'base shape of the scaling curves')
+    flags.DEFINE_list('curve_K', ['1', '2', '5', '10', '20', '50'], 'K values of the K curve')
+    flags.DEFINE_list('curve_tasks', ['1', '4', '16', '32', '64'], 'task counts of the tasks curve')
+    flags.DEFINE_bool('curve_remat', True, 'run the K curve with inner.remat=True beside inner.remat=False')
+    flags.DEFINE_list('set', [], 'config overrides for every run, e.g. inner.unroll=5,meta.task_batching=vmap')
+    flags.DEFINE_string('data_dir', '', 'task.data_dir for the host episode-sampling time (skipped without data)')
+    flags.DEFINE_bool('flops', True, 'count FLOPs (compiles a fully unrolled copy of the step when needed)')
+    flags.DEFINE_string('authors_code', '', "checkout of github.com/zhangyilang/MetaMirrorDescent: also time the authors' "
+                        'MAML, Meta-SGD, MetaCurvature and MD on the same episodes (experiments.authors_yardstick) and '
+                        "print md-meta's speed-up")
+    flags.DEFINE_string('authors_python', '', "a Python with torch and torchmeta for --authors_code (default: this one)")
+    flags.DEFINE_bool('profile', False, 'also profile each step: time per op class against its roofline, and '
+                      'launches per step (experiments.profile_step)')
     run(main)

@@ -28,15 +28,6 @@ from absl import flags
 from experiments import define_config_file, run
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'sinusoid.py')
-_CONFIG = define_config_file('config', DEFAULT_CONFIG, 'Base config (sinusoid, MAML protocol).')
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/compare', 'Output directory (one sub-directory per run).')
-_METHODS = flags.DEFINE_list('methods', [], 'Methods to compare (default: all registered methods).')
-_SHOTS = flags.DEFINE_list('shots', ['5', '10', '20'], 'Shot counts.')
-_STEPS = flags.DEFINE_integer('steps', 70000, 'Meta-steps per run (MAML protocol: 70000).')
-_NUM_TASKS = flags.DEFINE_integer('num_tasks', 600, 'New test tasks per evaluation (MAML protocol: 600).')
-_TIMING_STEPS = flags.DEFINE_integer('timing_steps', 50, 'Timed meta-steps per method (0: no timing table).')
-_TRAIN_SHOTS = flags.DEFINE_integer('train_shots', 0, '0: one run per method and shot count (K support, K query); '
-                                    'N > 0: one N-shot run per method (config query size), evaluated at every --shots.')
 
 # Mean test MSE at 5/10/20 shots, as quoted by MT-net (Lee & Choi 2018) and MetaCurvature (Park & Oliva 2019);
 # docs/sinusoid.md on the protocol behind them.
@@ -204,4 +195,13 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    _CONFIG = define_config_file('config', DEFAULT_CONFIG, 'Base config (sinusoid, MAML protocol).')
+    _WORKDIR = flags.DEFINE_string('workdir', 'runs/compare', 'Output directory (one sub-directory per run).')
+    _METHODS = flags.DEFINE_list('methods', [], 'Methods to compare (default: all registered methods).')
+    _SHOTS = flags.DEFINE_list('shots', ['5', '10', '20'], 'Shot counts.')
+    _STEPS = flags.DEFINE_integer('steps', 70000, 'Meta-steps per run (MAML protocol: 70000).')
+    _NUM_TASKS = flags.DEFINE_integer('num_tasks', 600, 'New test tasks per evaluation (MAML protocol: 600).')
+    _TIMING_STEPS = flags.DEFINE_integer('timing_steps', 50, 'Timed meta-steps per method (0: no timing table).')
+    _TRAIN_SHOTS = flags.DEFINE_integer('train_shots', 0, '0: one run per method and shot count (K support, K query); '
+                                        'N > 0: one N-shot run per method (config query size), evaluated at every --shots.')
     run(main)

@@ -37,18 +37,6 @@ from absl import app, flags
 
 from experiments.authors_code import ReferenceUnavailable, load_reference  # noqa: F401 (re-exported)
 
-flags.DEFINE_string('reference_dir', None, 'checkout of github.com/zhangyilang/MetaMirrorDescent')
-flags.DEFINE_integer('ways', 5, 'N (classes per task)')
-flags.DEFINE_integer('shots', 1, 'support examples per class')
-flags.DEFINE_integer('query', 15, 'query examples per class')
-flags.DEFINE_integer('steps', 5, 'K, inner steps')
-flags.DEFINE_float('step_size', 0.01, 'alpha, the inner step size')
-flags.DEFINE_integer('seed', 0, 'seed of the random parameters and episode')
-flags.DEFINE_list('methods', ['md', 'metacurvature', 'metasgd'], 'methods to compare')
-flags.DEFINE_list('dtypes', ['float64', 'float32'], 'precisions to compare in')
-flags.DEFINE_float('rtol', 1e-9, 'tolerance in float64')
-flags.DEFINE_float('rtol32', 2e-3, 'tolerance in float32 (or 1.5x the float32 noise floor, see run)')
-flags.DEFINE_string('out', '', 'optional JSON file for the results')
 FLAGS = flags.FLAGS
 
 
@@ -471,4 +459,18 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    flags.DEFINE_string('reference_dir', None, 'checkout of github.com/zhangyilang/MetaMirrorDescent')
+    flags.DEFINE_integer('ways', 5, 'N (classes per task)')
+    flags.DEFINE_integer('shots', 1, 'support examples per class')
+    flags.DEFINE_integer('query', 15, 'query examples per class')
+    flags.DEFINE_integer('steps', 5, 'K, inner steps')
+    flags.DEFINE_float('step_size', 0.01, 'alpha, the inner step size')
+    flags.DEFINE_integer('seed', 0, 'seed of the random parameters and episode')
+    flags.DEFINE_list('methods', ['md', 'metacurvature', 'metasgd'], 'methods to compare')
+    flags.DEFINE_list('dtypes', ['float64', 'float32'], 'precisions to compare in')
+    flags.DEFINE_float('rtol', 1e-9, 'tolerance in float64')
+    flags.DEFINE_float('rtol32', 2e-3, 'tolerance in float32 (or 1.5x the float32 noise floor, see run)')
+    flags.DEFINE_string('out', '', 'optional JSON file for the results')
+    from experiments import define_process_flags
+    define_process_flags()  # main() calls prepare_process
     app.run(main)

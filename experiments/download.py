@@ -27,12 +27,6 @@ from absl import flags
 
 from experiments import fail, run
 
-_DEST = flags.DEFINE_string('dest', '', 'Folder to write into (created if missing); config.task.data_dir.')
-_MINIMAL = flags.DEFINE_bool('minimal', False, 'Omniglot: the two small background sets of the minimal '
-                             'condition instead of images_background + images_evaluation.')
-_BASE_URL = flags.DEFINE_string('base_url', 'https://raw.githubusercontent.com/brendenlake/omniglot/master/python',
-                                'Where the Omniglot zips are served.')
-_TIMEOUT = flags.DEFINE_float('timeout', 60.0, 'Seconds without data before a download is given up.')
 
 OMNIGLOT_FULL = ('images_background', 'images_evaluation')
 OMNIGLOT_MINIMAL = ('images_background_small1', 'images_background_small2')
@@ -185,4 +179,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    _DEST = flags.DEFINE_string('dest', '', 'Folder to write into (created if missing); config.task.data_dir.')
+    _MINIMAL = flags.DEFINE_bool('minimal', False, 'Omniglot: the two small background sets of the minimal '
+                                 'condition instead of images_background + images_evaluation.')
+    _BASE_URL = flags.DEFINE_string('base_url', 'https://raw.githubusercontent.com/brendenlake/omniglot/master/python',
+                                    'Where the Omniglot zips are served.')
+    _TIMEOUT = flags.DEFINE_float('timeout', 60.0, 'Seconds without data before a download is given up.')
     run(main)

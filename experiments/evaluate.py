@@ -23,21 +23,6 @@ from absl import flags
 
 from experiments import fail, run
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run (experiments.train).')
-_NUM_TASKS = flags.DEFINE_integer('num_tasks', 1000, 'Number of new test tasks (the paper: 1000).')
-_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'last'],
-                                'Which checkpoint: best by meta-validation, or the last one.')
-_BATCH = flags.DEFINE_integer('batch_size', 0, 'Tasks per jitted evaluation call (0: config.eval.batch_size).')
-_SEED_OFFSET = flags.DEFINE_integer('seed_offset', 0, 'Picks another fixed set of test tasks.')
-_LAKE = flags.DEFINE_string('lake_runs', '', "Directory of Lake's one-shot runs (run01..run20) to evaluate too.")
-_LAKE_BUILD = flags.DEFINE_integer('lake_build', 0, "If > 0 and --lake_runs holds no runs: build this many runs "
-                                   "there from the workdir's held-out test characters first.")
-_EVAL_STEPS = flags.DEFINE_integer('eval_steps', 0, 'Inner steps K at test (0: config.inner.eval_steps of the run).')
-_EVAL_STEP_SIZE = flags.DEFINE_float('eval_step_size', 0.0, 'Inner step size alpha at test (0: the one trained '
-                                     'with); refused for methods that learn their step sizes (Meta-SGD).')
-_LAKE_WITHIN = flags.DEFINE_bool('lake_within_alphabet', False, "With --lake_build: each run's 20 characters from "
-                                 "one held-out alphabet (the official runs' layout; task.split='minimal_alphabet').")
-
 
 def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', batch_size: int = 0,
                      seed_offset: int = 0, lake_runs: str = '', log=print, lake_build: int = 0,
@@ -141,4 +126,18 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run (experiments.train).')
+    _NUM_TASKS = flags.DEFINE_integer('num_tasks', 1000, 'Number of new test tasks (the paper: 1000).')
+    _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'last'],
+                                    'Which checkpoint: best by meta-validation, or the last one.')
+    _BATCH = flags.DEFINE_integer('batch_size', 0, 'Tasks per jitted evaluation call (0: config.eval.batch_size).')
+    _SEED_OFFSET = flags.DEFINE_integer('seed_offset', 0, 'Picks another fixed set of test tasks.')
+    _LAKE = flags.DEFINE_string('lake_runs', '', "Directory of Lake's one-shot runs (run01..run20) to evaluate too.")
+    _LAKE_BUILD = flags.DEFINE_integer('lake_build', 0, "If > 0 and --lake_runs holds no runs: build this many runs "
+                                       "there from the workdir's held-out test characters first.")
+    _EVAL_STEPS = flags.DEFINE_integer('eval_steps', 0, 'Inner steps K at test (0: config.inner.eval_steps of the run).')
+    _EVAL_STEP_SIZE = flags.DEFINE_float('eval_step_size', 0.0, 'Inner step size alpha at test (0: the one trained '
+                                         'with); refused for methods that learn their step sizes (Meta-SGD).')
+    _LAKE_WITHIN = flags.DEFINE_bool('lake_within_alphabet', False, "With --lake_build: each run's 20 characters from "
+                                     "one held-out alphabet (the official runs' layout; task.split='minimal_alphabet').")
     run(main)

@@ -21,9 +21,6 @@ from experiments import define_config_file, run
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'sinusoid.py')
 
-_CONFIG = define_config_file('config', DEFAULT_CONFIG, 'Experiment config file.')
-_REPEATS = flags.DEFINE_integer('repeats', 2, 'Pairs of (without, with) runs.')
-
 
 def main(argv):
     del argv
@@ -59,4 +56,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    _CONFIG = define_config_file('config', DEFAULT_CONFIG, 'Experiment config file.')
+    _REPEATS = flags.DEFINE_integer('repeats', 2, 'Pairs of (without, with) runs.')
     run(main)

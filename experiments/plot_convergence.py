@@ -22,14 +22,6 @@ from absl import flags
 from experiments import run
 from md_meta.results import curves_for
 
-_WORKDIRS = flags.DEFINE_list('workdirs', [], 'Comma-separated workdirs of training runs.')
-_NUM_TASKS = flags.DEFINE_integer('num_tasks', 1000, 'New test tasks to average over (the paper: 1000).')
-_OUT = flags.DEFINE_string('out', 'convergence.png', 'Output PNG; the CSV goes beside it (.csv).')
-_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'last'], 'Which checkpoint of each run.')
-_LOG_Y = flags.DEFINE_bool('log_y', True, 'Logarithmic y axes.')
-_RECOMPUTE = flags.DEFINE_bool('recompute', False, 'Evaluate again even where a results file of the run holds '
-                               'the curves (same checkpoint, same number of tasks, not stale).')
-
 
 def labels_for(runs: list) -> list:
     methods = [r['method'] for r in runs]
@@ -97,4 +89,11 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    _WORKDIRS = flags.DEFINE_list('workdirs', [], 'Comma-separated workdirs of training runs.')
+    _NUM_TASKS = flags.DEFINE_integer('num_tasks', 1000, 'New test tasks to average over (the paper: 1000).')
+    _OUT = flags.DEFINE_string('out', 'convergence.png', 'Output PNG; the CSV goes beside it (.csv).')
+    _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'last'], 'Which checkpoint of each run.')
+    _LOG_Y = flags.DEFINE_bool('log_y', True, 'Logarithmic y axes.')
+    _RECOMPUTE = flags.DEFINE_bool('recompute', False, 'Evaluate again even where a results file of the run holds '
+                                   'the curves (same checkpoint, same number of tasks, not stale).')
     run(main)

@@ -19,8 +19,6 @@ from experiments import run
 from md_meta import methods
 from md_meta.results import load
 
-_WORKDIRS = flags.DEFINE_list('workdirs', [], 'Comma-separated workdirs of evaluated runs.')
-_OUT = flags.DEFINE_string('out', '', 'Also write the table to this file.')
 
 # method name -> (lower-level optimizer, loss-geometry model), as in the paper's Table 1
 ORDER = list(methods.names())
@@ -81,4 +79,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    _WORKDIRS = flags.DEFINE_list('workdirs', [], 'Comma-separated workdirs of evaluated runs.')
+    _OUT = flags.DEFINE_string('out', '', 'Also write the table to this file.')
     run(main)

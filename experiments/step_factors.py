@@ -22,7 +22,6 @@ from jax.flatten_util import ravel_pytree
 from experiments import run
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('workdirs', [], 'workdirs (glob patterns) of finished MD or Meta-SGD runs')
 
 
 def md_jacobian(theta, z, spec) -> np.ndarray:
@@ -76,4 +75,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    flags.DEFINE_list('workdirs', [], 'workdirs (glob patterns) of finished MD or Meta-SGD runs')
     run(main)

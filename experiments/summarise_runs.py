@@ -30,12 +30,6 @@ from experiments import run
 
 from md_meta.evaluation import seed_interval
 
-_ROOT = flags.DEFINE_string('root', None, 'Folder of run workdirs named <variant>-<N>shot-seed<S>.')
-_OUT = flags.DEFINE_string('out', None, 'Output prefix (writes <out>.md, .csv, .json, _val.png, _convergence.*).')
-_VARIANTS = flags.DEFINE_list('variants', [], 'Row order (default: sorted variant names found).')
-_METRIC = flags.DEFINE_string('metric', 'accuracy', 'Test metric of results.json to tabulate.')
-_COMMIT = flags.DEFINE_string('commit', '', 'The commit of the code that produced the runs (default: the git '
-                              'commit of the checkout holding --root).')
 
 NAME = re.compile(r'^(?P<variant>.+)-(?P<shots>\d+)shot-seed(?P<seed>\d+)$')
 
@@ -249,4 +243,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    _ROOT = flags.DEFINE_string('root', None, 'Folder of run workdirs named <variant>-<N>shot-seed<S>.')
+    _OUT = flags.DEFINE_string('out', None, 'Output prefix (writes <out>.md, .csv, .json, _val.png, _convergence.*).')
+    _VARIANTS = flags.DEFINE_list('variants', [], 'Row order (default: sorted variant names found).')
+    _METRIC = flags.DEFINE_string('metric', 'accuracy', 'Test metric of results.json to tabulate.')
+    _COMMIT = flags.DEFINE_string('commit', '', 'The commit of the code that produced the runs (default: the git '
+                                  'commit of the checkout holding --root).')
     run(main)

@@ -25,9 +25,6 @@ from absl import flags
 from experiments import EXIT_INTERRUPTED, define_config_file, fail, run
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'sinusoid.py')
-_CONFIG = define_config_file('config', DEFAULT_CONFIG, 'Experiment config file.')
-_WORKDIR = flags.DEFINE_string('workdir', '', 'Directory for the resolved config, metrics and results '
-                               '(default: runs/<config file name>-<method>).')
 
 
 def default_workdir(config) -> str:
@@ -85,4 +82,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    _CONFIG = define_config_file('config', DEFAULT_CONFIG, 'Experiment config file.')
+    _WORKDIR = flags.DEFINE_string('workdir', '', 'Directory for the resolved config, metrics and results '
+                                   '(default: runs/<config file name>-<method>).')
     run(main)
