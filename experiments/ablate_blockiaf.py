@@ -56,7 +56,31 @@ VARIANTS = {
                                 "MD, the authors' form, learnable heads, one-layer encoders and decoders"),
     'md-monotone-learnable-enc1': ('md', {'md.head_init': 'learnable', 'md.encoder_layers': 1},
                                    'MD, monotone blockIAF, learnable heads, one-layer encoders and decoders'),
+    # a Kronecker matrix per tensor that mixes its entries (md.kronecker; md_meta/methods/md.py)
+    'md-kron': ('md', {'md.kronecker': 'dual_step'},
+                'MD, monotone blockIAF, Kronecker-preconditioned dual step z <- z - alpha K grad'),
+    'md-kron-learnable-enc1': ('md', {'md.kronecker': 'dual_step', 'md.head_init': 'learnable',
+                                      'md.encoder_layers': 1},
+                               'MD, Kronecker dual step, learnable heads, one-layer encoders and decoders'),
+    'md-sandwich': ('md', {'md.kronecker': 'sandwich'},
+                    'MD, monotone map P g(P w) with P = K^(1/2) positive definite (Theorem 1 holds)'),
+    'md-sandwich-learnable-enc1': ('md', {'md.kronecker': 'sandwich', 'md.head_init': 'learnable',
+                                          'md.encoder_layers': 1},
+                                   'MD, monotone sandwich P g(P w), learnable heads, one-layer encoders and decoders'),
+    'md-primal': ('md', {'md.start': 'primal'}, 'MD, monotone blockIAF, start phi_0 meta-learned, z_0 = g^-1(phi_0)'),
+    'md-primal-learnable-enc1': ('md', {'md.start': 'primal', 'md.head_init': 'learnable', 'md.encoder_layers': 1},
+                                 'MD, primal start, learnable heads, one-layer encoders and decoders'),
+    'md-kron-primal-elu': ('md', {'md.kronecker': 'dual_step', 'md.start': 'primal', 'md.activation': 'elu',
+                                  'md.head_init': 'learnable'},
+                           'MD, Kronecker dual step, primal start, ELU codes and learnable heads (every parameter '
+                           'learns)'),
+    'md-sandwich-primal-elu': ('md', {'md.kronecker': 'sandwich', 'md.start': 'primal', 'md.activation': 'elu',
+                                      'md.head_init': 'learnable'},
+                               'MD, monotone sandwich, primal start, ELU codes and learnable heads'),
 }
+KRONECKER_GRID = ('maml', 'metasgd', 'metacurvature', 'metakfo', 'md-paper', 'md-monotone', 'md-kron',
+                  'md-kron-learnable-enc1', 'md-sandwich', 'md-sandwich-learnable-enc1', 'md-primal',
+                  'md-primal-learnable-enc1', 'md-kron-primal-elu', 'md-sandwich-primal-elu')
 DEFAULT = ('maml', 'metasgd', 'metacurvature', 'metakfo', 'md-paper', 'md-paper-learnable', 'md-paper-bounded',
            'md-paper-enc1', 'md-paper-learnable-enc1', 'md-monotone', 'md-monotone-learnable',
            'md-monotone-learnable-enc1')

@@ -54,6 +54,10 @@ class BlockIAFSpec(NamedTuple):
     group_cost_max: how far storage groups of different mode shapes are merged into one zero-padded batched
       product (``merge_plan``): a merged group costs at most this many times its members' multiply-adds. How g
       is computed, not what: larger means fewer kernels for more FLOPs.
+    activation: the nonlinearity of the encoders, the link and the decoder trunks: 'relu' (the authors') or
+      'elu' (x for x > 0, e^x - 1 otherwise: 1-Lipschitz like ReLU, so the monotone certificate holds, and 0 at
+      0, so zero padding stays zero; its slope is never 0, so no code is dead at initialisation: with ReLU the
+      1-number codes that floor halving leaves, and every code of a leaf at zero such as a bias, get no gradient).
     """
     blocks: tuple
     scale: str = 'bounded'
@@ -63,6 +67,14 @@ class BlockIAFSpec(NamedTuple):
     shift_lipschitz: float = 0.0
     encoder_layers: int = 3
     group_cost_max: float = 1.5
+    activation: str = 'relu'
+
+
+ACTIVATIONS = ('relu', 'elu')
+
+
+def _activation(spec: 'BlockIAFSpec'):
+    return jax.nn.elu if spec.activation == 'elu' else jax.nn.relu
 
 
 def default_blocks(params: Params) -> tuple:
@@ -79,7 +91,7 @@ def default_blocks(params: Params) -> tuple:
 def make_spec(params: Params, *, blocks: Sequence[str] | None = None, scale: str = 'bounded',
               s_min: float = 0.1, s_max: float = 2.0, monotone: bool = False,
               shift_lipschitz: float | None = None, encoder_layers: int = 3,
-              group_cost_max: float = 1.5) -> BlockIAFSpec:
+              group_cost_max: float = 1.5, activation: str = 'relu') -> BlockIAFSpec:
     """Builds and validates a spec; in monotone mode ``shift_lipschitz=None`` picks s_min / (2 sqrt(B-1))."""
     blocks = tuple(blocks) if blocks is not None else default_blocks(params)
     missing = [b for b in blocks if b not in params]
@@ -92,6 +104,8 @@ def make_spec(params: Params, *, blocks: Sequence[str] | None = None, scale: str
         raise ValueError(f'bounded scale needs 0 <= s_min < 1 < s_max (identity at start), got {s_min}, {s_max}')
     if encoder_layers < 1:
         raise ValueError(f'encoder_layers must be >= 1, got {encoder_layers}')
+    if activation not in ACTIVATIONS:
+        raise ValueError(f'blockIAF activation must be one of {ACTIVATIONS}, got {activation!r}')
     if not group_cost_max >= 1.0:
         raise ValueError(f'group_cost_max must be >= 1 (1: merge only where padding costs nothing), '
                          f'got {group_cost_max}')
@@ -101,11 +115,13 @@ def make_spec(params: Params, *, blocks: Sequence[str] | None = None, scale: str
         nb = len(blocks)
         if shift_lipschitz is None:
             shift_lipschitz = s_min / (2.0 * math.sqrt(max(nb - 1, 1)))
+        if shift_lipschitz < 0:
+            raise ValueError(f'shift_lipschitz must be >= 0 (a Lipschitz bound), got {shift_lipschitz}')
         if s_min - shift_lipschitz * math.sqrt(max(nb - 1, 0)) <= 0:
             raise ValueError(f'shift_lipschitz={shift_lipschitz} leaves no monotonicity margin: need '
                              f'c * sqrt(B-1) < s_min = {s_min} with B = {nb}')
     return BlockIAFSpec(blocks, scale, float(s_min), float(s_max), bool(monotone),
-                        float(shift_lipschitz or 0.0), int(encoder_layers), float(group_cost_max))
+                        float(shift_lipschitz or 0.0), int(encoder_layers), float(group_cost_max), activation)
 
 
 def monotone_margin(spec: BlockIAFSpec) -> float:
@@ -280,7 +296,7 @@ def _encode(theta_enc_block, z_block, spec):
     for layers, leaf in zip(theta_enc_block, _leaves(z_block)):
         x = leaf.reshape(mode_shape(leaf.shape))
         for p in layers:
-            x = jax.nn.relu(_kron_layer_apply(p, x))
+            x = _activation(spec)(_kron_layer_apply(p, x))
         outs.append(x.reshape(-1))
     return jnp.concatenate(outs)
 
@@ -295,10 +311,10 @@ def _decode(theta, b, encodings, block_template, spec):
     for dec, leaf in zip(theta['dec'][b], leaves):
         shape0 = _decoder_input_shape(dec)
         n = int(np.prod(shape0))
-        x = jax.nn.relu(h[start:start + n].reshape(shape0))
+        x = _activation(spec)(h[start:start + n].reshape(shape0))
         start += n
         for p in dec['trunk']:
-            x = jax.nn.relu(_kron_layer_apply(p, x))
+            x = _activation(spec)(_kron_layer_apply(p, x))
         mu_out.append(_kron_layer_apply(dec['mu'], x).reshape(leaf.shape))
         if not spec.monotone:
             a_out.append(_kron_layer_apply(dec['a'], x).reshape(leaf.shape))
@@ -668,17 +684,18 @@ def apply_packed(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
     if made('enc') != planned(enc_groups, 1) or made('dec') != planned(dec_groups, depth - 1):
         raise ValueError('apply_packed: the weights are not effective_packed(..., spec.monotone, spec.group_cost_max) '
                          'of a map of this network (their merged groups differ from the plan of z and spec)')
+    act = _activation(spec)
     codes = []   # encoders: every leaf of every block but the last
     for layers, (parts, padded) in zip(w['enc'], enc_groups):
         x = _stack_padded(parts, lambda m: template[m[0]][m[1]], 0, padded[0])
         for p in layers:
-            x = jax.nn.relu(_batched_layer(p, x))
+            x = act(_batched_layer(p, x))
         codes.append(x)
     if 'links' in w:   # links: block i reads the encodings of blocks < i
         cols, rows = _links_indices(shapes, spec, enc_groups, dec_groups)
         link_w = jnp.pad(w['links']['w'], ((0, 1), (0, 1)))[rows][:, cols]   # padding: a zero row / column
         link_b = jnp.pad(w['links']['b'], (0, 1))[rows]
-        h = jax.nn.relu(link_w @ jnp.concatenate([x.reshape(-1) for x in codes]) + link_b)
+        h = act(link_w @ jnp.concatenate([x.reshape(-1) for x in codes]) + link_b)
         sizes = [sum(len(m) for m, _ in parts) * math.prod(padded[depth]) for parts, padded in dec_groups]
         dec_in = [x.reshape((-1,) + padded[depth]) for x, (_, padded) in
                   zip(jnp.split(h, np.cumsum(sizes)[:-1]), dec_groups)]
@@ -691,14 +708,14 @@ def apply_packed(weights: Params, z: Params, spec: BlockIAFSpec) -> Params:
         for b in blocks[1:]:
             link = w['link'][b]
             h = link['w'] @ jnp.concatenate(encodings[:blocks.index(b)])
-            h = jax.nn.relu((h * link['scale'] if 'scale' in link else h) + link['b'])
+            h = act((h * link['scale'] if 'scale' in link else h) + link['b'])
             sizes = [math.prod(_shrink_sequence(s, depth)[-1]) for s in shapes[b]]
             inputs.update({(b, j): x for j, x in enumerate(jnp.split(h, np.cumsum(sizes)[:-1]))})
         dec_in = [_stack_padded(parts, inputs.get, depth, padded[depth]) for parts, padded in dec_groups]
     heads = {}   # decoders: every leaf of every block but the first
     for layers, (parts, _), x in zip(w['dec'], dec_groups, dec_in):
         for p in layers[:depth - 1]:
-            x = jax.nn.relu(_batched_layer(p, x))
+            x = act(_batched_layer(p, x))
         outs = [_unstack_padded(_batched_layer(p, x), parts, 0) for p in layers[depth - 1:]]   # mu, then a
         for members, _ in parts:
             for b, j in members:

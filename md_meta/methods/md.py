@@ -5,13 +5,35 @@
 with the dual initialisation z_0 and the blockIAF parameters theta_g meta-learned (stored in
 ``blockiaf.pack``'s layout: the leaves' encoder / decoder layers stacked per group). The gradient is
 taken with respect to the primal phi = g(z), not through g (the reference implementation's choice).
-With g = identity this is exactly MAML."""
+With g = identity this is exactly MAML.
+
+Inside one layer the blockIAF's Jacobian is diagonal (dg/dz = diag(sigma) + a strictly block-lower-triangular
+part), so g can scale each entry of a kernel but never mix them. ``md.kronecker`` adds a meta-learned
+Kronecker-factored matrix K per tensor (MetaCurvature's tensor mode products, starting at the identity) that does:
+
+* 'dual_step':  z_k = z_{k-1} - alpha * K grad_phi L(g(z_{k-1})): mirror descent with the inverse map g o K in
+  the variable K^-1 z (z_0 stays the meta-learned start, so K^-1 is never formed). With g = identity it is
+  MetaCurvature; with K = I it is the map alone. K is unconstrained, as MetaCurvature's.
+* 'sandwich':  phi = g~(w) = P g(P w), w_k = w_{k-1} - alpha * grad_phi L(g~(w_{k-1})), with P = K^{1/2} the
+  Kronecker product of symmetric positive definite factors A = L L^T + eps I (a vector factor: l^2 + eps).
+  (w - w')^T (g~(w) - g~(w')) = (u - u')^T (g(u) - g(u')) with u = P w, so a monotone g with margin C and
+  Lipschitz bound M gives g~ the margin C lambda_min(P)^2 and the bound M lambda_max(P)^2 (Theorem 1 keeps
+  holding; docs/monotonicity.md). With g = identity it is MetaCurvature with M = P^2 = K, positive definite.
+
+``md.start``: 'dual' meta-learns the dual start z_0 (the paper; phi_0 = g(z_0) then moves whenever the map does);
+'primal' meta-learns phi_0 and starts each adaptation at z_0 = g^-1(phi_0) (w_0 = P^-1 g^-1(P^-1 phi_0)), through
+the blockIAF's explicit inverse, so that the map's parameters change the steps and never the start.
+"""
 import jax
+import jax.numpy as jnp
 
 from md_meta import blockiaf
 from md_meta.geometry import Geometry, InnerLoop, sgd_step
+from md_meta.methods import _tensor
 
 LOWER_LEVEL, LOSS_GEOMETRY = 'MD', 'blockIAF-based mirror map'
+KRONECKER = ('none', 'dual_step', 'sandwich')
+STARTS = ('dual', 'primal')
 
 
 def spec_from_config(config, params) -> blockiaf.BlockIAFSpec:
@@ -20,26 +42,94 @@ def spec_from_config(config, params) -> blockiaf.BlockIAFSpec:
     c = config.md
     return blockiaf.make_spec(params, scale=c.scale, s_min=c.s_min, s_max=c.s_max,
                               monotone=c.monotone, shift_lipschitz=c.shift_lipschitz,
-                              encoder_layers=c.encoder_layers, group_cost_max=c.group_cost_max)
+                              encoder_layers=c.encoder_layers, group_cost_max=c.group_cost_max,
+                              activation=c.activation)
+
+
+# ----------------------------------------------------------------------------- the Kronecker factors
+
+def init_kronecker(params, kind: str, eps: float):
+    """K's factors for each tensor of ``params``, so that K = I: MetaCurvature's identity factors ('dual_step'),
+    or the square roots L = sqrt(1 - eps) I of P's factors A = L L^T + eps I ('sandwich')."""
+    scale = 1.0 if kind == 'dual_step' else (1.0 - eps) ** 0.5
+    return jax.tree_util.tree_map(
+        lambda p: jax.tree_util.tree_map(lambda f: f * jnp.asarray(scale, f.dtype),
+                                         _tensor.init_factors(p.shape, 'identity', p.dtype)), params)
+
+
+def spd_factors(kron, eps: float):
+    """P's factors from their square roots: A = L L^T + eps I per matrix, l^2 + eps per vector factor."""
+    def one(f):
+        if isinstance(f, (list, tuple)):
+            return [m @ m.T + eps * jnp.eye(m.shape[0], dtype=m.dtype) for m in f]
+        return f * f + eps
+    return jax.tree_util.tree_map(one, kron, is_leaf=lambda x: isinstance(x, (list, tuple)))
+
+
+def inverse_factors(factors):
+    """The factors of P^-1 (each A^-1, a vector's reciprocal): P^-1 = kron of the inverses."""
+    def one(f):
+        if isinstance(f, (list, tuple)):
+            return [jnp.linalg.inv(m) for m in f]
+        return 1.0 / f
+    return jax.tree_util.tree_map(one, factors, is_leaf=lambda x: isinstance(x, (list, tuple)))
+
+
+def apply_kronecker(factors, tree):
+    """Each tensor of ``tree`` times its Kronecker-factored matrix (tensor mode products)."""
+    return _tensor.map_leaves(lambda x, f: _tensor.kron_apply(f, x), tree, factors)
+
+
+# ----------------------------------------------------------------------------- the geometry
+
+def split_geom(geom) -> tuple:
+    """(the packed blockIAF, K's factors or None) of MD's meta-parameters ``meta['geom']``."""
+    if 'kron' not in geom:
+        return geom, None
+    return {k: v for k, v in geom.items() if k != 'kron'}, geom['kron']
 
 
 def make(config) -> Geometry:
     alpha = float(config.inner.step_size)
+    c = config.md
+    kind, eps, primal = c.kronecker, float(c.kronecker_eps), c.start == 'primal'
 
     def spec_for(params):  # the spec is a pure function of the config and the pytree's block keys
         return spec_from_config(config, params)
 
+    def maps(geom):
+        """(phi = g~(w), w = g~^-1(phi)) of MD's meta-parameters: g~ = g, or P g(P .) for the sandwich."""
+        packed, kron = split_geom(geom)
+        weights = blockiaf.effective_packed(packed, c.monotone, c.group_cost_max)
+        g = lambda z: blockiaf.apply_packed(weights, z, spec_for(z))
+        g_inv = lambda phi: blockiaf.inverse(blockiaf.unpack(packed, spec_for(phi), phi), phi, spec_for(phi))
+        if kind != 'sandwich':
+            return g, g_inv
+        p = spd_factors(kron, eps)
+        p_inv = inverse_factors(p)
+        return (lambda w: apply_kronecker(p, g(apply_kronecker(p, w))),
+                lambda phi: apply_kronecker(p_inv, g_inv(apply_kronecker(p_inv, phi))))
+
     def init(key, params):
         spec = spec_for(params)
-        theta = blockiaf.init(key, params, spec, head_init=config.md.head_init)
+        geom = blockiaf.pack(blockiaf.init(key, params, spec, head_init=c.head_init), spec)
+        if kind != 'none':
+            geom = dict(geom, kron=init_kronecker(params, kind, eps))
+        if primal:
+            return params, geom
         # one compiled inverse: eagerly, each of its many small ops compiles separately (seconds)
-        z0 = jax.jit(lambda th, p: blockiaf.inverse(th, p, spec))(theta, params)
-        return z0, blockiaf.pack(theta, spec)
+        return jax.jit(lambda gm, p: maps(gm)[1](p))(geom, params), geom
 
-    def inner(theta):
-        weights = blockiaf.effective_packed(theta, config.md.monotone, config.md.group_cost_max)  # once per adaptation
-        return InnerLoop(update=lambda z, grad: sgd_step(z, grad, alpha),
-                         params_of=lambda z: blockiaf.apply_packed(weights, z, spec_for(z)))
+    def inner(geom):
+        params_of, inverse = maps(geom)   # the map's weights: once per adaptation
+        kron = split_geom(geom)[1]
+        if kind == 'dual_step':
+            update = lambda z, grad: sgd_step(z, apply_kronecker(kron, grad), alpha)
+        else:
+            update = lambda z, grad: sgd_step(z, grad, alpha)
+        if primal:
+            return InnerLoop(update=update, params_of=params_of, start=lambda phi0, key: inverse(phi0))
+        return InnerLoop(update=update, params_of=params_of)
 
     return Geometry(init=init, inner=inner)
 
@@ -56,7 +146,17 @@ def validate(config, require) -> None:
             and c.group_cost_max >= 1, 'md.group_cost_max', f'must be a number >= 1, got {c.group_cost_max!r}')
     require(c.head_init in blockiaf.HEAD_INITS, 'md.head_init',
             f'must be one of {blockiaf.HEAD_INITS}, got {c.head_init!r}')
+    require(c.activation in blockiaf.ACTIVATIONS, 'md.activation',
+            f'must be one of {blockiaf.ACTIVATIONS}, got {c.activation!r}')
+    require(c.kronecker in KRONECKER, 'md.kronecker', f'must be one of {KRONECKER}, got {c.kronecker!r}')
+    require(isinstance(c.kronecker_eps, (int, float)) and not isinstance(c.kronecker_eps, bool)
+            and 0 < c.kronecker_eps < 1, 'md.kronecker_eps',
+            f'must be in (0, 1) (the floor of each positive definite factor), got {c.kronecker_eps!r}')
+    require(c.start in STARTS, 'md.start', f'must be one of {STARTS}, got {c.start!r}')
     if c.monotone:
         require(c.scale == 'bounded' and c.s_min > 0, 'md.monotone',
                 "the monotone blockIAF (the default) needs md.scale='bounded' and md.s_min > 0; "
                 "set md.monotone=False for the paper's / reference's unconstrained map")
+        if c.shift_lipschitz is not None:
+            require(c.shift_lipschitz >= 0, 'md.shift_lipschitz',
+                    f'must be >= 0 (the bound of each shift\'s Lipschitz constant), got {c.shift_lipschitz}')
