@@ -1,13 +1,17 @@
-"""The per-parameter inner step that trained runs learned, relative to alpha, as distributions.
+"""The inner step that trained runs learned: the step matrix S of each geometry, its diagonal and its mixing.
 
-    python -m experiments.step_factors --workdirs='runs/full/md-monotone-s*/md-5shot,runs/full/metasgd-s*/metasgd-5shot'
+    python -m experiments.step_factors --workdirs='runs/ablate/md-kron-s*/md-5shot,runs/ablate/metasgd-s*/metasgd-5shot'
 
-Meta-SGD: a_j / alpha (phi_j <- phi_j - a_j grad_j L). MD: the diagonal of dg/dz at the learned z_0. Since
-phi_i = z_i sigma(a_i) + mu_i(z_<i) with sigma and mu of block i depending on earlier blocks only, that diagonal
-is sigma, and one MD step moves phi_j by -alpha sigma_j grad_j L plus the change of the shifts. Prints, per run,
-the fraction of parameters whose factor is below 0.1 and above 2 (the monotone map's default scale bounds),
-quantiles, and for MD the largest off-diagonal entry of dg/dz: how much one parameter's step moves another
-(docs/methods.md, "Why MD does no better than Meta-SGD").
+For a geometry whose inner step is linear in the gradient, one step from the meta-learned start moves the network
+parameters by phi_1 - phi_0 = -alpha S grad L to first order, with S = -(1/alpha) d phi(update(state_0, v)) / dv
+at v = 0 (``step_matrix``): MAML S = I; Meta-SGD diag(a_j) / alpha; MetaCurvature its Kronecker matrix K; MD
+dg/dz at z_0 = J_g (diagonal inside each block, the scales sigma; between blocks the shifts' coupling), with
+md.kronecker='dual_step' J_g K, with 'sandwich' P J_g P. Printed per run: the diagonal's quantiles and the
+fractions below 0.1 and above 2 (the monotone map's default scale bounds), the share of S's Frobenius mass, within
+each network tensor's diagonal block, that lies off the diagonal (how much one step mixes a kernel's entries:
+0 for Meta-SGD and today's MD, the point of MetaCurvature), and the share that lies between tensors (MD's
+autoregressive coupling). S is dense (n x n): networks up to ``MAX_PARAMETERS`` parameters (the sinusoid MLP has
+1761). docs/methods.md, "Why MD does no better than Meta-SGD".
 """
 from __future__ import annotations
 
@@ -22,6 +26,36 @@ from jax.flatten_util import ravel_pytree
 from experiments import run
 
 FLAGS = flags.FLAGS
+MAX_PARAMETERS = 20000
+LINEAR_STEPS = ('maml', 'metasgd', 'metacurvature', 'md')   # methods whose inner step is linear in the gradient
+
+
+def step_matrix(geometry, meta, alpha: float) -> np.ndarray:
+    """S (n x n, ``ravel_pytree`` order of the network parameters) with phi_1 - phi_0 = -alpha S grad to first
+    order, from the start the meta-parameters ``meta`` give (one forward-mode product per parameter)."""
+    loop = geometry.inner(meta['geom'])
+    state0 = loop.start(meta['init'], jax.random.PRNGKey(0))
+    phi0, unravel = ravel_pytree(loop.params_of(state0))
+    if phi0.size > MAX_PARAMETERS:
+        raise ValueError(f'step_matrix: {phi0.size} parameters; the dense step matrix is for networks of at most '
+                         f'{MAX_PARAMETERS}')
+    moved = lambda v: ravel_pytree(loop.params_of(loop.update(state0, unravel(v))))[0]
+    return -np.asarray(jax.jit(jax.jacfwd(moved))(jnp.zeros_like(phi0))) / alpha
+
+
+def mixing(S: np.ndarray, params) -> dict:
+    """{'within': share of the Frobenius mass of S's per-tensor diagonal blocks off their diagonals, 'between':
+    share of S's mass outside those blocks}; the tensors are the leaves of ``params`` in ``ravel_pytree`` order."""
+    sizes = [int(np.size(x)) for x in jax.tree_util.tree_leaves(params)]
+    ends = np.cumsum(sizes)
+    block = np.zeros(S.shape, bool)
+    for a, b in zip(ends - sizes, ends):
+        block[a:b, a:b] = True
+    diag = np.eye(S.shape[0], dtype=bool)
+    sq = S * S
+    within = sq[block].sum()
+    return {'within': float(sq[block & ~diag].sum() / within) if within else 0.0,
+            'between': float(sq[~block].sum() / sq.sum()) if sq.sum() else 0.0}
 
 
 def md_jacobian(theta, z, spec) -> np.ndarray:
@@ -40,21 +74,14 @@ def md_step_factors(theta, z, spec) -> np.ndarray:
 
 
 def run_step_factors(workdir: str) -> tuple:
-    """(method, factors, largest |off-diagonal entry| of dg/dz: MD's coupling between parameters, None for
-    Meta-SGD) of a finished run's last checkpoint."""
-    from md_meta import blockiaf, training
-    from md_meta.methods import md, metasgd
+    """(method, diag(S), mixing(S)) of a finished run's last checkpoint."""
+    from md_meta import training
     exp, meta, _ = training.load_run(workdir, which='last')
     c = exp.config
-    if c.method == 'metasgd':
-        steps = metasgd.step_sizes(meta['geom'], float(c.inner.step_size))
-        return (c.method, np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(steps)]) / c.inner.step_size,
-                None)
-    if c.method == 'md':
-        spec = md.spec_from_config(c, meta['init'])
-        jac = md_jacobian(blockiaf.unpack(meta['geom'], spec, meta['init']), meta['init'], spec)
-        return c.method, np.diagonal(jac).copy(), float(np.abs(jac - np.diag(np.diagonal(jac))).max())
-    raise ValueError(f'{workdir}: a {c.method} run; step factors are defined for md and metasgd runs')
+    if c.method not in LINEAR_STEPS:
+        raise ValueError(f'{workdir}: a {c.method} run; the step matrix is defined for {LINEAR_STEPS}')
+    S = step_matrix(exp.learner.geometry, meta, float(c.inner.step_size))
+    return c.method, np.diagonal(S).copy(), mixing(S, meta['init'])
 
 
 def main(argv):
@@ -64,16 +91,16 @@ def main(argv):
     workdirs = sorted(w for pattern in FLAGS.workdirs for w in glob.glob(pattern))
     if not workdirs:
         raise SystemExit(f'step_factors: no workdir matches {FLAGS.workdirs}')
-    print('| run | method | parameters | factor < 0.1 | factor > 2 | quantiles 1 / 10 / 50 / 90 / 99% | '
-          'largest off-diagonal of dg/dz |')
-    print('| --- | --- | --- | --- | --- | --- | --- |')
+    print('| run | method | parameters | diag < 0.1 | diag > 2 | diag quantiles 1 / 10 / 50 / 90 / 99% | '
+          'mixing within tensors | between tensors |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- |')
     for wd in workdirs:
-        method, f, off = run_step_factors(wd)
+        method, f, mix = run_step_factors(wd)
         q = ' / '.join(f'{x:.3g}' for x in np.quantile(f, [0.01, 0.1, 0.5, 0.9, 0.99]))
         print(f'| {wd} | {method} | {f.size} | {np.mean(f < 0.1):.3f} | {np.mean(f > 2):.3f} | {q} | '
-              f'{"-" if off is None else f"{off:.2g}"} |', flush=True)
+              f'{mix["within"]:.3g} | {mix["between"]:.3g} |', flush=True)
 
 
 if __name__ == '__main__':
-    flags.DEFINE_list('workdirs', [], 'workdirs (glob patterns) of finished MD or Meta-SGD runs')
+    flags.DEFINE_list('workdirs', [], f'workdirs (glob patterns) of finished runs of {LINEAR_STEPS}')
     run(main)

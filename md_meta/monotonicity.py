@@ -150,6 +150,48 @@ def falsify(spec: blockiaf.BlockIAFSpec, params: Params, key: jax.Array, *, rest
     return Counterexample(float(gap(th, za, zb, spec)), th, za, zb, r, vals)
 
 
+def map_gap(fn: Callable, z: Params, z_prime: Params) -> jnp.ndarray:
+    """(z - z')^T (f(z) - f(z')) / |z - z'|^2 for any map ``fn`` of a pytree to a pytree of its structure."""
+    dz, _ = ravel_pytree(jax.tree_util.tree_map(jnp.subtract, z, z_prime))
+    df, _ = ravel_pytree(jax.tree_util.tree_map(jnp.subtract, fn(z), fn(z_prime)))
+    return jnp.vdot(dz, df) / (jnp.vdot(dz, dz) + jnp.finfo(dz.dtype).tiny)
+
+
+def falsify_map(fn: Callable, center: Params, key: jax.Array, *, restarts: int = 8, steps: int = 300,
+                lr: float = 0.05, z_scale: float = 1.0) -> Counterexample:
+    """``falsify`` for a fixed map ``fn`` (e.g. MD's sandwich P g(P w), ``md_meta.methods.md``): Adam on
+    map_gap over the pair (z, z') from ``restarts`` random starts center + N(0, z_scale^2)."""
+    opt = optax.adam(lr)
+    objective = lambda x: map_gap(fn, *x)
+
+    @jax.jit
+    def run(keys):
+        def one(k):
+            ka, kb = jax.random.split(k)
+            x0 = (_perturb(ka, center, z_scale), _perturb(kb, center, z_scale))
+
+            def body(carry, _):
+                x, opt_state, best_val, best_x = carry
+                val, grads = jax.value_and_grad(objective)(x)
+                better = jnp.isfinite(val) & (val < best_val)
+                best_val = jnp.where(better, val, best_val)
+                best_x = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), x, best_x)
+                updates, opt_state = opt.update(grads, opt_state, x)
+                return (optax.apply_updates(x, updates), opt_state, best_val, best_x), None
+
+            dtype = jax.tree_util.tree_leaves(center)[0].dtype
+            (_, _, best_val, best_x), _ = jax.lax.scan(body, (x0, opt.init(x0), jnp.asarray(jnp.inf, dtype), x0),
+                                                       None, length=steps)
+            return best_val, best_x
+        return jax.vmap(one)(keys)
+
+    vals, xs = run(jax.random.split(key, restarts))
+    vals = np.asarray(vals)
+    r = int(np.nanargmin(vals))
+    za, zb = jax.tree_util.tree_map(lambda a: a[r], xs)
+    return Counterexample(float(map_gap(fn, za, zb)), None, za, zb, r, vals)
+
+
 # ----------------------------------------------------------------------------- diagnostics
 
 def sym_jacobian_matvec(theta: Params, z: Params, spec: blockiaf.BlockIAFSpec) -> tuple[Callable, int]:

@@ -12,7 +12,10 @@ The argument is the variant, optionally with the shot count:
 
 Variants: maml, metasgd, metacurvature, md-paper (the authors' blockIAF: unconstrained, exp scale,
 zero-initialised decoder heads), md-monotone (md-meta's default blockIAF: bounded scale, monotone by
-construction), md-paper-learnable (the paper's form with every decoder factor learnable).
+construction), md-paper-learnable (the paper's form with every decoder factor learnable), metakfo, and the
+forms of MD with a Kronecker matrix per tensor: md-kron (the monotone map with a Kronecker-preconditioned dual
+step), md-kron-learnable-enc1, md-sandwich (the monotone sandwich P g(P w)), md-kron-primal-elu and
+md-sandwich-primal-elu (primal start, ELU codes, learnable heads).
 1000 meta-steps, validated every 250: the CPU budget of docs/results.md (the paper trains 60000).
 """
 import os
@@ -26,6 +29,15 @@ VARIANTS = {
     'md-paper': ('md', {'monotone': False, 'scale': 'exp', 'head_init': 'zero'}),
     'md-monotone': ('md', {'monotone': True, 'scale': 'bounded', 'head_init': 'zero'}),
     'md-paper-learnable': ('md', {'monotone': False, 'scale': 'exp', 'head_init': 'learnable'}),
+    'metakfo': ('metakfo', {}),
+    # MD with a Kronecker matrix per tensor (md.kronecker, docs/methods.md), the forms of the sinusoid ablation
+    'md-kron': ('md', {'kronecker': 'dual_step'}),
+    'md-kron-learnable-enc1': ('md', {'kronecker': 'dual_step', 'head_init': 'learnable', 'encoder_layers': 1}),
+    'md-sandwich': ('md', {'kronecker': 'sandwich'}),
+    'md-kron-primal-elu': ('md', {'kronecker': 'dual_step', 'start': 'primal', 'activation': 'elu',
+                                  'head_init': 'learnable'}),
+    'md-sandwich-primal-elu': ('md', {'kronecker': 'sandwich', 'start': 'primal', 'activation': 'elu',
+                                      'head_init': 'learnable'}),
 }
 
 

@@ -75,6 +75,25 @@ def inverse_factors(factors):
     return jax.tree_util.tree_map(one, factors, is_leaf=lambda x: isinstance(x, (list, tuple)))
 
 
+def eigenvalue_range(factors) -> tuple:
+    """(lambda_min, lambda_max) of the block-diagonal matrix whose tensor blocks are the Kronecker products of
+    ``factors`` (symmetric, e.g. ``spd_factors``): a Kronecker product's eigenvalues are the products of its
+    factors' eigenvalues, and the products' extremes come from the factors' extremes (all positive)."""
+    lo, hi = [], []
+    for f in jax.tree_util.tree_leaves(factors, is_leaf=lambda x: isinstance(x, (list, tuple))):
+        eigs = [jnp.linalg.eigvalsh(m) for m in f] if isinstance(f, (list, tuple)) else [f]
+        lo.append(jnp.prod(jnp.stack([e.min() for e in eigs])))
+        hi.append(jnp.prod(jnp.stack([e.max() for e in eigs])))
+    return jnp.min(jnp.stack(lo)), jnp.max(jnp.stack(hi))
+
+
+def sandwich_certificate(spec: blockiaf.BlockIAFSpec, kron, eps: float) -> dict:
+    """Theorem 1's constants for g~(w) = P g(P w) with a monotone g: the margin C_mono lambda_min(P)^2 and the
+    Lipschitz bound M lambda_max(P)^2 (docs/monotonicity.md)."""
+    lo, hi = eigenvalue_range(spd_factors(kron, eps))
+    return {'C_mono': blockiaf.monotone_margin(spec) * lo ** 2, 'M': blockiaf.lipschitz_bound(spec) * hi ** 2}
+
+
 def apply_kronecker(factors, tree):
     """Each tensor of ``tree`` times its Kronecker-factored matrix (tensor mode products)."""
     return _tensor.map_leaves(lambda x, f: _tensor.kron_apply(f, x), tree, factors)
