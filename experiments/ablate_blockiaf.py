@@ -26,7 +26,7 @@ from absl import flags
 
 from experiments import run
 from md_meta.evaluation import seed_interval
-from md_meta.workdirs import WorkdirError
+from md_meta.workdirs import WorkdirError, git_commit
 
 # name -> (method, config overrides, what it is)
 VARIANTS = {
@@ -74,6 +74,8 @@ VARIANTS = {
                                   'md.head_init': 'learnable'},
                            'MD, Kronecker dual step, primal start, ELU codes and learnable heads (every parameter '
                            'learns)'),
+    'md-kfo': ('md', {'md.kronecker': 'kfo_step'},
+               "MD, monotone blockIAF, MetaKFO's nonlinear transformation as the dual step (no longer mirror descent)"),
     'md-sandwich-primal-elu': ('md', {'md.kronecker': 'sandwich', 'md.start': 'primal', 'md.activation': 'elu',
                                       'md.head_init': 'learnable'},
                                'MD, monotone sandwich, primal start, ELU codes and learnable heads'),
@@ -142,6 +144,36 @@ def summarise(results: dict) -> list:
     return rows
 
 
+def paired(rows: list, reference: str) -> list:
+    """[{variant, shots, diff, ci, ahead, seeds}]: per variant and shot count, the MSE minus the reference's,
+    paired by seed (mean +- the t-interval over seeds; negative: better than the reference), and in how many seeds
+    the variant's MSE is below the reference's. Rows' per_seed lists are in seed order (``summarise``)."""
+    ref = {r['shots']: r['per_seed'] for r in rows if r['variant'] == reference}
+    out = []
+    for r in rows:
+        if r['variant'] == reference or r['shots'] not in ref or len(ref[r['shots']]) != len(r['per_seed']):
+            continue
+        d = np.asarray(r['per_seed']) - np.asarray(ref[r['shots']])
+        mean, ci = seed_interval(d)
+        out.append({'variant': r['variant'], 'reference': reference, 'shots': r['shots'], 'diff': mean, 'ci': ci,
+                    'ahead': int(np.sum(d < 0)), 'seeds': int(d.size)})
+    return out
+
+
+def paired_markdown(pairs: list, reference: str) -> str:
+    shots = [int(x) for x in FLAGS.shots]
+    by = {(p['variant'], p['shots']): p for p in pairs if p['reference'] == reference}
+    out = [f'| variant | ' + ' | '.join(f'{s}-shot: MSE - {reference} (seeds ahead)' for s in shots) + ' |',
+           '| --- |' + ' --- |' * len(shots)]
+    for v in FLAGS.variants:
+        if v == reference or not any((v, s) in by for s in shots):
+            continue
+        cells = [f'{by[(v, s)]["diff"]:+.3f} +- {by[(v, s)]["ci"]:.3f} ({by[(v, s)]["ahead"]}/{by[(v, s)]["seeds"]})'
+                 if (v, s) in by else '-' for s in shots]
+        out.append(f'| {v} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(out) + '\n'
+
+
 def markdown(rows: list, command: str) -> str:
     shots = [int(x) for x in FLAGS.shots]
     by = {(r['variant'], r['shots']): r for r in rows}
@@ -207,11 +239,17 @@ def main(argv):
     command = 'python -m experiments.ablate_blockiaf ' + ' '.join(sys.argv[1:])
     out = FLAGS.out or os.path.join(FLAGS.workdir, 'ablation')
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-    table = markdown(rows, command)
+    references = [v for v in FLAGS.paired_against if any(r['variant'] == v for r in rows)]
+    pairs = [p for ref in references for p in paired(rows, ref)]
+    table = markdown(rows, command) + ''.join(
+        f'\nPaired by seed against {ref}: mean difference of the test MSE +- the 95% t-interval over seeds '
+        f'(negative: lower MSE than {ref}), and the seeds in which the variant is ahead.\n\n' + paired_markdown(pairs, ref)
+        for ref in references)
     with open(out + '.md', 'w') as f:
         f.write(table)
     with open(out + '.json', 'w') as f:
-        json.dump({'command': command, 'steps': FLAGS.steps, 'rows': rows}, f, indent=1)
+        json.dump({'command': command, 'steps': FLAGS.steps, 'commit': git_commit(), 'rows': rows, 'paired': pairs},
+                  f, indent=1)
     with open(out + '.csv', 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['variant', 'shots', 'mean_mse', 'ci95', 'seeds', 'per_seed'])
@@ -231,4 +269,6 @@ if __name__ == '__main__':
     flags.DEFINE_integer('num_tasks', 600, 'new test tasks per evaluation')
     flags.DEFINE_integer('jobs', 1, 'runs in parallel (each a process)')
     flags.DEFINE_string('out', '', 'path prefix of the table files (default: <workdir>/ablation)')
+    flags.DEFINE_list('paired_against', ['metacurvature', 'metakfo'], 'variants every other one is compared with, '
+                      'paired by seed (those present)')
     run(main)

@@ -28,7 +28,7 @@ def make_image_folder(root, classes=8, per_class=6, size=(30, 26), split_dirs=Fa
 
 def readme_block(title):
     text = open(os.path.join(ROOT, 'README.md')).read()
-    section = text[text.index(f'### {title}'):]
+    section = text[text.index(f'## {title}'):]
     return re.search(r'```python\n(.*?)```', section, re.S).group(1)
 
 
@@ -36,7 +36,7 @@ def test_readme_own_data_and_model_runs_as_written(tmp_path):
     """The README's code block, unchanged, in a fresh process beside a folder of class folders (at XLA's
     default optimisation level: the suite's level 0 makes its meta-steps ~25x slower)."""
     make_image_folder(str(tmp_path / 'my_images'), classes=32, per_class=6)
-    (tmp_path / 'example.py').write_text(readme_block('Your own data and model'))
+    (tmp_path / 'example.py').write_text(readme_block('In a notebook, with your own data and model'))
     flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split() if 'optimization_level' not in f)
     env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=ROOT, MD_META_CACHE=str(tmp_path / 'cache'),
                JAX_PLATFORMS='cpu')

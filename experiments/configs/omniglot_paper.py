@@ -36,6 +36,7 @@ VARIANTS = {
     'md-sandwich': ('md', {'kronecker': 'sandwich'}),
     'md-kron-primal-elu': ('md', {'kronecker': 'dual_step', 'start': 'primal', 'activation': 'elu',
                                   'head_init': 'learnable'}),
+    'md-kfo': ('md', {'kronecker': 'kfo_step'}),
     'md-sandwich-primal-elu': ('md', {'kronecker': 'sandwich', 'start': 'primal', 'activation': 'elu',
                                       'head_init': 'learnable'}),
 }

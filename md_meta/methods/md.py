@@ -20,6 +20,13 @@ Kronecker-factored matrix K per tensor (MetaCurvature's tensor mode products, st
   Lipschitz bound M gives g~ the margin C lambda_min(P)^2 and the bound M lambda_max(P)^2 (Theorem 1 keeps
   holding; docs/monotonicity.md). With g = identity it is MetaCurvature with M = P^2 = K, positive definite.
 
+* 'kfo_step':  z_k = z_{k-1} - alpha * f(grad_phi L(g(z_{k-1}))), f MetaKFO's learned nonlinear transformation of
+  each tensor's gradient (``metakfo.transform``; f = identity at the start). It gives up what makes MD mirror
+  descent: f is not the gradient of a convex function's conjugate, so the step is no mirror step of any map, no
+  monotonicity certificate covers it (Theorem 1 is about g alone), and f may vanish at non-zero gradients (a
+  stationary point of the support loss is a fixed point, not necessarily conversely). With g = identity it is
+  MetaKFO.
+
 ``md.start``: 'dual' meta-learns the dual start z_0 (the paper; phi_0 = g(z_0) then moves whenever the map does);
 'primal' meta-learns phi_0 and starts each adaptation at z_0 = g^-1(phi_0) (w_0 = P^-1 g^-1(P^-1 phi_0)), through
 the blockIAF's explicit inverse, so that the map's parameters change the steps and never the start.
@@ -29,10 +36,10 @@ import jax.numpy as jnp
 
 from md_meta import blockiaf
 from md_meta.geometry import Geometry, InnerLoop, sgd_step
-from md_meta.methods import _tensor
+from md_meta.methods import _tensor, metakfo
 
 LOWER_LEVEL, LOSS_GEOMETRY = 'MD', 'blockIAF-based mirror map'
-KRONECKER = ('none', 'dual_step', 'sandwich')
+KRONECKER = ('none', 'dual_step', 'sandwich', 'kfo_step')
 STARTS = ('dual', 'primal')
 
 
@@ -50,7 +57,10 @@ def spec_from_config(config, params) -> blockiaf.BlockIAFSpec:
 
 def init_kronecker(params, kind: str, eps: float):
     """K's factors for each tensor of ``params``, so that K = I: MetaCurvature's identity factors ('dual_step'),
-    or the square roots L = sqrt(1 - eps) I of P's factors A = L L^T + eps I ('sandwich')."""
+    the square roots L = sqrt(1 - eps) I of P's factors A = L L^T + eps I ('sandwich'), or MetaKFO's factors with
+    f = identity ('kfo_step')."""
+    if kind == 'kfo_step':
+        return metakfo.init_factors(params)
     scale = 1.0 if kind == 'dual_step' else (1.0 - eps) ** 0.5
     return jax.tree_util.tree_map(
         lambda p: jax.tree_util.tree_map(lambda f: f * jnp.asarray(scale, f.dtype),
@@ -144,6 +154,8 @@ def make(config) -> Geometry:
         kron = split_geom(geom)[1]
         if kind == 'dual_step':
             update = lambda z, grad: sgd_step(z, apply_kronecker(kron, grad), alpha)
+        elif kind == 'kfo_step':
+            update = lambda z, grad: sgd_step(z, metakfo.transform(kron, grad), alpha)
         else:
             update = lambda z, grad: sgd_step(z, grad, alpha)
         if primal:

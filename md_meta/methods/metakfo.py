@@ -28,12 +28,17 @@ def transform(theta, grad):
     return _tensor.map_leaves(f, grad, theta['linear'], theta['hidden'], theta['out'])
 
 
+def init_factors(params):
+    """A = B = identity, C = 0 (its first factor zero): f = identity, so MetaKFO starts as MAML."""
+    fac = lambda fill: jax.tree_util.tree_map(lambda p: _tensor.init_factors(p.shape, fill, p.dtype), params)
+    return {'linear': fac('identity'), 'hidden': fac('identity'), 'out': fac('zero')}
+
+
 def make(config) -> Geometry:
     alpha = float(config.inner.step_size)
 
     def init(key, params):
-        fac = lambda fill: jax.tree_util.tree_map(lambda p: _tensor.init_factors(p.shape, fill, p.dtype), params)
-        return params, {'linear': fac('identity'), 'hidden': fac('identity'), 'out': fac('zero')}
+        return params, init_factors(params)
 
     def inner(theta):
         def update(phi, grad):
