@@ -9,6 +9,7 @@ inner-loop curves: support loss and gradient norm at k = 0..K averaged over thos
 
   <out>.md / .csv / .json       test accuracy per variant and shot count: mean over seeds +- t-interval,
                                 every seed's value, and the meta-steps of the runs;
+  <out>_bars.png                every variant side by side (mean, t-interval, each seed);
   <out>_val.png                 meta-validation accuracy against meta-step, mean over seeds (shaded: min-max);
   <out>_convergence.png / .csv  the paper's Fig. 1: support loss and gradient norm at k = 0..K on new tasks,
                                 mean over seeds.
@@ -138,6 +139,36 @@ def _plt():
         return None
 
 
+def plot_bars(rows: list, path: str, metric: str) -> None:
+    """Every variant side by side: the mean over seeds with its 95% t-interval as a bar, each seed as a dot, one
+    panel per shot count."""
+    plt = _plt()
+    if plt is None:
+        return
+    shots = sorted({r['shots'] for r in rows})
+    fig, axes = plt.subplots(1, len(shots), figsize=(1.2 + 0.9 * len({r['variant'] for r in rows}) * len(shots), 3.6),
+                             squeeze=False)
+    for ax, s in zip(axes[0], shots):
+        cell = [r for r in rows if r['shots'] == s]
+        xs = np.arange(len(cell))
+        means = [100 * r['mean'] if metric == 'accuracy' else r['mean'] for r in cell]
+        cis = [0.0 if np.isnan(r['ci']) else (100 * r['ci'] if metric == 'accuracy' else r['ci']) for r in cell]
+        ax.bar(xs, means, yerr=cis, capsize=3, color='#9ecae1')
+        for x, r in zip(xs, cell):
+            vals = [100 * v if metric == 'accuracy' else v for v in r['per_seed']]
+            ax.plot([x] * len(vals), vals, 'k.', ms=4)
+        lo = min(min(100 * v if metric == 'accuracy' else v for v in r['per_seed']) for r in cell)
+        ax.set_ylim(bottom=max(0.0, lo - 5) if metric == 'accuracy' else 0.0)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([r['variant'] for r in cell], rotation=30, ha='right', fontsize=8)
+        ax.set_ylabel(f'test {metric}' + (' (%)' if metric == 'accuracy' else ''))
+        ax.set_title(f'{s}-shot: mean over seeds, 95% t-interval; dots: seeds', fontsize=9)
+        ax.grid(axis='y', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_validation(runs: list, variants: list, path: str, metric: str) -> None:
     plt = _plt()
     if plt is None:
@@ -236,10 +267,12 @@ def main(argv):
         w = csv.DictWriter(f, ['variant', 'shots', 'k', 'support_loss', 'grad_norm', 'seeds'])
         w.writeheader()
         w.writerows(conv)
+    plot_bars(rows, _OUT.value + '_bars.png', _METRIC.value)
     plot_validation(runs, variants, _OUT.value + '_val.png', _METRIC.value)
     plot_convergence(conv, _OUT.value + '_convergence.png')
     print(text, end='')
-    print(f'wrote {_OUT.value}.md/.csv/.json, {_OUT.value}_val.png, {_OUT.value}_convergence.png/.csv')
+    print(f'wrote {_OUT.value}.md/.csv/.json, {_OUT.value}_bars.png, {_OUT.value}_val.png, '
+          f'{_OUT.value}_convergence.png/.csv')
 
 
 if __name__ == '__main__':
