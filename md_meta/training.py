@@ -239,7 +239,7 @@ def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: b
     step, (meta, opt_state), record = _initial_state(exp, ckpt, state, resume, log)
     meta, opt_state = distributed.replicate((meta, opt_state), exp.mesh)  # no-op on one device
     overhead = _Overhead()
-    writers = _Writers(workdir if distributed.is_main_process() else None, step, cfg.train.tensorboard)
+    writers = _Writers(workdir if distributed.is_main_process() else None, step, cfg.train.tensorboard, log)
     nonfinite = _NonFiniteCounter(cfg, ckpt, record)
     metrics = _MetricLog(cfg, writers, overhead)
     validation = _Validation(exp, writers, enabled=workdir is not None)
@@ -373,20 +373,24 @@ class _Writers:
     """metrics.jsonl (+ TensorBoard events in tb/) of a workdir; on resume, records after the resume step
     are dropped from the JSON-lines log and TensorBoard is told to purge them."""
 
-    def __init__(self, workdir: str | None, start_step: int, tensorboard: bool):
+    def __init__(self, workdir: str | None, start_step: int, tensorboard: bool, warn: Callable = print):
         self.file, self.tb = None, None
         if not workdir:
             return
         path = os.path.join(workdir, 'metrics.jsonl')
         if os.path.exists(path):
-            kept = []
-            with open(path) as f:
-                for line in f:
-                    try:
-                        if json.loads(line)['step'] <= start_step:
-                            kept.append(line if line.endswith('\n') else line + '\n')
-                    except (ValueError, KeyError):
-                        pass  # a line cut by a kill
+            kept, damaged = [], 0
+            with open(path, 'rb') as f:   # bytes: a damaged line (not UTF-8, not JSON) is skipped, not fatal
+                lines = f.read().splitlines()
+            for i, raw in enumerate(lines):
+                try:
+                    if json.loads(raw.decode('utf-8'))['step'] <= start_step:
+                        kept.append(raw.decode('utf-8') + '\n')
+                except (ValueError, KeyError, TypeError):
+                    damaged += i < len(lines) - 1   # the last line may be one cut by a kill
+            if damaged:
+                warn(f'warning: {path}: skipped {damaged} damaged line{"s" * (damaged > 1)} (not UTF-8 JSON with '
+                     'a step)')
             workdirs.write_atomic(path, ''.join(kept))
         self.file = open(path, 'a')
         if tensorboard:

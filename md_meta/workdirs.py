@@ -99,11 +99,27 @@ def config_from_dict(d: dict) -> ml_collections.ConfigDict:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The workdir's config.json; FileNotFoundError without one, WorkdirError (one line) for a damaged one
+    (truncated, empty, not a JSON object)."""
     path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
         raise FileNotFoundError(f'{path} not found: {workdir} is not a md-meta workdir')
-    with open(path) as f:
-        return config_from_dict(json.load(f))
+    try:
+        with open(path, 'rb') as f:
+            d = json.loads(f.read().decode('utf-8'))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WorkdirError(f'{path} is damaged (not JSON: {_first_line(e)})') from None
+    if not isinstance(d, dict):
+        raise WorkdirError(f'{path} is damaged (a JSON {type(d).__name__}, not the object of a config)')
+    try:
+        return config_from_dict(d)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise WorkdirError(f'{path} is damaged ({type(e).__name__}: {_first_line(e)})') from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def config_differences(stored, config) -> list:
@@ -163,6 +179,8 @@ def prepare(config, workdir: str, last_step: int = 0) -> None:
     if os.path.exists(path):
         try:
             stored = load_config(workdir)
+        except WorkdirError as e:
+            raise WorkdirMismatchError(f'{e}; refusing to overwrite the run in {workdir}') from None
         except Exception as e:  # noqa: BLE001
             raise WorkdirMismatchError(f'{path} is unreadable ({e}); refusing to overwrite the run in {workdir}')
         diff = config_differences(stored, config)

@@ -82,3 +82,21 @@ def test_folder_errors_name_the_path(tmp_path):
     os.makedirs(tmp_path / 'partial' / 'train')
     with pytest.raises(DataError, match='not all of train/, val/, test/'):
         folder.load_splits(str(tmp_path / 'partial'), 28, 1)
+
+
+def folder_config(data_dir, **overrides):
+    """A tiny CNN4 config on a folder of class folders."""
+    from tests.helpers import tiny_config
+    return tiny_config('maml', **{'task.name': 'folder', 'task.data_dir': data_dir, 'task.image_size': 16,
+                                  'task.channels': 1, 'task.ways': 2, 'task.shots': 1, 'task.query': 1,
+                                  'model.name': 'cnn4', 'model.features': 4, **overrides})
+
+
+def test_too_large_eval_shots_are_refused_when_built_naming_eval_shots(tmp_path, monkeypatch):
+    """config.eval.shots larger than the classes hold was found only after training, naming task.shots."""
+    from md_meta import training
+    monkeypatch.setenv('MD_META_CACHE', str(tmp_path / 'cache'))
+    make_image_folder(str(tmp_path / 'd'), classes=10, per_class=6)
+    training.build(folder_config(str(tmp_path / 'd'), **{'eval.shots': (2,)}))   # fits
+    with pytest.raises(DataError, match=r'config\.eval\.shots=\(1, 9\)'):
+        training.build(folder_config(str(tmp_path / 'd'), **{'eval.shots': (1, 9)}))

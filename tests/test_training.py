@@ -492,10 +492,19 @@ def finished_run(tmp_path_factory):
     return wd
 
 
+DAMAGED_CONFIGS = {'evaluate_config_truncated': '{"method": "maml", "task": {', 'evaluate_config_empty': '',
+                   'evaluate_config_list': '[]', 'evaluate_config_bytes': '{"method": "\udcff"}'}
+
+
 @pytest.mark.parametrize('case', ['typo', 'missing_config', 'bad_config_arg', 'hidden_zero', 'ways_one', 'inf_lr',
-                                  'workdir_is_file', 'steps_below_run', 'evaluate_missing', 'evaluate_read_only'])
+                                  'workdir_is_file', 'steps_below_run', 'evaluate_missing', 'evaluate_read_only',
+                                  *DAMAGED_CONFIGS])
 def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, finished_run):
     wd = str(tmp_path / 'w')
+    if case in DAMAGED_CONFIGS:   # a traceback from evaluate, where train gave one line
+        os.makedirs(wd)
+        with open(os.path.join(wd, 'config.json'), 'wb') as f:
+            f.write(DAMAGED_CONFIGS[case].encode('utf-8', 'surrogateescape'))
     train = lambda *extra: _cli_cmd(wd, extra)
     with_config = lambda path, *extra: [sys.executable, '-m', 'experiments.train', f'--config={path}', *extra,
                                         f'--workdir={wd}']
@@ -513,7 +522,8 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, finished_run):
            'steps_below_run': _cli_cmd(finished_run, ['--config.meta.steps=20']),
            'evaluate_missing': [sys.executable, '-m', 'experiments.evaluate', f'--workdir={tmp_path / "none"}'],
            'evaluate_read_only': [sys.executable, '-m', 'experiments.evaluate', f'--workdir={finished_run}',
-                                  '--num_tasks=10']}[case]
+                                  '--num_tasks=10'],
+           **{c: [sys.executable, '-m', 'experiments.evaluate', f'--workdir={wd}'] for c in DAMAGED_CONFIGS}}[case]
     (tmp_path / 'file').write_text('not a directory')
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
@@ -525,7 +535,8 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, finished_run):
     expect = {'typo': 'stepz', 'missing_config': 'no_such_file.py', 'bad_config_arg': 'no_such_variant',
               'hidden_zero': 'model.hidden', 'ways_one': 'task.ways', 'inf_lr': 'meta.lr',
               'workdir_is_file': 'is a file', 'steps_below_run': 'already at meta-step 50',
-              'evaluate_missing': 'not a md-meta workdir', 'evaluate_read_only': 'evaluation.json'}[case]
+              'evaluate_missing': 'not a md-meta workdir', 'evaluate_read_only': 'evaluation.json',
+              **{c: 'config.json is damaged' for c in DAMAGED_CONFIGS}}[case]
     assert expect in err, err
     if case in ('hidden_zero', 'ways_one', 'inf_lr', 'typo'):
         assert not os.path.exists(wd), 'the workdir is created only after the config is valid'
@@ -661,3 +672,34 @@ def test_maml_evaluation_matches_hand_written_numpy():
     assert task.support_x.shape == (12, 6, 1)
     mse = _numpy_one_step_mse(meta['init'], task, exp.config.inner.step_size)
     np.testing.assert_allclose(r['metrics']['loss']['mean'], mse.mean(), rtol=1e-5)
+
+
+def test_a_damaged_metrics_line_is_skipped_with_a_warning_on_resume(tmp_path):
+    """A non-UTF-8 byte in metrics.jsonl stopped the resume with a UnicodeDecodeError traceback."""
+    wd = str(tmp_path / 'w')
+    over = {'meta.steps': 10, 'train.checkpoint_every': 10, 'train.eval_every': 0}
+    training.train(training.build(tiny_config('maml', **over)), wd, log=lambda s: None)
+    with open(os.path.join(wd, 'metrics.jsonl'), 'rb') as f:
+        lines = f.read().splitlines(keepends=True)
+    with open(os.path.join(wd, 'metrics.jsonl'), 'wb') as f:
+        f.write(lines[0] + b'{"step": 7, "meta_loss": \xff}\n' + b''.join(lines[1:]))
+    logs = []
+    training.train(training.build(tiny_config('maml', **dict(over, **{'meta.steps': 20}))), wd, log=logs.append)
+    assert any('metrics.jsonl: skipped 1 damaged line' in l for l in logs), logs
+    steps = [json.loads(l)['step'] for l in open(os.path.join(wd, 'metrics.jsonl'))]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_report_warns_about_results_files_that_hold_no_result(tmp_path):
+    """results.json holding [1,2] gave a traceback, {} was skipped without a word."""
+    from md_meta.results import load
+    cases = {'list': ('results.json', '[1, 2]', 'holds a JSON list'), 'empty': ('results.json', '{}', 'holds no result'),
+             'no_rows': ('results.json', '{"results": []}', 'holds no result'),
+             'eval_list': ('evaluation.json', '[1, 2]', 'holds a JSON list'),
+             'bytes': ('evaluation.json', b'\xff\xfe', 'unreadable')}
+    for name, (file, text, expect) in cases.items():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / file).write_bytes(text if isinstance(text, bytes) else text.encode())
+        warns = []
+        assert load([str(tmp_path / name)], warn=warns.append) == []
+        assert len(warns) == 1 and expect in warns[0] and 'skipped' in warns[0], (name, warns)

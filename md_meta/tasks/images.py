@@ -41,6 +41,10 @@ def make_source(config, pools=None, prefetch: int = PREFETCH_DEPTH):
     sampler.check('train', t.query, hint)
     for split in ('val', 'test'):
         sampler.check(split, eval_query, hint)
+    field = f'config.eval.shots={tuple(config.eval.shots)}'
+    for shots in config.eval.shots:   # evaluated after training (a source rebuilt with them): refused now, not then
+        for split, query in (('train', t.query), ('val', eval_query), ('test', eval_query)):
+            sampler.check(split, query, hint, shots=shots, shots_field=field)
     sample = Prefetcher(sampler.sample, prefetch)
     shape = pools['train'].images.shape[1:]
     example_x = np.zeros((t.ways * t.shots,) + shape, np.float32)
