@@ -16,7 +16,6 @@ results.json carries its provenance (md_meta.workdirs.provenance: version, commi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 
@@ -74,7 +73,7 @@ def main(argv):
         final = ckpt.record(config.meta.steps) or {}
         result = {**workdirs.provenance(config, config.meta.steps, 'final', final.get('fingerprint')),
                   'results': rows, 'train_seconds': train_s, 'total_seconds': time.time() - t0}
-        workdirs.write_atomic(os.path.join(workdir, 'results.json'), json.dumps(result, indent=2) + '\n')
+        workdirs.write_atomic(os.path.join(workdir, 'results.json'), workdirs.strict_json(result))
         table = training.result_table(rows)
         workdirs.write_atomic(os.path.join(workdir, 'results.md'), table + '\n')
     print(table)

@@ -16,8 +16,7 @@ def current_fingerprint(workdir: str, parameters: str, planned: int):
     """The fingerprint of the checkpoint that a result of ``parameters`` ('best', 'last', 'final') would
     come from now, or None."""
     ck = checkpoint_lib.Checkpointer(workdir)
-    steps = ck.steps()
-    step = {'best': ck.best_step(), 'last': steps[-1] if steps else None, 'final': planned}.get(parameters)
+    step = planned if parameters == 'final' else ck.step_of(parameters) if parameters in ('best', 'last') else None
     return (ck.record(step) or {}).get('fingerprint') if step is not None else None
 
 

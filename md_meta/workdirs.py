@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import subprocess
 from typing import Optional
@@ -304,10 +305,28 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def provenance(config, step: int, parameters: str, fingerprint: Optional[str]) -> dict:
-    """The header of every results file: where its numbers come from."""
+def provenance(config, step: int, parameters: str, fingerprint: Optional[str],
+               trained_to: Optional[int] = None) -> dict:
+    """The header of every results file: where its numbers come from. ``trained_to``: the step the run has
+    reached (its newest checkpoint; default ``step``): a finished run's best checkpoint may be an earlier one,
+    and the run is still finished."""
+    reached = int(step if trained_to is None else trained_to)
     return {'md_meta_version': __version__, 'git_commit': git_commit(), 'method': config.method,
             'task': config.task.name, 'ways': config.task.ways, 'train_shots': config.task.shots,
             'seed': config.seed, 'step': int(step), 'planned_steps': int(config.meta.steps),
-            'finished': int(step) >= int(config.meta.steps), 'parameters': parameters,
+            'finished': reached >= int(config.meta.steps), 'parameters': parameters,
             'checkpoint_fingerprint': fingerprint, 'config': json.loads(config.to_json())}
+
+
+def strict_json(obj) -> str:
+    """JSON text of a results file with NaN and inf written as null (bare NaN is not JSON: strict readers,
+    jq and JavaScript refuse the file), indented."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+    return json.dumps(finite(obj), indent=2, allow_nan=False) + '\n'

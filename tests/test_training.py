@@ -703,3 +703,47 @@ def test_report_warns_about_results_files_that_hold_no_result(tmp_path):
         warns = []
         assert load([str(tmp_path / name)], warn=warns.append) == []
         assert len(warns) == 1 and expect in warns[0] and 'skipped' in warns[0], (name, warns)
+
+
+def test_evaluation_json_is_strict_and_a_finished_runs_earlier_best_is_not_unfinished(tmp_path, monkeypatch):
+    """evaluation.json wrote bare NaN (not JSON); a finished run evaluated at an earlier best checkpoint was
+    labelled 'unfinished'."""
+    from experiments.evaluate import evaluate_workdir, format_record
+    from md_meta.results import load
+    wd = str(tmp_path / 'w')
+    c = tiny_config('maml', **{'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 10,
+                               'train.val_tasks': 10})
+    training.train(training.build(c), wd, log=lambda s: None)
+    monkeypatch.setattr(checkpoint_lib.Checkpointer, 'best_step', lambda self: 10)
+    logs = []
+    r = evaluate_workdir(wd, num_tasks=10, which='best', log=logs.append,
+                         overrides={'inner.step_size': 1e30})   # an inner step that overflows: NaN metrics
+    assert r['step'] == 10 and r['finished'] is True and not any('unfinished' in l for l in logs), logs
+    assert 'unfinished' not in format_record(r) and 'nan' in format_record(r)
+
+    def strict(name):
+        raise ValueError(f'bare {name} in evaluation.json')
+    stored = json.load(open(os.path.join(wd, 'evaluation.json')), parse_constant=strict)
+    assert stored['metrics']['loss']['mean'] is None
+    records = load([wd], warn=lambda s: None)
+    assert len(records) == 1 and records[0]['status'] == ''
+
+
+def test_best_checkpoint_when_every_validation_is_nan_is_the_last_and_says_so(tmp_path):
+    """A NaN validation score ranked first, so 'best' was the oldest checkpoint kept, without a word."""
+    from md_meta import tasks
+    wd = str(tmp_path / 'w')
+    c = tiny_config('maml', **{'meta.steps': 30, 'train.checkpoint_every': 10, 'train.eval_every': 10,
+                               'train.val_tasks': 10, 'train.keep': 2})
+    source = tasks.make_source(c)
+
+    def sample(step, num_tasks, split, query):   # meta-validation sees NaN inputs, training does not
+        batch = source.sample(step, num_tasks, split, query)
+        return batch._replace(query_x=jnp.full_like(batch.query_x, jnp.nan)) if split == 'val' else batch
+    training.train(training.build(c, source=source._replace(sample=sample)), wd, log=lambda s: None)
+    ck = checkpoint_lib.Checkpointer(wd)
+    assert ck.steps()[-1] == 30 and ck.best_step() is None
+    warns = []
+    _, _, step = training.load_run(wd, 'best', warn=warns.append)
+    assert step == 30, step
+    assert any('every meta-validation' in w and 'NaN' in w and "'best' is the last one" in w for w in warns), warns
