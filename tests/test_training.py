@@ -747,3 +747,33 @@ def test_best_checkpoint_when_every_validation_is_nan_is_the_last_and_says_so(tm
     _, _, step = training.load_run(wd, 'best', warn=warns.append)
     assert step == 30, step
     assert any('every meta-validation' in w and 'NaN' in w and "'best' is the last one" in w for w in warns), warns
+
+
+def _result(workdir, seed, steps, accuracy, shots=5, method='md'):
+    """A result record as md_meta.results.load returns it (provenance with the run's config)."""
+    config = json.loads(tiny_config(method, **{'seed': seed, 'meta.steps': steps, 'task.shots': shots}).to_json())
+    return {'method': method, 'task': 'omniglot', 'ways': 5, 'shots': shots, 'seed': seed, 'step': steps,
+            'planned_steps': steps, 'finished': True, 'parameters': 'best', 'num_tasks': 100, 'status': '',
+            'workdir': workdir, 'config': config,
+            'metrics': {'accuracy': {'mean': accuracy, 'ci': 0.01, 'n': 100}, 'loss': {'mean': 0.3, 'ci': 0.01, 'n': 100}}}
+
+
+def test_report_shows_every_run_whatever_the_order_and_aggregates_seeds_explicitly():
+    """One run per (task, ways, method, shots) was kept, chosen by the order of --workdirs, without a warning."""
+    from experiments.report import table
+    from md_meta.evaluation import seed_interval
+    ref, seed1, seed1k5 = (_result('ref', 0, 1000, 0.90), _result('seed1', 1, 1000, 0.92),
+                           _result('seed1k5', 1, 1500, 0.95))
+    forward, backward = table([ref, seed1, seed1k5]), table([seed1k5, seed1, ref])
+    assert forward == backward
+    mean, ci = seed_interval([0.90, 0.92])
+    assert f'{100 * mean:.2f} +- {100 * ci:.2f}% over 2 seeds (0, 1) (step 1000/1000)' in forward, forward
+    assert '95.00 +- 1.00% (step 1500/1500)' in forward, forward
+    rows = [l for l in forward.splitlines() if l.startswith('| md ')]
+    assert len(rows) == 2 and any('meta.steps=1000' in l for l in rows) and any('meta.steps=1500' in l for l in rows)
+    warns = []   # two copies of one run: both shown, and said
+    text = table([ref, dict(ref, workdir='ref_copy')], warn=warns.append)
+    assert 'over 2 seeds (0, 0)' in text and len(warns) == 1 and 'share a seed' in warns[0], (text, warns)
+    # the paper's layout: a 1-shot and a 5-shot run of one method share a row
+    text = table([_result('a', 0, 1000, 0.9, shots=1), _result('b', 0, 1000, 0.95, shots=5)])
+    assert len([l for l in text.splitlines() if l.startswith('| md ')]) == 1 and 'setting' not in text, text
