@@ -8,7 +8,8 @@ results.json/results.md (evaluation on config.eval.num_tasks test tasks, at each
 config.eval.shots; default: config.task.shots). Rerunning the same command
 after a crash or kill -9 resumes from the last good checkpoint (bitwise identical to an uninterrupted
 run); a workdir holding a run of another config, or one where another process is training (an
-exclusive lock for the run's lifetime), is refused (exit status 2). Too many consecutive non-finite
+exclusive lock for the run's lifetime), or one trained on another data set (split.json), is refused (exit
+status 2). Too many consecutive non-finite
 meta-updates stop training with exit status 3; Ctrl-C exits with 130 and the same command resumes.
 results.json carries its provenance (md_meta.workdirs.provenance: version, commit, step, parameters
 'final', the checkpoint's fingerprint).

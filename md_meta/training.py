@@ -5,7 +5,8 @@ results. On-device task samplers run ``train.steps_per_call`` meta-steps in one 
 (sampling included); host samplers feed one jitted meta-step at a time.
 
 With a workdir, ``train`` is resumable: the workdir holds the resolved config (config.json, checked by
-``workdirs.prepare``: a run of another config is refused), checkpoints (md_meta.checkpoint) every
+``workdirs.prepare``: a run of another config is refused), split.json for image tasks (the data's split and
+fingerprint, ``workdirs.check_data``: a changed data set is refused), checkpoints (md_meta.checkpoint) every
 ``train.checkpoint_every`` steps and at the end, metrics.jsonl, TensorBoard events (tb/) and
 meta-validation on a fixed set of ``train.val_tasks`` 'val' tasks every ``train.eval_every`` steps.
 Rerunning after a crash continues from the last good checkpoint, bitwise identical to an uninterrupted
@@ -209,6 +210,8 @@ def load_run(workdir: str, which: str = 'best', warn: Callable = None, overrides
         group, name = field.split('.')
         config[group][name] = value
     exp = _build(config, None, None, None)
+    if exp.source.split_record is not None:   # the data the run was trained on (recorded at its first run)
+        workdirs.check_data(workdir, exp.source.split_record(), write=False)
     template = init_state(exp)
     found = checkpoint_lib.Checkpointer(workdir, warn=warn).restore_latest(
         {'meta': template[0], 'opt_state': template[1]}, which=which)
@@ -228,6 +231,8 @@ def train(exp: Experiment, workdir: str | None = None, log: Callable = print, st
     ``timings``, if given, receives the wall time and the harness overhead by kind, in seconds."""
     owner = workdir and distributed.is_main_process()  # only process 0 writes the workdir
     with workdirs.claim(exp.config, workdir) if owner else contextlib.nullcontext():
+        if owner and exp.source.split_record is not None:   # the data set of the run's first start, or refused
+            workdirs.check_data(workdir, exp.source.split_record())
         return _train(exp, workdir, log, state, resume, timings)
 
 

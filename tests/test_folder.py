@@ -1,5 +1,6 @@
 """Bring your own data and model: the README's example runs as written; the folder loader's layouts
 and errors."""
+import json
 import os
 import re
 import subprocess
@@ -159,3 +160,39 @@ def test_skipped_entries_are_counted_and_a_rewritten_file_is_not_served_from_the
     split = next(s for s, p in after.items() if 'class_00' in p.names)
     c = after[split].names.index('class_00')
     assert 200 in after[split].class_images(c) and 200 not in before[split].class_images(c)
+
+
+def test_a_changed_data_set_is_refused_on_resume_and_evaluation(tmp_path, monkeypatch):
+    """Removing one of 20 class folders moved the seeded split (3 of the 4 test classes had been meta-train
+    classes) and resume and evaluate accepted it. The workdir records the split at its first run."""
+    import shutil
+    from md_meta import training, workdirs
+    monkeypatch.setenv('MD_META_CACHE', str(tmp_path / 'cache'))
+    data, wd = str(tmp_path / 'd'), str(tmp_path / 'w')
+    make_image_folder(data, classes=20, per_class=2)
+    c = folder_config(data, **{'meta.steps': 1, 'train.checkpoint_every': 1, 'train.eval_every': 0,
+                               'meta.batch_size': 1, 'eval.num_tasks': 2, 'eval.batch_size': 2})
+    training.train(training.build(c), wd, log=lambda s: None)
+    record = json.load(open(os.path.join(wd, 'split.json')))
+    assert sorted(len(v) for v in record['splits'].values()) == [3, 4, 13]
+    training.load_run(wd)   # the same data: accepted
+    before = folder.list_classes(data)
+    shutil.rmtree(os.path.join(data, 'class_00'))
+    after = folder.list_classes(data)
+    test_now = {n for n, _ in after['test']}
+    assert test_now & {n for n, _ in before['train']}, 'the split moved (the leak this guards against)'
+    c2 = folder_config(data, **{'meta.steps': 2, 'train.checkpoint_every': 1, 'train.eval_every': 0,
+                                'meta.batch_size': 1, 'eval.num_tasks': 2, 'eval.batch_size': 2})
+    with pytest.raises(workdirs.WorkdirMismatchError, match=r"trained on other data .*moved between splits .*"
+                                                            r"1 class removed \(e\.g\. 'class_00'"):
+        training.train(training.build(c2), wd, log=lambda s: None)
+    with pytest.raises(workdirs.WorkdirMismatchError, match='moved between splits'):
+        training.load_run(wd)
+    # the same class names with other pixels: named as such
+    make_image_folder(str(tmp_path / 'd2'), classes=20, per_class=2)
+    shutil.rmtree(data)
+    shutil.copytree(str(tmp_path / 'd2'), data)
+    from PIL import Image
+    Image.fromarray(np.zeros((30, 26, 3), np.uint8)).save(os.path.join(data, 'class_05', '0.png'))
+    with pytest.raises(workdirs.WorkdirMismatchError, match=r"1 class with other images \(e\.g\. 'class_05'"):
+        training.load_run(wd)

@@ -108,6 +108,22 @@ def check_pool(pool: ClassPool, split: str, ways: int, shots: int, query: int, h
                         f'{len(small)} of {pool.num_classes} classes are too small. {hint}'.strip())
 
 
+def split_record(pools: Dict[str, ClassPool]) -> dict:
+    """The split and a fingerprint of the data: {'splits': {split: {class name: '<n> images <sha1 of their
+    pixels, 16 hex digits>'}}}. Taken from the decoded images, not the files, so that one record serves every
+    source (folders, zips, pickles, tfds) and a file rewritten with the same name and size still counts as
+    changed."""
+    import hashlib
+    out = {}
+    for split, pool in pools.items():
+        out[split] = {}
+        for c, name in enumerate(pool.names):
+            images = np.ascontiguousarray(pool.class_images(c))
+            digest = hashlib.sha1(f'{images.shape}'.encode() + images.tobytes()).hexdigest()[:16]
+            out[split][name] = f'{len(images)} images {digest}'
+    return {'splits': out}
+
+
 def class_groups(pool: ClassPool) -> np.ndarray:
     """(num_classes,) int: the group of each class, numbered by first appearance; a class's group is its name
     up to the first '/' (Omniglot: the alphabet, rotations included), or the class itself without a '/'."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from md_meta.data import DataError
-from md_meta.data.episodes import EpisodeSampler, Prefetcher
+from md_meta.data.episodes import EpisodeSampler, Prefetcher, split_record
 
 PREFETCH_DEPTH = 2
 
@@ -48,5 +48,5 @@ def make_source(config, pools=None, prefetch: int = PREFETCH_DEPTH):
     sample = Prefetcher(sampler.sample, prefetch)
     shape = pools['train'].images.shape[1:]
     example_x = np.zeros((t.ways * t.shots,) + shape, np.float32)
-    source = TaskSource(t.name, 'xent', example_x, sample, None, t.ways)
-    return source
+    record = lambda: dict(split_record(pools), data_dir=t.data_dir)   # computed when a workdir asks for it
+    return TaskSource(t.name, 'xent', example_x, sample, None, t.ways, record)
