@@ -13,7 +13,8 @@ Rerunning after a crash continues from the last good checkpoint, bitwise identic
 run: the samplers are pure functions of (seed, step), the checkpoint holds the meta-parameters, the
 optimizer state, the step and the non-finite counter, and fused chunks never cross a multiple of
 ``steps_per_call``, ``checkpoint_every`` or ``eval_every`` (so every resume point is a chunk boundary and
-the chunking is the same with or without a resume).
+the chunking is the same with or without a resume). SIGTERM or SIGHUP (a preemption) ends training at the end
+of the chunk it arrives in, with a checkpoint there (``Preempted``).
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -50,6 +53,16 @@ class Experiment(NamedTuple):
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite meta-updates."""
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP stopped training after the chunk it arrived in, with a checkpoint at ``step``; the
+    same command resumes there. ``status`` is the conventional exit status, 128 + the signal's number. A
+    KeyboardInterrupt, so that it passes through ``except Exception`` like Ctrl-C."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f'preempted at step {step}; rerun the same command to resume')
+        self.step, self.signum, self.status = step, signum, 128 + signum
 
 
 def make_optimizer(meta_cfg) -> optax.GradientTransformation:
@@ -251,7 +264,9 @@ def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: b
     checkpoints = _Checkpoints(cfg, ckpt, log)
     run_steps = _StepRunner(exp)
     progress = _Progress(cfg, step, log)
+    preemption = _Preemption(enabled=ckpt is not None)   # without a workdir there is nothing to save
     try:
+        preemption.install()
         while step < total:
             end = chunk_end(cfg, step, total, run_steps.fused)
             meta, opt_state, m = run_steps(meta, opt_state, step, end)
@@ -271,7 +286,15 @@ def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: b
                                 {**nonfinite.record(), 'val': validation.last, 'method': cfg.method})
             with overhead('logging'):
                 progress.report(step, metrics.take_pending(), validation.last)
+            signum = preemption.requested()
+            if signum:   # a checkpoint at this step (unless just made), then stop
+                if not at_ckpt:
+                    with overhead('checkpoints'):   # no validation: a preempted job has seconds left
+                        checkpoints(step, meta, opt_state, {**nonfinite.record(), 'val': None, 'method': cfg.method})
+                steps = ckpt.steps()
+                raise Preempted(steps[-1] if steps else 0, signum)
     finally:
+        preemption.restore()
         writers.close()
     progress.summary(step, overhead)
     if timings is not None:
@@ -308,6 +331,43 @@ def _initial_state(exp: Experiment, ckpt, state, resume: bool, log: Callable):
     step, restored, record = found
     log(f'resuming from {ckpt.path(step)} (step {step}/{exp.config.meta.steps})')
     return step, (restored['meta'], restored['opt_state']), record
+
+
+class _Preemption:
+    """SIGTERM and SIGHUP (what SLURM, Kubernetes and TPU VMs send before a kill) noted by a handler and acted
+    on at the end of the chunk they arrive in: a checkpoint there, then ``Preempted``. Installed in the main
+    thread over default handlers only (a SIGHUP ignored under nohup stays ignored); on a multi-process run every
+    process stops at the same step (``requested``: the signal any process received, gathered from all)."""
+
+    SIGNALS = ('SIGTERM', 'SIGHUP')
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.signum, self.previous = enabled, 0, {}
+
+    def install(self) -> None:
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+                self.previous[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def requested(self) -> int:
+        """The signal received (0: none), the same on every process."""
+        if not self.enabled:
+            return 0
+        if jax.process_count() > 1:   # a collective per chunk, only where there are several processes
+            from jax.experimental import multihost_utils
+            return int(np.max(multihost_utils.process_allgather(np.asarray(self.signum, np.int32))))
+        return self.signum
 
 
 class _StepRunner:

@@ -777,3 +777,53 @@ def test_report_shows_every_run_whatever_the_order_and_aggregates_seeds_explicit
     # the paper's layout: a 1-shot and a 5-shot run of one method share a row
     text = table([_result('a', 0, 1000, 0.9, shots=1), _result('b', 0, 1000, 0.95, shots=5)])
     assert len([l for l in text.splitlines() if l.startswith('| md ')]) == 1 and 'setting' not in text, text
+
+
+def test_sigterm_checkpoints_at_the_step_reached_and_the_rerun_ends_bitwise_equal(tmp_path):
+    """SIGTERM (a preemption) ended training at once with nothing printed, losing up to checkpoint_every steps.
+    Now: the chunk finishes, a checkpoint at its step, one line, exit 128 + 15; the rerun resumes there and
+    ends bitwise equal to an uninterrupted run."""
+    ref, run_dir = str(tmp_path / 'ref'), str(tmp_path / 'run')
+    # chunks end at multiples of 5 (steps_per_call) and 7 (checkpoints: they slow the run, so the signal lands
+    # well before its end); a chunk ending at a multiple of 5 only gets the preemption's own checkpoint
+    flags_ = ['--config.train.checkpoint_every=7', '--config.train.eval_every=1000', '--config.train.keep=1']
+    ref_p = subprocess.Popen(_cli_cmd(ref, flags_), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(_cli_cmd(run_dir, flags_), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith('[maml] step ') and int(line.split()[2].split('/')[0]) >= 20:
+            p.send_signal(signal.SIGTERM)
+            break
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, (p.returncode, err[-2000:])
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    step = int(err.split('preempted at step ')[1].split(';')[0])
+    assert 'rerun the same command to resume' in err and 20 <= step < 300 and (step % 5 == 0 or step % 7 == 0), err
+    assert checkpoint_lib.Checkpointer(run_dir).steps()[-1] == step
+    r2 = subprocess.run(_cli_cmd(run_dir, flags_), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0 and f'(step {step}/300)' in r2.stdout, r2.stdout[-2000:] + r2.stderr[-2000:]
+    _, ref_err = ref_p.communicate(timeout=300)
+    assert ref_p.returncode == 0, ref_err[-2000:]
+    s1, a, rec1 = _last_state(ref)
+    s2, b, rec2 = _last_state(run_dir)
+    assert s1 == s2 == 300 and _leaves_equal(a, b) and rec1['fingerprint'] == rec2['fingerprint']
+
+
+def test_sighup_in_process_stops_at_a_chunk_end_with_a_checkpoint(tmp_path):
+    """The library's loop: SIGHUP noted during a chunk, a checkpoint at its end, Preempted with the step and
+    status 129; the handlers are restored afterwards."""
+    wd = str(tmp_path / 'w')
+    c = tiny_config('maml', **{'meta.steps': 40, 'train.checkpoint_every': 1000, 'train.eval_every': 0})
+    before = signal.getsignal(signal.SIGHUP)
+    if before is not signal.SIG_DFL:
+        pytest.skip('SIGHUP is not at its default in this process (e.g. started under nohup)')
+
+    def log(line):
+        if line.startswith('[maml] step 10/'):
+            os.kill(os.getpid(), signal.SIGHUP)
+    with pytest.raises(training.Preempted) as e:
+        training.train(training.build(c), wd, log=log)
+    assert e.value.status == 129 and e.value.step == 10 and 'preempted at step 10' in str(e.value)
+    assert checkpoint_lib.Checkpointer(wd).steps() == [10]
+    assert signal.getsignal(signal.SIGHUP) is before
