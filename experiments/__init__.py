@@ -129,7 +129,8 @@ class _BackgroundTracebacks:
 
 def run(main, argv=None) -> None:
     """``app.run(main)`` where bad flags or config files, md-meta's ConfigError/DataError/WorkdirError, and
-    OS errors (full disk, no permission) end with one line on stderr and exit status 2; Ctrl-C exits 130."""
+    OS errors (full disk, no permission) end with one line on stderr and exit status 2; Ctrl-C exits 130, a
+    preempted training run (md_meta.training.Preempted, SIGTERM/SIGHUP) 128 + the signal's number."""
     import errno
     import sys
 
@@ -151,7 +152,9 @@ def run(main, argv=None) -> None:
             sys.stderr = _BackgroundTracebacks(sys.stderr)
         try:
             return main(argv)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:   # Ctrl-C, or a preemption (md_meta.training.Preempted: its own status)
+            if hasattr(e, 'status'):
+                fail(e, e.status)
             print('interrupted', file=sys.stderr, flush=True)
             raise SystemExit(EXIT_INTERRUPTED)
         except (ConfigError, WorkdirError) as e:   # DataError is a ConfigError

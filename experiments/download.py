@@ -20,6 +20,7 @@ import http.client
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 
@@ -159,6 +160,16 @@ def download_omniglot(dest: str, minimal: bool, base_url: str, timeout: float, l
     return out
 
 
+def check_arguments(dest: str, base_url: str) -> str:
+    """'' or what is wrong with --dest / --base_url, found before anything is fetched."""
+    url = urllib.parse.urlparse(base_url)
+    if url.scheme not in ('http', 'https', 'file') or (url.scheme != 'file' and not url.netloc):
+        return f'--base_url={base_url!r} is not an http(s):// or file:// URL'
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        return f'--dest={dest} is a file, not a folder; pass a folder (created if missing)'
+    return ''
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] not in ('omniglot', 'miniimagenet'):
         fail('usage: python -m experiments.download omniglot|miniimagenet [--dest=DIR] [--minimal]')
@@ -168,6 +179,9 @@ def main(argv):
     if not _DEST.value:
         fail('--dest is required: the folder to write the zips into (config.task.data_dir)')
     dest = os.path.expanduser(_DEST.value)
+    problem = check_arguments(dest, _BASE_URL.value)
+    if problem:
+        fail(problem)
     try:
         files = download_omniglot(dest, _MINIMAL.value, _BASE_URL.value, _TIMEOUT.value,
                                   log=lambda s: print(s, file=sys.stderr, flush=True))

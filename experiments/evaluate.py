@@ -13,7 +13,6 @@ the run's held-out 'test' characters (two different drawers per character).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -41,21 +40,25 @@ def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', b
     if pid is not None:
         log(f'warning: training is still running in {workdir} (pid {pid}); evaluating its {which} checkpoint '
             f'at step {step} of {cfg.meta.steps}')
-    elif step < cfg.meta.steps:
-        log(f'warning: {workdir} is unfinished: its {which} checkpoint is at step {step} of {cfg.meta.steps}')
+    ckpt = checkpoint_lib.Checkpointer(workdir)
+    reached = max(ckpt.steps(), default=step)   # a finished run's best checkpoint may be an earlier one
+    if pid is None and reached < cfg.meta.steps:
+        log(f'warning: {workdir} is unfinished: trained to step {reached} of {cfg.meta.steps} (its {which} '
+            f'checkpoint is at step {step})')
     if batch_size:
         cfg.eval.batch_size = batch_size
     t0 = time.time()
     result = training.evaluate(exp, meta, 'test', num_tasks=num_tasks, seed_offset=seed_offset)
-    fp = (checkpoint_lib.Checkpointer(workdir).record(step) or {}).get('fingerprint')
-    record = {**workdirs.provenance(cfg, step, which, fp), 'checkpoint': which, 'shots': cfg.task.shots,
+    fp = (ckpt.record(step) or {}).get('fingerprint')
+    record = {**workdirs.provenance(cfg, step, which, fp, trained_to=reached), 'checkpoint': which,
+              'shots': cfg.task.shots,
               'seed_offset': seed_offset, 'eval_inner_steps': exp.learner.eval_inner.steps,
               'eval_step_size': cfg.inner.step_size, **result,
               'seconds': time.time() - t0}
     if lake_runs:
         record['lake'] = _lake(exp, meta, lake_runs, lake_build, log, lake_within_alphabet)
     on_result(record)
-    workdirs.write_atomic(os.path.join(workdir, 'evaluation.json'), json.dumps(record, indent=2) + '\n')
+    workdirs.write_atomic(os.path.join(workdir, 'evaluation.json'), workdirs.strict_json(record))
     return record
 
 
@@ -87,7 +90,8 @@ def format_record(r: dict) -> str:
              f"{r['step']}{planned}{unfinished}, {r['num_tasks']} test tasks:"]
     for name, s in r['metrics'].items():
         scale, unit = (100.0, '%') if name == 'accuracy' else (1.0, '')
-        lines.append(f"  {name}: {scale * s['mean']:.4f}{unit} +- {scale * s['ci']:.4f}{unit} (95% CI, n={s['n']})")
+        num = lambda x: 'nan' if x is None else f'{scale * x:.4f}{unit}'   # NaN is stored as null
+        lines.append(f"  {name}: {num(s['mean'])} +- {num(s['ci'])} (95% CI, n={s['n']})")
     if 'lake' in r:
         lk = r['lake']
         lines.append(f"  Lake one-shot runs: mean error {lk['mean_error']:.2f}% over {lk['num_runs']} runs")

@@ -8,15 +8,17 @@ results.json/results.md (evaluation on config.eval.num_tasks test tasks, at each
 config.eval.shots; default: config.task.shots). Rerunning the same command
 after a crash or kill -9 resumes from the last good checkpoint (bitwise identical to an uninterrupted
 run); a workdir holding a run of another config, or one where another process is training (an
-exclusive lock for the run's lifetime), is refused (exit status 2). Too many consecutive non-finite
-meta-updates stop training with exit status 3; Ctrl-C exits with 130 and the same command resumes.
+exclusive lock for the run's lifetime), or one trained on another data set (split.json), is refused (exit
+status 2). Too many consecutive non-finite
+meta-updates stop training with exit status 3; Ctrl-C exits with 130 and the same command resumes;
+SIGTERM or SIGHUP (a preemption) ends the current chunk, checkpoints at the step reached, prints
+"preempted at step N; rerun the same command to resume" and exits with 128 + the signal's number.
 results.json carries its provenance (md_meta.workdirs.provenance: version, commit, step, parameters
 'final', the checkpoint's fingerprint).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 
@@ -60,6 +62,8 @@ def main(argv):
             meta, _, _ = training.train(exp, workdir, log=(lambda s: print(s, flush=True)) if lead else (lambda s: None))
         except training.NonFiniteError as e:
             fail(e, 3)
+        except training.Preempted as e:   # SIGTERM / SIGHUP: a checkpoint at the step reached
+            fail(e, e.status)
         except KeyboardInterrupt:
             steps = ckpt.steps()
             fail('interrupted; rerun the same command to resume from '
@@ -74,7 +78,7 @@ def main(argv):
         final = ckpt.record(config.meta.steps) or {}
         result = {**workdirs.provenance(config, config.meta.steps, 'final', final.get('fingerprint')),
                   'results': rows, 'train_seconds': train_s, 'total_seconds': time.time() - t0}
-        workdirs.write_atomic(os.path.join(workdir, 'results.json'), json.dumps(result, indent=2) + '\n')
+        workdirs.write_atomic(os.path.join(workdir, 'results.json'), workdirs.strict_json(result))
         table = training.result_table(rows)
         workdirs.write_atomic(os.path.join(workdir, 'results.md'), table + '\n')
     print(table)

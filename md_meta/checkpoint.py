@@ -87,14 +87,15 @@ def fingerprint(sums: list) -> str:
 
 
 def val_score(val: Optional[dict]) -> Optional[float]:
-    """Higher is better: accuracy if recorded, else -loss; None without a meta-validation record."""
+    """Higher is better: accuracy if recorded, else -loss; None without a meta-validation record or with a
+    NaN one (a NaN score ranks nowhere: it made the oldest checkpoint kept the 'best')."""
     if not val:
         return None
-    if 'accuracy' in val:
-        return float(val['accuracy'])
-    if 'loss' in val:
-        return -float(val['loss'])
-    return None
+    name, sign = ('accuracy', 1.0) if 'accuracy' in val else ('loss', -1.0) if 'loss' in val else (None, 0.0)
+    value = val.get(name) if name else None
+    if value is None or not np.isfinite(float(value)):
+        return None
+    return sign * float(value)
 
 
 class Checkpointer:
@@ -150,7 +151,8 @@ class Checkpointer:
         return self._records[step]
 
     def best_step(self) -> Optional[int]:
-        """The checkpoint with the best meta-validation score (the latest among equals, as orbax's BestN)."""
+        """The checkpoint with the best finite meta-validation score (the latest among equals, as orbax's
+        BestN); None when none has one."""
         best, best_score = None, None
         for s in self.steps():
             r = self.record(s)
@@ -158,6 +160,22 @@ class Checkpointer:
             if score is not None and (best_score is None or score >= best_score):
                 best, best_score = s, score
         return best
+
+    def step_of(self, which: str) -> Optional[int]:
+        """The checkpoint 'best' or 'last' names: the best by meta-validation, or the newest where no checkpoint
+        has a finite score (every validation NaN, or none run); None without checkpoints."""
+        steps = self.steps()
+        best = self.best_step() if which == 'best' else None
+        return best if best is not None else (steps[-1] if steps else None)
+
+    def no_score_note(self) -> str:
+        """Why 'best' is the newest checkpoint, where some checkpoint was validated but none has a finite
+        score; '' otherwise."""
+        if self.best_step() is not None:
+            return ''
+        validated = [s for s in self.steps() if (self.record(s) or {}).get('val')]
+        return (f'every meta-validation of the {len(validated)} checkpoints validated was NaN, so there is no best '
+                "checkpoint; 'best' is the last one") if validated else ''
 
     # ----------------------------------------------------------------- saving
     def save(self, step: int, state: Any, record: dict) -> str:
@@ -275,6 +293,8 @@ class Checkpointer:
             best = self.best_step()
             if best is not None:
                 order = [best] + [s for s in order if s != best]
+            elif self.no_score_note():
+                self.warn(f'warning: {self.directory}: {self.no_score_note()}')
         for step in order:
             try:
                 state, record = self.restore(step, template)

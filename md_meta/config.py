@@ -12,6 +12,7 @@ import ml_collections
 TASKS = ('sinusoid', 'omniglot', 'miniimagenet', 'folder')
 IMAGE_TASKS = ('omniglot', 'miniimagenet', 'folder')
 OPTIMIZERS = ('adam', 'sgd_nesterov')
+MIN_IMAGE_SIZE = {'cnn4': 16, 'resnet12': 16}   # the image networks' 4 halvings (2x2 max pools) leave >= 1 pixel
 
 
 class ConfigError(ValueError):
@@ -178,9 +179,15 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
     for f in ('same_alphabet', 'augment'):   # booleans by the schema's types
         _require(not c.task[f] or c.task.name == 'omniglot' or own_source, f'task.{f}',
                  f'is for Omniglot (alphabets; bright strokes on a dark background), got task.name={c.task.name!r}')
+    if not own_model:
+        _pos_int(c, 'model.features')
     if c.task.name == 'folder' and not own_source:
-        _require(isinstance(c.task.image_size, int) and c.task.image_size >= 4, 'task.image_size',
-                 f'must be an integer >= 4, got {c.task.image_size!r}')
+        least = 4 if own_model else MIN_IMAGE_SIZE.get(c.model.name, 4)
+        _require(isinstance(c.task.image_size, int) and not isinstance(c.task.image_size, bool)
+                 and c.task.image_size >= least, 'task.image_size',
+                 f'must be an integer >= {least}'
+                 + (f' for model.name={c.model.name!r} (4 halvings by 2x2 max pools)' if least > 4 else '')
+                 + f', got {c.task.image_size!r}')
         _require(c.task.channels in (1, 3), 'task.channels', f'must be 1 (grey) or 3 (RGB), got {c.task.channels!r}')
     _require(c.model.init in networks.INITS, 'model.init', f'must be one of {networks.INITS}, got {c.model.init!r}')
     _require(c.model.init == 'xavier' or c.model.name in ('cnn4', 'resnet12'), 'model.init',

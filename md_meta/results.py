@@ -16,9 +16,23 @@ def current_fingerprint(workdir: str, parameters: str, planned: int):
     """The fingerprint of the checkpoint that a result of ``parameters`` ('best', 'last', 'final') would
     come from now, or None."""
     ck = checkpoint_lib.Checkpointer(workdir)
-    steps = ck.steps()
-    step = {'best': ck.best_step(), 'last': steps[-1] if steps else None, 'final': planned}.get(parameters)
+    step = planned if parameters == 'final' else ck.step_of(parameters) if parameters in ('best', 'last') else None
     return (ck.record(step) or {}).get('fingerprint') if step is not None else None
+
+
+def malformed(r) -> str:
+    """'' for a result record ({'method', 'shots', 'num_tasks', 'metrics': {name: {'mean', 'ci', 'n'}}}), else
+    what is wrong with it (a file of other JSON: a list, an empty object, a run with no results)."""
+    if not isinstance(r, dict):
+        return f'holds a JSON {type(r).__name__}, not a result'
+    missing = [k for k in ('method', 'shots', 'num_tasks', 'metrics') if k not in r]
+    if missing:
+        return 'holds no result' if not r else f'is not a result (no {", ".join(missing)})'
+    metrics = r['metrics']
+    if not isinstance(metrics, dict) or not metrics or not all(
+            isinstance(m, dict) and {'mean', 'ci', 'n'} <= set(m) for m in metrics.values()):
+        return "is not a result (its 'metrics' are not {name: {mean, ci, n}})"
+    return ''
 
 
 def load(workdirs, warn=lambda s: print(s, file=sys.stderr)) -> list:
@@ -33,15 +47,20 @@ def load(workdirs, warn=lambda s: print(s, file=sys.stderr)) -> list:
             if not os.path.exists(path):
                 continue
             try:
-                with open(path) as f:
-                    r = json.load(f)
+                with open(path, 'rb') as f:
+                    r = json.loads(f.read().decode('utf-8'))
             except (OSError, ValueError) as e:
                 warn(f'warning: {path} is unreadable ({e}); skipped')
                 r = None
                 break
-            if name == 'results.json':  # one record per evaluated support size
-                rows = [dict(row, **{k: v for k, v in r.items() if k != 'results'}) for row in r.get('results', [])]
-                r = next((row for row in rows if row['shots'] == r.get('train_shots')), rows[0] if rows else None)
+            if name == 'results.json' and isinstance(r, dict):  # one record per evaluated support size
+                rows = [dict(row, **{k: v for k, v in r.items() if k != 'results'})
+                        for row in r.get('results') or [] if isinstance(row, dict)]
+                r = next((row for row in rows if row.get('shots') == r.get('train_shots')), rows[0] if rows else {})
+            problem = malformed(r)
+            if problem:
+                warn(f'warning: {path} {problem}; skipped')
+                r = None
             break
         if r is None:
             if not any(os.path.exists(os.path.join(wd, n)) for n in ('evaluation.json', 'results.json')):
@@ -49,7 +68,7 @@ def load(workdirs, warn=lambda s: print(s, file=sys.stderr)) -> list:
                      f'--workdir={wd}); skipped')
             continue
         if 'checkpoint_fingerprint' in r and r['checkpoint_fingerprint']:
-            now = current_fingerprint(wd, r['parameters'], r['planned_steps'])
+            now = current_fingerprint(wd, r.get('parameters'), r.get('planned_steps'))
             if now != r['checkpoint_fingerprint']:
                 warn(f"warning: {path} is stale: it was computed from the {r['parameters']} checkpoint at step "
                      f"{r['step']}, which is no longer the run's {r['parameters']} one; rerun python -m "

@@ -5,14 +5,16 @@ results. On-device task samplers run ``train.steps_per_call`` meta-steps in one 
 (sampling included); host samplers feed one jitted meta-step at a time.
 
 With a workdir, ``train`` is resumable: the workdir holds the resolved config (config.json, checked by
-``workdirs.prepare``: a run of another config is refused), checkpoints (md_meta.checkpoint) every
+``workdirs.prepare``: a run of another config is refused), split.json for image tasks (the data's split and
+fingerprint, ``workdirs.check_data``: a changed data set is refused), checkpoints (md_meta.checkpoint) every
 ``train.checkpoint_every`` steps and at the end, metrics.jsonl, TensorBoard events (tb/) and
 meta-validation on a fixed set of ``train.val_tasks`` 'val' tasks every ``train.eval_every`` steps.
 Rerunning after a crash continues from the last good checkpoint, bitwise identical to an uninterrupted
 run: the samplers are pure functions of (seed, step), the checkpoint holds the meta-parameters, the
 optimizer state, the step and the non-finite counter, and fused chunks never cross a multiple of
 ``steps_per_call``, ``checkpoint_every`` or ``eval_every`` (so every resume point is a chunk boundary and
-the chunking is the same with or without a resume).
+the chunking is the same with or without a resume). SIGTERM or SIGHUP (a preemption) ends training at the end
+of the chunk it arrives in, with a checkpoint there (``Preempted``).
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -49,6 +53,16 @@ class Experiment(NamedTuple):
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite meta-updates."""
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP stopped training after the chunk it arrived in, with a checkpoint at ``step``; the
+    same command resumes there. ``status`` is the conventional exit status, 128 + the signal's number. A
+    KeyboardInterrupt, so that it passes through ``except Exception`` like Ctrl-C."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f'preempted at step {step}; rerun the same command to resume')
+        self.step, self.signum, self.status = step, signum, 128 + signum
 
 
 def make_optimizer(meta_cfg) -> optax.GradientTransformation:
@@ -209,6 +223,8 @@ def load_run(workdir: str, which: str = 'best', warn: Callable = None, overrides
         group, name = field.split('.')
         config[group][name] = value
     exp = _build(config, None, None, None)
+    if exp.source.split_record is not None:   # the data the run was trained on (recorded at its first run)
+        workdirs.check_data(workdir, exp.source.split_record(), write=False)
     template = init_state(exp)
     found = checkpoint_lib.Checkpointer(workdir, warn=warn).restore_latest(
         {'meta': template[0], 'opt_state': template[1]}, which=which)
@@ -228,6 +244,8 @@ def train(exp: Experiment, workdir: str | None = None, log: Callable = print, st
     ``timings``, if given, receives the wall time and the harness overhead by kind, in seconds."""
     owner = workdir and distributed.is_main_process()  # only process 0 writes the workdir
     with workdirs.claim(exp.config, workdir) if owner else contextlib.nullcontext():
+        if owner and exp.source.split_record is not None:   # the data set of the run's first start, or refused
+            workdirs.check_data(workdir, exp.source.split_record())
         return _train(exp, workdir, log, state, resume, timings)
 
 
@@ -239,14 +257,16 @@ def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: b
     step, (meta, opt_state), record = _initial_state(exp, ckpt, state, resume, log)
     meta, opt_state = distributed.replicate((meta, opt_state), exp.mesh)  # no-op on one device
     overhead = _Overhead()
-    writers = _Writers(workdir if distributed.is_main_process() else None, step, cfg.train.tensorboard)
+    writers = _Writers(workdir if distributed.is_main_process() else None, step, cfg.train.tensorboard, log)
     nonfinite = _NonFiniteCounter(cfg, ckpt, record)
     metrics = _MetricLog(cfg, writers, overhead)
     validation = _Validation(exp, writers, enabled=workdir is not None)
     checkpoints = _Checkpoints(cfg, ckpt, log)
     run_steps = _StepRunner(exp)
     progress = _Progress(cfg, step, log)
+    preemption = _Preemption(enabled=ckpt is not None)   # without a workdir there is nothing to save
     try:
+        preemption.install()
         while step < total:
             end = chunk_end(cfg, step, total, run_steps.fused)
             meta, opt_state, m = run_steps(meta, opt_state, step, end)
@@ -266,7 +286,15 @@ def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: b
                                 {**nonfinite.record(), 'val': validation.last, 'method': cfg.method})
             with overhead('logging'):
                 progress.report(step, metrics.take_pending(), validation.last)
+            signum = preemption.requested()
+            if signum:   # a checkpoint at this step (unless just made), then stop
+                if not at_ckpt:
+                    with overhead('checkpoints'):   # no validation: a preempted job has seconds left
+                        checkpoints(step, meta, opt_state, {**nonfinite.record(), 'val': None, 'method': cfg.method})
+                steps = ckpt.steps()
+                raise Preempted(steps[-1] if steps else 0, signum)
     finally:
+        preemption.restore()
         writers.close()
     progress.summary(step, overhead)
     if timings is not None:
@@ -303,6 +331,43 @@ def _initial_state(exp: Experiment, ckpt, state, resume: bool, log: Callable):
     step, restored, record = found
     log(f'resuming from {ckpt.path(step)} (step {step}/{exp.config.meta.steps})')
     return step, (restored['meta'], restored['opt_state']), record
+
+
+class _Preemption:
+    """SIGTERM and SIGHUP (what SLURM, Kubernetes and TPU VMs send before a kill) noted by a handler and acted
+    on at the end of the chunk they arrive in: a checkpoint there, then ``Preempted``. Installed in the main
+    thread over default handlers only (a SIGHUP ignored under nohup stays ignored); on a multi-process run every
+    process stops at the same step (``requested``: the signal any process received, gathered from all)."""
+
+    SIGNALS = ('SIGTERM', 'SIGHUP')
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.signum, self.previous = enabled, 0, {}
+
+    def install(self) -> None:
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+                self.previous[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def requested(self) -> int:
+        """The signal received (0: none), the same on every process."""
+        if not self.enabled:
+            return 0
+        if jax.process_count() > 1:   # a collective per chunk, only where there are several processes
+            from jax.experimental import multihost_utils
+            return int(np.max(multihost_utils.process_allgather(np.asarray(self.signum, np.int32))))
+        return self.signum
 
 
 class _StepRunner:
@@ -373,20 +438,24 @@ class _Writers:
     """metrics.jsonl (+ TensorBoard events in tb/) of a workdir; on resume, records after the resume step
     are dropped from the JSON-lines log and TensorBoard is told to purge them."""
 
-    def __init__(self, workdir: str | None, start_step: int, tensorboard: bool):
+    def __init__(self, workdir: str | None, start_step: int, tensorboard: bool, warn: Callable = print):
         self.file, self.tb = None, None
         if not workdir:
             return
         path = os.path.join(workdir, 'metrics.jsonl')
         if os.path.exists(path):
-            kept = []
-            with open(path) as f:
-                for line in f:
-                    try:
-                        if json.loads(line)['step'] <= start_step:
-                            kept.append(line if line.endswith('\n') else line + '\n')
-                    except (ValueError, KeyError):
-                        pass  # a line cut by a kill
+            kept, damaged = [], 0
+            with open(path, 'rb') as f:   # bytes: a damaged line (not UTF-8, not JSON) is skipped, not fatal
+                lines = f.read().splitlines()
+            for i, raw in enumerate(lines):
+                try:
+                    if json.loads(raw.decode('utf-8'))['step'] <= start_step:
+                        kept.append(raw.decode('utf-8') + '\n')
+                except (ValueError, KeyError, TypeError):
+                    damaged += i < len(lines) - 1   # the last line may be one cut by a kill
+            if damaged:
+                warn(f'warning: {path}: skipped {damaged} damaged line{"s" * (damaged > 1)} (not UTF-8 JSON with '
+                     'a step)')
             workdirs.write_atomic(path, ''.join(kept))
         self.file = open(path, 'a')
         if tensorboard:

@@ -8,6 +8,8 @@ every results file carries.
   experiments.evaluate) whether training is still running there, and its pid.
 * ``claim`` does both for a training run: creates the workdir, holds its lock for the run and
   ``prepare``s it.
+* ``check_data`` records an image run's split and data fingerprint (split.json) at its first run and
+  refuses a changed data set on resume and evaluation.
 * ``provenance`` is the header of results.json and evaluation.json: md-meta version, git commit, the
   meta-step, the planned total, which parameters (final/best/last) and the fingerprint of the checkpoint
   they came from (md_meta.checkpoint), so that a result can be checked against the run's current state.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import subprocess
 from typing import Optional
@@ -99,11 +102,27 @@ def config_from_dict(d: dict) -> ml_collections.ConfigDict:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The workdir's config.json; FileNotFoundError without one, WorkdirError (one line) for a damaged one
+    (truncated, empty, not a JSON object)."""
     path = os.path.join(workdir, 'config.json')
     if not os.path.exists(path):
         raise FileNotFoundError(f'{path} not found: {workdir} is not a md-meta workdir')
-    with open(path) as f:
-        return config_from_dict(json.load(f))
+    try:
+        with open(path, 'rb') as f:
+            d = json.loads(f.read().decode('utf-8'))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WorkdirError(f'{path} is damaged (not JSON: {_first_line(e)})') from None
+    if not isinstance(d, dict):
+        raise WorkdirError(f'{path} is damaged (a JSON {type(d).__name__}, not the object of a config)')
+    try:
+        return config_from_dict(d)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise WorkdirError(f'{path} is damaged ({type(e).__name__}: {_first_line(e)})') from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def config_differences(stored, config) -> list:
@@ -163,6 +182,8 @@ def prepare(config, workdir: str, last_step: int = 0) -> None:
     if os.path.exists(path):
         try:
             stored = load_config(workdir)
+        except WorkdirError as e:
+            raise WorkdirMismatchError(f'{e}; refusing to overwrite the run in {workdir}') from None
         except Exception as e:  # noqa: BLE001
             raise WorkdirMismatchError(f'{path} is unreadable ({e}); refusing to overwrite the run in {workdir}')
         diff = config_differences(stored, config)
@@ -182,6 +203,57 @@ def prepare(config, workdir: str, last_step: int = 0) -> None:
             f'--config.meta.steps={last_step} or more to continue it, evaluate it with experiments.evaluate, '
             'or use another --workdir')
     write_atomic(path, config.to_json(indent=2) + '\n')
+
+
+# ----------------------------------------------------------------------------- the data a run was trained on
+SPLIT_NAME = 'split.json'
+
+
+def data_changes(stored: dict, now: dict) -> list:
+    """What differs between two split records (md_meta.data.episodes.split_record): classes moved between
+    splits, removed, added, or holding other images; each item a short phrase with an example."""
+    where = lambda r: {name: split for split, classes in r.get('splits', {}).items() for name in classes}
+    prints = lambda r: {name: fp for classes in r.get('splits', {}).values() for name, fp in classes.items()}
+    old, new, old_fp, new_fp = where(stored), where(now), prints(stored), prints(now)
+    moved = sorted(n for n in new if n in old and old[n] != new[n])
+    removed, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+    changed = sorted(n for n in new if n in old and old[n] == new[n] and old_fp[n] != new_fp[n])
+    count = lambda xs, what: f'{len(xs)} class{"es" * (len(xs) > 1)} {what}'
+    out = []
+    if moved:
+        out.append(count(moved, 'moved between splits') + f' (e.g. {moved[0]!r}: {old[moved[0]]} -> {new[moved[0]]})')
+    if removed:
+        out.append(count(removed, 'removed') + f' (e.g. {removed[0]!r} of {old[removed[0]]})')
+    if added:
+        out.append(count(added, 'added') + f' (e.g. {added[0]!r} in {new[added[0]]})')
+    if changed:
+        out.append(count(changed, 'with other images') + f' (e.g. {changed[0]!r}: {new_fp[changed[0]].split()[0]} '
+                   f'images now, {old_fp[changed[0]].split()[0]} recorded)')
+    return out
+
+
+def check_data(workdir: str, record: dict, write: bool = True) -> None:
+    """Records the run's split and data fingerprint in ``<workdir>/split.json`` at its first run (``write``),
+    and refuses (WorkdirMismatchError, one line naming what changed) a data set that differs from the recorded
+    one: a changed folder moves a seeded split, and test classes would leak into meta-training."""
+    path = os.path.join(workdir, SPLIT_NAME)
+    if not os.path.exists(path):
+        if write:
+            write_atomic(path, strict_json(record))
+        return
+    try:
+        with open(path, 'rb') as f:
+            stored = json.loads(f.read().decode('utf-8'))
+        if not isinstance(stored, dict):
+            raise ValueError(f'a JSON {type(stored).__name__}')
+    except (OSError, ValueError) as e:
+        raise WorkdirMismatchError(f'{path} is damaged ({_first_line(e)}); it records the data this run was '
+                                   'trained on: restore it, or use another --workdir') from None
+    changes = data_changes(stored, record)
+    if changes:
+        raise WorkdirMismatchError(
+            f'{workdir} was trained on other data than config.task.data_dir={record.get("data_dir", "")!r} holds '
+            f'now ({path}): {"; ".join(changes)}; restore the data set, or use another --workdir')
 
 
 # ----------------------------------------------------------------------------- locking
@@ -286,10 +358,28 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def provenance(config, step: int, parameters: str, fingerprint: Optional[str]) -> dict:
-    """The header of every results file: where its numbers come from."""
+def provenance(config, step: int, parameters: str, fingerprint: Optional[str],
+               trained_to: Optional[int] = None) -> dict:
+    """The header of every results file: where its numbers come from. ``trained_to``: the step the run has
+    reached (its newest checkpoint; default ``step``): a finished run's best checkpoint may be an earlier one,
+    and the run is still finished."""
+    reached = int(step if trained_to is None else trained_to)
     return {'md_meta_version': __version__, 'git_commit': git_commit(), 'method': config.method,
             'task': config.task.name, 'ways': config.task.ways, 'train_shots': config.task.shots,
             'seed': config.seed, 'step': int(step), 'planned_steps': int(config.meta.steps),
-            'finished': int(step) >= int(config.meta.steps), 'parameters': parameters,
+            'finished': reached >= int(config.meta.steps), 'parameters': parameters,
             'checkpoint_fingerprint': fingerprint, 'config': json.loads(config.to_json())}
+
+
+def strict_json(obj) -> str:
+    """JSON text of a results file with NaN and inf written as null (bare NaN is not JSON: strict readers,
+    jq and JavaScript refuse the file), indented."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+    return json.dumps(finite(obj), indent=2, allow_nan=False) + '\n'

@@ -3,6 +3,7 @@ one-shot evaluator, ResNet-12 and the image configs. Runs on data generated here
 ../shared/data/omniglot/*.zip (read-only)."""
 import importlib
 import io
+import json
 import os
 import pickle
 import re
@@ -753,3 +754,25 @@ def test_same_alphabet_and_augment_are_checked_with_the_config():
     c.task.augment, c.task.name = False, 'miniimagenet'
     with pytest.raises(config_lib.ConfigError, match=r"config.task.same_alphabet: is for Omniglot .*'miniimagenet'"):
         config_lib.validate(c)
+
+
+def test_image_sources_carry_a_split_record_that_sees_changed_data(tmp_path):
+    """Every image route (Omniglot, miniImageNet, folders: tasks.images.make_source) records its split and a
+    fingerprint of its data; here miniImageNet's (the folder route's resume and evaluate: tests/test_folder.py)."""
+    from md_meta import workdirs
+    from md_meta.tasks import images
+    root, wd = make_mini(str(tmp_path / 'm'), 'csv', per=3), str(tmp_path / 'w')
+    os.makedirs(wd)
+    cfg = image_config('miniimagenet', root, ways=2, shots=1, query=1, eval_query=1)
+    src = images.make_source(cfg)
+    src.sample.close()
+    workdirs.check_data(wd, src.split_record())
+    assert set(json.load(open(os.path.join(wd, 'split.json')))['splits']['test']) == {f'ntest{c:03d}' for c in range(5)}
+    with open(os.path.join(root, 'test.csv')) as f:   # a test class relabelled
+        text = f.read().replace(',ntest004', ',nnew000')
+    with open(os.path.join(root, 'test.csv'), 'w') as f:
+        f.write(text)
+    src = images.make_source(cfg)
+    src.sample.close()
+    with pytest.raises(workdirs.WorkdirMismatchError, match=r"1 class removed \(e\.g\. 'ntest004' of test\); 1 class added"):
+        workdirs.check_data(wd, src.split_record())

@@ -106,7 +106,10 @@ def test_offline_and_usage_errors_are_one_line(tmp_path):
     port = s.getsockname()[1]
     s.close()   # nothing listens there
     cases = [(['omniglot', f'--dest={tmp_path}', '--minimal', f'--base_url=http://127.0.0.1:{port}'], 'cannot reach'),
-             (['omniglot'], '--dest is required'), (['cifar'], 'usage')]
+             (['omniglot'], '--dest is required'), (['cifar'], 'usage'),
+             (['omniglot', f'--dest={tmp_path}', '--base_url=not-a-url'], "--base_url='not-a-url' is not an http"),
+             (['omniglot', f'--dest={tmp_path / "a_file"}'], 'is a file, not a folder')]
+    (tmp_path / 'a_file').write_text('')
     for args, expect in cases:
         r = subprocess.run([sys.executable, '-m', 'experiments.download', *args], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)

@@ -14,14 +14,19 @@ def run_cli(args, root, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize('flag,field', [
-    ('--config.method=nope', 'config.method'),
-    ('--config.task.shots=0', 'config.task.shots'),
-    ('--config.inner.steps=-1', 'config.inner.steps'),
-    ('--config.inner.step_size=-0.1', 'config.inner.step_size'),
+FOLDER_CNN4 = ('--config.task.name=folder', '--config.model.name=cnn4', '--config.task.data_dir=/nonexistent')
+
+
+@pytest.mark.parametrize('flags,field', [
+    (('--config.method=nope',), 'config.method'),
+    (('--config.task.shots=0',), 'config.task.shots'),
+    (('--config.inner.steps=-1',), 'config.inner.steps'),
+    (('--config.inner.step_size=-0.1',), 'config.inner.step_size'),
+    (('--config.model.features=0',), 'config.model.features'),   # was a JAX traceback from the network
+    (FOLDER_CNN4 + ('--config.task.image_size=8',), 'config.task.image_size'),   # was a ZeroDivisionError
 ])
-def test_cli_rejects_invalid_config_before_compiling(flag, field, root, tmp_path):
-    r = run_cli([flag, f'--workdir={tmp_path}/w'], root, timeout=120)
+def test_cli_rejects_invalid_config_before_compiling(flags, field, root, tmp_path):
+    r = run_cli([*flags, f'--workdir={tmp_path}/w'], root, timeout=120)
     assert r.returncode == 2, r.stderr
     err = [l for l in r.stderr.splitlines() if l.startswith('error:')]
     assert len(err) == 1 and field in err[0], r.stderr

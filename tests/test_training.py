@@ -492,10 +492,19 @@ def finished_run(tmp_path_factory):
     return wd
 
 
+DAMAGED_CONFIGS = {'evaluate_config_truncated': '{"method": "maml", "task": {', 'evaluate_config_empty': '',
+                   'evaluate_config_list': '[]', 'evaluate_config_bytes': '{"method": "\udcff"}'}
+
+
 @pytest.mark.parametrize('case', ['typo', 'missing_config', 'bad_config_arg', 'hidden_zero', 'ways_one', 'inf_lr',
-                                  'workdir_is_file', 'steps_below_run', 'evaluate_missing', 'evaluate_read_only'])
+                                  'workdir_is_file', 'steps_below_run', 'evaluate_missing', 'evaluate_read_only',
+                                  *DAMAGED_CONFIGS])
 def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, finished_run):
     wd = str(tmp_path / 'w')
+    if case in DAMAGED_CONFIGS:   # a traceback from evaluate, where train gave one line
+        os.makedirs(wd)
+        with open(os.path.join(wd, 'config.json'), 'wb') as f:
+            f.write(DAMAGED_CONFIGS[case].encode('utf-8', 'surrogateescape'))
     train = lambda *extra: _cli_cmd(wd, extra)
     with_config = lambda path, *extra: [sys.executable, '-m', 'experiments.train', f'--config={path}', *extra,
                                         f'--workdir={wd}']
@@ -513,7 +522,8 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, finished_run):
            'steps_below_run': _cli_cmd(finished_run, ['--config.meta.steps=20']),
            'evaluate_missing': [sys.executable, '-m', 'experiments.evaluate', f'--workdir={tmp_path / "none"}'],
            'evaluate_read_only': [sys.executable, '-m', 'experiments.evaluate', f'--workdir={finished_run}',
-                                  '--num_tasks=10']}[case]
+                                  '--num_tasks=10'],
+           **{c: [sys.executable, '-m', 'experiments.evaluate', f'--workdir={wd}'] for c in DAMAGED_CONFIGS}}[case]
     (tmp_path / 'file').write_text('not a directory')
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
@@ -525,7 +535,8 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, finished_run):
     expect = {'typo': 'stepz', 'missing_config': 'no_such_file.py', 'bad_config_arg': 'no_such_variant',
               'hidden_zero': 'model.hidden', 'ways_one': 'task.ways', 'inf_lr': 'meta.lr',
               'workdir_is_file': 'is a file', 'steps_below_run': 'already at meta-step 50',
-              'evaluate_missing': 'not a md-meta workdir', 'evaluate_read_only': 'evaluation.json'}[case]
+              'evaluate_missing': 'not a md-meta workdir', 'evaluate_read_only': 'evaluation.json',
+              **{c: 'config.json is damaged' for c in DAMAGED_CONFIGS}}[case]
     assert expect in err, err
     if case in ('hidden_zero', 'ways_one', 'inf_lr', 'typo'):
         assert not os.path.exists(wd), 'the workdir is created only after the config is valid'
@@ -661,3 +672,158 @@ def test_maml_evaluation_matches_hand_written_numpy():
     assert task.support_x.shape == (12, 6, 1)
     mse = _numpy_one_step_mse(meta['init'], task, exp.config.inner.step_size)
     np.testing.assert_allclose(r['metrics']['loss']['mean'], mse.mean(), rtol=1e-5)
+
+
+def test_a_damaged_metrics_line_is_skipped_with_a_warning_on_resume(tmp_path):
+    """A non-UTF-8 byte in metrics.jsonl stopped the resume with a UnicodeDecodeError traceback."""
+    wd = str(tmp_path / 'w')
+    over = {'meta.steps': 10, 'train.checkpoint_every': 10, 'train.eval_every': 0}
+    training.train(training.build(tiny_config('maml', **over)), wd, log=lambda s: None)
+    with open(os.path.join(wd, 'metrics.jsonl'), 'rb') as f:
+        lines = f.read().splitlines(keepends=True)
+    with open(os.path.join(wd, 'metrics.jsonl'), 'wb') as f:
+        f.write(lines[0] + b'{"step": 7, "meta_loss": \xff}\n' + b''.join(lines[1:]))
+    logs = []
+    training.train(training.build(tiny_config('maml', **dict(over, **{'meta.steps': 20}))), wd, log=logs.append)
+    assert any('metrics.jsonl: skipped 1 damaged line' in l for l in logs), logs
+    steps = [json.loads(l)['step'] for l in open(os.path.join(wd, 'metrics.jsonl'))]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_report_warns_about_results_files_that_hold_no_result(tmp_path):
+    """results.json holding [1,2] gave a traceback, {} was skipped without a word."""
+    from md_meta.results import load
+    cases = {'list': ('results.json', '[1, 2]', 'holds a JSON list'), 'empty': ('results.json', '{}', 'holds no result'),
+             'no_rows': ('results.json', '{"results": []}', 'holds no result'),
+             'eval_list': ('evaluation.json', '[1, 2]', 'holds a JSON list'),
+             'bytes': ('evaluation.json', b'\xff\xfe', 'unreadable')}
+    for name, (file, text, expect) in cases.items():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / file).write_bytes(text if isinstance(text, bytes) else text.encode())
+        warns = []
+        assert load([str(tmp_path / name)], warn=warns.append) == []
+        assert len(warns) == 1 and expect in warns[0] and 'skipped' in warns[0], (name, warns)
+
+
+def test_evaluation_json_is_strict_and_a_finished_runs_earlier_best_is_not_unfinished(tmp_path, monkeypatch):
+    """evaluation.json wrote bare NaN (not JSON); a finished run evaluated at an earlier best checkpoint was
+    labelled 'unfinished'."""
+    from experiments.evaluate import evaluate_workdir, format_record
+    from md_meta.results import load
+    wd = str(tmp_path / 'w')
+    c = tiny_config('maml', **{'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 10,
+                               'train.val_tasks': 10})
+    training.train(training.build(c), wd, log=lambda s: None)
+    monkeypatch.setattr(checkpoint_lib.Checkpointer, 'best_step', lambda self: 10)
+    logs = []
+    r = evaluate_workdir(wd, num_tasks=10, which='best', log=logs.append,
+                         overrides={'inner.step_size': 1e30})   # an inner step that overflows: NaN metrics
+    assert r['step'] == 10 and r['finished'] is True and not any('unfinished' in l for l in logs), logs
+    assert 'unfinished' not in format_record(r) and 'nan' in format_record(r)
+
+    def strict(name):
+        raise ValueError(f'bare {name} in evaluation.json')
+    stored = json.load(open(os.path.join(wd, 'evaluation.json')), parse_constant=strict)
+    assert stored['metrics']['loss']['mean'] is None
+    records = load([wd], warn=lambda s: None)
+    assert len(records) == 1 and records[0]['status'] == ''
+
+
+def test_best_checkpoint_when_every_validation_is_nan_is_the_last_and_says_so(tmp_path):
+    """A NaN validation score ranked first, so 'best' was the oldest checkpoint kept, without a word."""
+    from md_meta import tasks
+    wd = str(tmp_path / 'w')
+    c = tiny_config('maml', **{'meta.steps': 30, 'train.checkpoint_every': 10, 'train.eval_every': 10,
+                               'train.val_tasks': 10, 'train.keep': 2})
+    source = tasks.make_source(c)
+
+    def sample(step, num_tasks, split, query):   # meta-validation sees NaN inputs, training does not
+        batch = source.sample(step, num_tasks, split, query)
+        return batch._replace(query_x=jnp.full_like(batch.query_x, jnp.nan)) if split == 'val' else batch
+    training.train(training.build(c, source=source._replace(sample=sample)), wd, log=lambda s: None)
+    ck = checkpoint_lib.Checkpointer(wd)
+    assert ck.steps()[-1] == 30 and ck.best_step() is None
+    warns = []
+    _, _, step = training.load_run(wd, 'best', warn=warns.append)
+    assert step == 30, step
+    assert any('every meta-validation' in w and 'NaN' in w and "'best' is the last one" in w for w in warns), warns
+
+
+def _result(workdir, seed, steps, accuracy, shots=5, method='md'):
+    """A result record as md_meta.results.load returns it (provenance with the run's config)."""
+    config = json.loads(tiny_config(method, **{'seed': seed, 'meta.steps': steps, 'task.shots': shots}).to_json())
+    return {'method': method, 'task': 'omniglot', 'ways': 5, 'shots': shots, 'seed': seed, 'step': steps,
+            'planned_steps': steps, 'finished': True, 'parameters': 'best', 'num_tasks': 100, 'status': '',
+            'workdir': workdir, 'config': config,
+            'metrics': {'accuracy': {'mean': accuracy, 'ci': 0.01, 'n': 100}, 'loss': {'mean': 0.3, 'ci': 0.01, 'n': 100}}}
+
+
+def test_report_shows_every_run_whatever_the_order_and_aggregates_seeds_explicitly():
+    """One run per (task, ways, method, shots) was kept, chosen by the order of --workdirs, without a warning."""
+    from experiments.report import table
+    from md_meta.evaluation import seed_interval
+    ref, seed1, seed1k5 = (_result('ref', 0, 1000, 0.90), _result('seed1', 1, 1000, 0.92),
+                           _result('seed1k5', 1, 1500, 0.95))
+    forward, backward = table([ref, seed1, seed1k5]), table([seed1k5, seed1, ref])
+    assert forward == backward
+    mean, ci = seed_interval([0.90, 0.92])
+    assert f'{100 * mean:.2f} +- {100 * ci:.2f}% over 2 seeds (0, 1) (step 1000/1000)' in forward, forward
+    assert '95.00 +- 1.00% (step 1500/1500)' in forward, forward
+    rows = [l for l in forward.splitlines() if l.startswith('| md ')]
+    assert len(rows) == 2 and any('meta.steps=1000' in l for l in rows) and any('meta.steps=1500' in l for l in rows)
+    warns = []   # two copies of one run: both shown, and said
+    text = table([ref, dict(ref, workdir='ref_copy')], warn=warns.append)
+    assert 'over 2 seeds (0, 0)' in text and len(warns) == 1 and 'share a seed' in warns[0], (text, warns)
+    # the paper's layout: a 1-shot and a 5-shot run of one method share a row
+    text = table([_result('a', 0, 1000, 0.9, shots=1), _result('b', 0, 1000, 0.95, shots=5)])
+    assert len([l for l in text.splitlines() if l.startswith('| md ')]) == 1 and 'setting' not in text, text
+
+
+def test_sigterm_checkpoints_at_the_step_reached_and_the_rerun_ends_bitwise_equal(tmp_path):
+    """SIGTERM (a preemption) ended training at once with nothing printed, losing up to checkpoint_every steps.
+    Now: the chunk finishes, a checkpoint at its step, one line, exit 128 + 15; the rerun resumes there and
+    ends bitwise equal to an uninterrupted run."""
+    ref, run_dir = str(tmp_path / 'ref'), str(tmp_path / 'run')
+    # chunks end at multiples of 5 (steps_per_call) and 7 (checkpoints: they slow the run, so the signal lands
+    # well before its end); a chunk ending at a multiple of 5 only gets the preemption's own checkpoint
+    flags_ = ['--config.train.checkpoint_every=7', '--config.train.eval_every=1000', '--config.train.keep=1']
+    ref_p = subprocess.Popen(_cli_cmd(ref, flags_), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(_cli_cmd(run_dir, flags_), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith('[maml] step ') and int(line.split()[2].split('/')[0]) >= 20:
+            p.send_signal(signal.SIGTERM)
+            break
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, (p.returncode, err[-2000:])
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    step = int(err.split('preempted at step ')[1].split(';')[0])
+    assert 'rerun the same command to resume' in err and 20 <= step < 300 and (step % 5 == 0 or step % 7 == 0), err
+    assert checkpoint_lib.Checkpointer(run_dir).steps()[-1] == step
+    r2 = subprocess.run(_cli_cmd(run_dir, flags_), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0 and f'(step {step}/300)' in r2.stdout, r2.stdout[-2000:] + r2.stderr[-2000:]
+    _, ref_err = ref_p.communicate(timeout=300)
+    assert ref_p.returncode == 0, ref_err[-2000:]
+    s1, a, rec1 = _last_state(ref)
+    s2, b, rec2 = _last_state(run_dir)
+    assert s1 == s2 == 300 and _leaves_equal(a, b) and rec1['fingerprint'] == rec2['fingerprint']
+
+
+def test_sighup_in_process_stops_at_a_chunk_end_with_a_checkpoint(tmp_path):
+    """The library's loop: SIGHUP noted during a chunk, a checkpoint at its end, Preempted with the step and
+    status 129; the handlers are restored afterwards."""
+    wd = str(tmp_path / 'w')
+    c = tiny_config('maml', **{'meta.steps': 40, 'train.checkpoint_every': 1000, 'train.eval_every': 0})
+    before = signal.getsignal(signal.SIGHUP)
+    if before is not signal.SIG_DFL:
+        pytest.skip('SIGHUP is not at its default in this process (e.g. started under nohup)')
+
+    def log(line):
+        if line.startswith('[maml] step 10/'):
+            os.kill(os.getpid(), signal.SIGHUP)
+    with pytest.raises(training.Preempted) as e:
+        training.train(training.build(c), wd, log=log)
+    assert e.value.status == 129 and e.value.step == 10 and 'preempted at step 10' in str(e.value)
+    assert checkpoint_lib.Checkpointer(wd).steps() == [10]
+    assert signal.getsignal(signal.SIGHUP) is before

@@ -66,10 +66,12 @@ def cache_path(data_dir: str, name: str, fingerprint: str) -> str:
 
 
 def file_fingerprint(paths) -> str:
+    """The files' paths, sizes and modification times in nanoseconds (whole seconds missed a file rewritten
+    within the same second, and the cache served its old pixels)."""
     parts = []
     for p in sorted(paths):
         st = os.stat(p)
-        parts.append(f'{os.path.abspath(p)}:{st.st_size}:{int(st.st_mtime)}')
+        parts.append(f'{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}')
     return '|'.join(parts)
 
 

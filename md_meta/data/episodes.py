@@ -89,8 +89,10 @@ def with_rotations(pool: ClassPool) -> ClassPool:
                      pool.where)
 
 
-def check_pool(pool: ClassPool, split: str, ways: int, shots: int, query: int, hint: str = '') -> None:
-    """DataError unless the split has >= ways classes each with >= shots + query images."""
+def check_pool(pool: ClassPool, split: str, ways: int, shots: int, query: int, hint: str = '',
+               shots_field: str = 'config.task.shots') -> None:
+    """DataError unless the split has >= ways classes each with >= shots + query images; ``shots_field``
+    names the setting the shots come from (config.eval.shots for the support sizes evaluated after training)."""
     where = pool.where or '(generated data)'
     if pool.num_classes < ways:
         raise DataError(f'{where}: the {split!r} split has {pool.num_classes} classes, fewer than the '
@@ -102,8 +104,24 @@ def check_pool(pool: ClassPool, split: str, ways: int, shots: int, query: int, h
         c = int(small[0])
         raise DataError(f'{where}: class {pool.names[c]!r} of the {split!r} split has {int(counts[c])} images, '
                         f'fewer than the {need} needed for {shots}-shot + {query}-query tasks '
-                        f'(config.task.shots, config.task.query / config.eval.query); '
+                        f'({shots_field}, config.task.query / config.eval.query); '
                         f'{len(small)} of {pool.num_classes} classes are too small. {hint}'.strip())
+
+
+def split_record(pools: Dict[str, ClassPool]) -> dict:
+    """The split and a fingerprint of the data: {'splits': {split: {class name: '<n> images <sha1 of their
+    pixels, 16 hex digits>'}}}. Taken from the decoded images, not the files, so that one record serves every
+    source (folders, zips, pickles, tfds) and a file rewritten with the same name and size still counts as
+    changed."""
+    import hashlib
+    out = {}
+    for split, pool in pools.items():
+        out[split] = {}
+        for c, name in enumerate(pool.names):
+            images = np.ascontiguousarray(pool.class_images(c))
+            digest = hashlib.sha1(f'{images.shape}'.encode() + images.tobytes()).hexdigest()[:16]
+            out[split][name] = f'{len(images)} images {digest}'
+    return {'splits': out}
 
 
 def class_groups(pool: ClassPool) -> np.ndarray:
@@ -178,10 +196,13 @@ class EpisodeSampler:
     def _eligible_groups(self, split: str) -> np.ndarray:
         return np.flatnonzero(np.bincount(self._groups[split]) >= self.ways)
 
-    def check(self, split: str, query: int, hint: str = '') -> None:
+    def check(self, split: str, query: int, hint: str = '', shots: int | None = None,
+              shots_field: str = 'config.task.shots') -> None:
+        """DataError unless ``split`` serves episodes of ``shots`` (default: the sampler's) + ``query``."""
         if split not in self.pools:
             raise DataError(f'no {split!r} split in the data (have {sorted(self.pools)}). {hint}'.strip())
-        check_pool(self.pools[split], split, self.ways, self.shots, query, hint)
+        check_pool(self.pools[split], split, self.ways, self.shots if shots is None else shots, query, hint,
+                   shots_field)
         if self.same_alphabet and not len(self._eligible_groups(split)):
             sizes = np.bincount(self._groups[split])
             raise DataError(f'{self.pools[split].where or "(generated data)"}: no alphabet of the {split!r} split has '

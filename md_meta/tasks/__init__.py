@@ -3,7 +3,10 @@
     sample(step, num_tasks, split, query) -> Task     host-side, deterministic from (seed, split, step)
     device_sample(key, num_tasks, split, query) -> Task   pure-JAX, jittable (None for host-only sources)
 
-``loss`` names the task loss ('mse' | 'xent'); ``example_x`` is one task's support inputs (for init).
+``loss`` names the task loss ('mse' | 'xent'); ``example_x`` is one task's support inputs (for init);
+``split_record`` (data sets split into classes) returns the split and a fingerprint of the data
+(md_meta.data.episodes.split_record), which a workdir records at its first run and checks on resume and
+evaluation (md_meta.workdirs.check_data); None for generated tasks.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class TaskSource(NamedTuple):
     sample: Callable
     device_sample: Optional[Callable] = None
     out_dim: int = 1
+    split_record: Optional[Callable[[], dict]] = None
 
 
 def split_key(seed: int, split: str) -> jax.Array:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from md_meta.data import DataError
-from md_meta.data.episodes import EpisodeSampler, Prefetcher
+from md_meta.data.episodes import EpisodeSampler, Prefetcher, split_record
 
 PREFETCH_DEPTH = 2
 
@@ -41,8 +41,12 @@ def make_source(config, pools=None, prefetch: int = PREFETCH_DEPTH):
     sampler.check('train', t.query, hint)
     for split in ('val', 'test'):
         sampler.check(split, eval_query, hint)
+    field = f'config.eval.shots={tuple(config.eval.shots)}'
+    for shots in config.eval.shots:   # evaluated after training (a source rebuilt with them): refused now, not then
+        for split, query in (('train', t.query), ('val', eval_query), ('test', eval_query)):
+            sampler.check(split, query, hint, shots=shots, shots_field=field)
     sample = Prefetcher(sampler.sample, prefetch)
     shape = pools['train'].images.shape[1:]
     example_x = np.zeros((t.ways * t.shots,) + shape, np.float32)
-    source = TaskSource(t.name, 'xent', example_x, sample, None, t.ways)
-    return source
+    record = lambda: dict(split_record(pools), data_dir=t.data_dir)   # computed when a workdir asks for it
+    return TaskSource(t.name, 'xent', example_x, sample, None, t.ways, record)
