@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mtnet.init_logit = 0.0       # mask logits at start (0: each unit adapts w.p. 1/2; >= 50: all on)
     c.mtnet.temperature = 1.0      # Gumbel-softmax temperature
 
+    c.anil = ml_collections.ConfigDict()  # md_meta.methods.anil
+    c.anil.head = 'auto'           # the top-level parameter entry adapted: 'auto' = the last layer (layer_N)
+
     c.ecml = ml_collections.ConfigDict()  # md_meta.methods.ecml
     c.ecml.penalty_weight = 0.01   # lambda: weight of the conditioning penalty in the meta-loss
     c.ecml.layers = 'last'         # parameters whose Gauss-Newton curvature is conditioned: 'last' | 'all'
