@@ -290,6 +290,7 @@ def provenance(config, step: int, parameters: str, fingerprint: Optional[str]) -
     """The header of every results file: where its numbers come from."""
     return {'md_meta_version': __version__, 'git_commit': git_commit(), 'method': config.method,
             'task': config.task.name, 'ways': config.task.ways, 'train_shots': config.task.shots,
-            'seed': config.seed, 'step': int(step), 'planned_steps': int(config.meta.steps),
+            'norm_stats': config.model.norm_stats, 'seed': config.seed, 'step': int(step),
+            'planned_steps': int(config.meta.steps),
             'finished': int(step) >= int(config.meta.steps), 'parameters': parameters,
             'checkpoint_fingerprint': fingerprint, 'config': json.loads(config.to_json())}

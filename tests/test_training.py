@@ -402,6 +402,7 @@ def test_report_skips_a_stale_evaluation_and_marks_an_unfinished_run(tmp_path):
     logs = []
     r = evaluate_workdir(paused, num_tasks=10, which='last', log=logs.append)
     assert r['finished'] is False and r['step'] == 20 and r['planned_steps'] == 40
+    assert r['norm_stats'] == 'batch'   # batch norm's statistics for the query, in every results file
     assert any('unfinished' in l and 'step 20 of 40' in l for l in logs), logs
     warns = []
     records = load([done, paused], warn=warns.append)
@@ -661,3 +662,11 @@ def test_maml_evaluation_matches_hand_written_numpy():
     assert task.support_x.shape == (12, 6, 1)
     mse = _numpy_one_step_mse(meta['init'], task, exp.config.inner.step_size)
     np.testing.assert_allclose(r['metrics']['loss']['mean'], mse.mean(), rtol=1e-5)
+
+
+def test_provenance_records_the_batch_norm_statistics():
+    """results.json and evaluation.json say whether query predictions used the query batch's statistics
+    (transductive) or the support set's (inductive): model.norm_stats."""
+    for mode in ('batch', 'support'):
+        assert workdirs.provenance(tiny_config('maml', **{'model.norm_stats': mode}), 0, 'final', None)[
+            'norm_stats'] == mode
