@@ -9,8 +9,8 @@ import math
 
 import ml_collections
 
-TASKS = ('sinusoid', 'omniglot', 'miniimagenet', 'folder')
-IMAGE_TASKS = ('omniglot', 'miniimagenet', 'folder')
+TASKS = ('sinusoid', 'omniglot', 'miniimagenet', 'cifar_fs', 'fc100', 'folder')
+IMAGE_TASKS = ('omniglot', 'miniimagenet', 'cifar_fs', 'fc100', 'folder')
 OPTIMIZERS = ('adam', 'sgd_nesterov')
 
 
