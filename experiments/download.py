@@ -4,6 +4,7 @@
     python -m experiments.download omniglot --dest=~/data/omniglot --minimal   # the two small sets
     python -m experiments.download cifar100 --dest=~/data/cifar100             # CIFAR-FS and FC100
     python -m experiments.download miniimagenet                                # where to get it
+    python -m experiments.download tieredimagenet                              # where to get it
 
 Omniglot's zips come from the authors' repository (github.com/brendenlake/omniglot, python/), CIFAR-100's
 python archive from its page (www.cs.toronto.edu/~kriz/cifar.html); --base_url names a mirror. Each file is downloaded to <name>.part, resumed with an HTTP range request
@@ -12,8 +13,8 @@ when a .part is left from an interrupted run (restarted when the server does not
 expected folder, then
 renamed into place: a file under its final name is always complete. Files already present and valid are
 kept. Every failure (offline, HTTP error, truncated or corrupted download) ends with one line naming the
-file and what to do (exit status 2). miniImageNet has no official direct URL: the command prints where
-to get it and the layouts md-meta reads.
+file and what to do (exit status 2). mini- and tieredImageNet have no official direct URL: the command prints
+where to get them and the layouts md-meta reads.
 """
 from __future__ import annotations
 
@@ -49,6 +50,15 @@ direct download. md-meta reads either layout from config.task.data_dir ($MINIIMA
       images cut from ImageNet (ILSVRC-2012, image-net.org, after accepting its terms);
   (b) mini-imagenet-cache-{train,val,test}.pkl, the pickles distributed with several few-shot code bases.
 Then: python -m experiments.train --config=experiments/configs/miniimagenet.py:md"""
+TIEREDIMAGENET_HELP = """tieredImageNet (Ren et al. 2018: 608 ImageNet classes under 34 high-level categories, the categories split
+20/6/8 into 351/97/160 classes) has no official direct download. md-meta reads either layout from
+config.task.data_dir ($TIEREDIMAGENET_DIR):
+  (a) train/, val/, test/, each with one folder per class of images (resized to 84x84), e.g. built from
+      ImageNet (ILSVRC-2012, image-net.org, after accepting its terms) with Ren et al.'s class lists
+      (github.com/renmengye/few-shot-ssl-public, tiered-imagenet);
+  (b) {train,val,test}_labels.pkl with {split}_images_png.pkl (the files Ren et al.'s scripts produce) or
+      {split}_images.npz (key images: the decoded form several code bases use).
+Then: python -m experiments.train --config=experiments/configs/tieredimagenet.py:md"""
 
 
 class DownloadError(Exception):
@@ -196,11 +206,12 @@ def download_cifar100(dest: str, base_url: str, timeout: float, log=print) -> li
 
 
 def main(argv):
-    if len(argv) != 2 or argv[1] not in ('omniglot', 'cifar100', 'miniimagenet'):
-        fail('usage: python -m experiments.download omniglot|cifar100|miniimagenet [--dest=DIR] [--minimal]')
+    if len(argv) != 2 or argv[1] not in ('omniglot', 'cifar100', 'miniimagenet', 'tieredimagenet'):
+        fail('usage: python -m experiments.download omniglot|cifar100|miniimagenet|tieredimagenet [--dest=DIR] '
+             '[--minimal]')
     what = argv[1]
-    if what == 'miniimagenet':
-        print(MINIIMAGENET_HELP)
+    if what in ('miniimagenet', 'tieredimagenet'):
+        print(MINIIMAGENET_HELP if what == 'miniimagenet' else TIEREDIMAGENET_HELP)
         return
     if not _DEST.value:
         fail('--dest is required: the folder to write the files into (config.task.data_dir)')

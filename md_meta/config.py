@@ -9,8 +9,8 @@ import math
 
 import ml_collections
 
-TASKS = ('sinusoid', 'omniglot', 'miniimagenet', 'cifar_fs', 'fc100', 'folder')
-IMAGE_TASKS = ('omniglot', 'miniimagenet', 'cifar_fs', 'fc100', 'folder')
+TASKS = ('sinusoid', 'omniglot', 'miniimagenet', 'tieredimagenet', 'cifar_fs', 'fc100', 'folder')
+IMAGE_TASKS = ('omniglot', 'miniimagenet', 'tieredimagenet', 'cifar_fs', 'fc100', 'folder')
 OPTIMIZERS = ('adam', 'sgd_nesterov')
 
 

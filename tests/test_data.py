@@ -565,7 +565,7 @@ def test_resnet12_layers_and_shapes():
 
 
 @pytest.mark.parametrize('name', ['omniglot', 'omniglot_minimal', 'omniglot_paper', 'miniimagenet', 'lake_minimal',
-                                  'cifar_fs', 'fc100'])
+                                  'cifar_fs', 'fc100', 'tieredimagenet'])
 def test_configs_validate_for_every_method(name):
     from md_meta import config as config_lib, methods
     mod = importlib.import_module(f'experiments.configs.{name}')
