@@ -108,8 +108,8 @@ def main(argv):
         fail(f'--num_tasks must be positive, got {_NUM_TASKS.value}')
     if _EVAL_STEPS.value < 0 or not _EVAL_STEP_SIZE.value >= 0:
         fail(f'--eval_steps and --eval_step_size must be >= 0, got {_EVAL_STEPS.value}, {_EVAL_STEP_SIZE.value}')
-    overrides = {k: v for k, v in (('inner.eval_steps', _EVAL_STEPS.value), ('inner.step_size', _EVAL_STEP_SIZE.value))
-                 if v}
+    overrides = {k: v for k, v in (('inner.eval_steps', _EVAL_STEPS.value), ('inner.step_size', _EVAL_STEP_SIZE.value),
+                                   ('model.norm_stats', _NORM_STATS.value)) if v}
     records = []
     log = lambda s: print(s, file=sys.stderr, flush=True)
     try:
@@ -142,6 +142,9 @@ if __name__ == '__main__':
     _EVAL_STEPS = flags.DEFINE_integer('eval_steps', 0, 'Inner steps K at test (0: config.inner.eval_steps of the run).')
     _EVAL_STEP_SIZE = flags.DEFINE_float('eval_step_size', 0.0, 'Inner step size alpha at test (0: the one trained '
                                          'with); refused for methods that learn their step sizes (Meta-SGD).')
+    _NORM_STATS = flags.DEFINE_enum('norm_stats', '', ['', 'batch', 'support'],
+                                    "Batch norm's statistics for query predictions ('': the run's model.norm_stats): "
+                                    "'batch' (the query batch's) or 'support' (the support set's alone).")
     _LAKE_WITHIN = flags.DEFINE_bool('lake_within_alphabet', False, "With --lake_build: each run's 20 characters from "
                                      "one held-out alphabet (the official runs' layout; task.split='minimal_alphabet').")
     run(main)

@@ -9,8 +9,8 @@ import math
 
 import ml_collections
 
-TASKS = ('sinusoid', 'omniglot', 'miniimagenet', 'folder')
-IMAGE_TASKS = ('omniglot', 'miniimagenet', 'folder')
+TASKS = ('sinusoid', 'omniglot', 'miniimagenet', 'tieredimagenet', 'cifar_fs', 'fc100', 'folder')
+IMAGE_TASKS = ('omniglot', 'miniimagenet', 'tieredimagenet', 'cifar_fs', 'fc100', 'folder')
 OPTIMIZERS = ('adam', 'sgd_nesterov')
 MIN_IMAGE_SIZE = {'cnn4': 16, 'resnet12': 16}   # the image networks' 4 halvings (2x2 max pools) leave >= 1 pixel
 
@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.conv_impl = 'auto'
     c.model.features = 64
     c.model.init = 'xavier'    # cnn4/resnet12: 'xavier' (MAML's code) | 'torch' (PyTorch's defaults, the paper's authors)
+    c.model.norm_stats = 'batch'  # query predictions' batch-norm statistics: 'batch' (transductive) | 'support' (inductive)
 
     c.inner = ml_collections.ConfigDict()
     c.inner.steps = 1
@@ -83,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mtnet = ml_collections.ConfigDict()  # md_meta.methods.mtnet
     c.mtnet.init_logit = 0.0       # mask logits at start (0: each unit adapts w.p. 1/2; >= 50: all on)
     c.mtnet.temperature = 1.0      # Gumbel-softmax temperature
+
+    c.anil = ml_collections.ConfigDict()  # md_meta.methods.anil
+    c.anil.head = 'auto'           # the top-level parameter entry adapted: 'auto' = the last layer (layer_N)
 
     c.ecml = ml_collections.ConfigDict()  # md_meta.methods.ecml
     c.ecml.penalty_weight = 0.01   # lambda: weight of the conditioning penalty in the meta-loss
@@ -192,6 +196,10 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
     _require(c.model.init in networks.INITS, 'model.init', f'must be one of {networks.INITS}, got {c.model.init!r}')
     _require(c.model.init == 'xavier' or c.model.name in ('cnn4', 'resnet12'), 'model.init',
              f"'torch' is for the image networks (cnn4, resnet12), got model.name={c.model.name!r}")
+    _require(c.model.norm_stats in networks.NORM_STATS, 'model.norm_stats',
+             f'must be one of {networks.NORM_STATS}, got {c.model.norm_stats!r}')
+    _require(c.model.norm_stats == 'batch' or not own_model, 'model.norm_stats',
+             "'support' needs md-meta's networks (config.model): they take batch norm's statistics from given rows")
     _require(c.model.conv_impl in networks.CONV_IMPLS, 'model.conv_impl',
              f'must be one of {networks.CONV_IMPLS}, got {c.model.conv_impl!r}')
     _require(c.eval.num_tasks % c.eval.batch_size == 0 or c.eval.num_tasks < c.eval.batch_size,

@@ -40,6 +40,7 @@ class MetaLearner(NamedTuple):
     compute_dtype: str = 'float32'   # 'bfloat16': network forward/backward in bf16, parameters stay fp32
     task_gradients: str = 'auto'     # how the meta-gradient is batched over tasks (``meta_value_and_grad``)
     task_chunk: int = 2              # at most this many tasks per vmapped chunk under 'map' (``chunk_size``)
+    norm_stats: str = 'batch'        # batch norm's statistics for the query: 'batch' | 'support' (``query_outputs``)
 
 
 def init_meta_params(learner: MetaLearner, key: jax.Array, example_x: jnp.ndarray) -> dict:
@@ -59,22 +60,39 @@ def _low_precision(apply_vars: Callable, dtype, net: dict) -> Callable:
     cast = lambda t: jax.tree_util.tree_map(
         lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t)
 
-    def fn(phi, x):
-        return apply_vars(cast({'params': phi, **net}), cast(x)).astype(jnp.float32)
+    def fn(phi, x, **kwargs):
+        return apply_vars(cast({'params': phi, **net}), cast(x), **kwargs).astype(jnp.float32)
     return fn
+
+
+def query_outputs(apply: Callable, phi, support_x, query_x, norm_stats: str = 'batch'):
+    """The adapted network's outputs on the query set, f(query_x; phi), with batch norm's statistics
+        'batch':   of the query batch itself (transductive: a query prediction depends on the other query
+                   examples; MAML's and the reference's protocol),
+        'support': of the support set alone (inductive: each query prediction depends on that example and the
+                   support set only), computed as f([support; query]) with the statistics of the first
+                   |support| rows (``apply(..., stats_from=n)``), the query rows kept.
+    The support loss of the inner loop is the same under both (a support batch's statistics are its own)."""
+    if norm_stats == 'batch':
+        return apply(phi, query_x)
+    if norm_stats != 'support':
+        raise ValueError(f"norm_stats must be 'batch' or 'support', got {norm_stats!r}")
+    n = support_x.shape[0]
+    return apply(phi, jnp.concatenate([support_x, query_x]), stats_from=n)[n:]
 
 
 def task_result(learner: MetaLearner, meta: dict, task: Task, key: jax.Array, inner: InnerConfig,
                 final_stats: bool = False):
     """Adapts to one task and evaluates on its query set: (query metrics, inner-loop curves, penalty)."""
     loss_fn = losses.get(learner.loss)
-    apply = lambda phi, x: learner.model.apply({'params': phi, **meta['net']}, x)
+    apply = lambda phi, x, **kw: learner.model.apply({'params': phi, **meta['net']}, x, **kw)
     if learner.compute_dtype != 'float32':  # mixed precision: cast in, compute, fp32 out (before the loss)
-        apply = _low_precision(lambda v, x: learner.model.apply(v, x), jnp.dtype(learner.compute_dtype), meta['net'])
+        apply = _low_precision(learner.model.apply, jnp.dtype(learner.compute_dtype), meta['net'])
     support_loss = lambda phi: loss_fn(apply(phi, task.support_x), task.support_y)
     loop = learner.geometry.inner(meta['geom'])
     phi, curves = adapt(loop, support_loss, meta['init'], key, inner, final_stats)
-    metrics = losses.metrics(learner.loss, apply(phi, task.query_x), task.query_y)
+    outputs = query_outputs(apply, phi, task.support_x, task.query_x, learner.norm_stats)
+    metrics = losses.metrics(learner.loss, outputs, task.query_y)
     penalty = 0.0
     if learner.geometry.penalty is not None:
         phi0 = loop.params_of(loop.start(meta['init'], key))

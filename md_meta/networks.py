@@ -12,6 +12,11 @@ the collection ``'warp'``, which the inner loop never adapts) into these network
   * ``'block'``: after every hidden layer's output (dense: before its ReLU; conv nets: after the block's
     pooling), not after the classifier (WarpGrad's warp, ``md_meta.methods.warpgrad``).
 
+Batch norm normalises with the statistics of the examples it is given (no running averages): those of the
+whole batch, or, with ``apply(variables, x, stats_from=n)``, those of the first n rows alone for every row, so
+that the outputs of the rows after n do not depend on one another (``md_meta.meta.query_outputs``:
+the support set's statistics for the query, ``config.model.norm_stats='support'``).
+
 Convolutions have two formulations (``conv_impl``): ``'lax'`` (``lax.conv_general_dilated``) and
 ``'patches'`` (3x3 patches by slicing + one matmul, which vmaps to a batched GEMM rather than a
 grouped convolution). ``'auto'`` picks patches on CPU and GPU, where it was measured faster under vmap
@@ -29,11 +34,13 @@ import jax.numpy as jnp
 
 CONV_IMPLS = ('auto', 'lax', 'patches')
 MODELS = ('mlp', 'cnn4', 'resnet12')
+NORM_STATS = ('batch', 'support')   # config.model.norm_stats: md_meta.meta.query_outputs
 INITS = ('xavier', 'torch')
 
 
 class Model(NamedTuple):
-    """init(key, x) -> variables {'params': ..., maybe 'warp': ...}; apply(variables, x) -> outputs."""
+    """init(key, x) -> variables {'params': ..., maybe 'warp': ...}; apply(variables, x) -> outputs
+    (md-meta's networks also take ``stats_from=n``: batch norm on the first n rows' statistics)."""
     init: Callable
     apply: Callable
     module: nn.Module
@@ -142,15 +149,18 @@ class MLP(nn.Module):
     layer: Optional[Any] = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, stats_from: Optional[int] = None):
+        del stats_from   # no batch norm: every row's output depends on that row alone
         for i, h in enumerate(self.hidden):
             x = jax.nn.relu(Dense(h, self.layer, name=f'layer_{i}')(x))
         return Dense(self.out, _linear_only(self.layer), name=f'layer_{len(self.hidden)}')(x)
 
 
-def batch_stats(x: jnp.ndarray, eps: float):
-    """Per-channel mean and 1 / sqrt(var + eps) over every axis but the last (two passes)."""
+def batch_stats(x: jnp.ndarray, eps: float, stats_from: Optional[int] = None):
+    """Per-channel mean and 1 / sqrt(var + eps) over every axis but the last (two passes), of the first
+    ``stats_from`` rows (examples) of x, or of all of them (None)."""
     axes = tuple(range(x.ndim - 1))
+    x = x if stats_from is None else x[:stats_from]
     mean = x.mean(axes)
     return mean, jax.lax.rsqrt(jnp.square(x - mean).mean(axes) + eps)
 
@@ -214,11 +224,11 @@ class BatchNormCurrent(nn.Module):
     eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, stats_from: Optional[int] = None):
         c = x.shape[-1]
         scale = self.param('scale', nn.initializers.ones, (c,))
         bias = self.param('bias', nn.initializers.zeros, (c,))
-        mean, rstd = batch_stats(x, self.eps)
+        mean, rstd = batch_stats(x, self.eps, stats_from)
         return (x - mean) * rstd * scale + bias
 
 
@@ -227,16 +237,22 @@ class NormReluPool(nn.Module):
     ``signed_y(s) = s y`` for s = ``channel_sign(scale)``, so that a linear producer folds s into its
     weights. Why s: ``pool_bn_relu`` needs scale >= 0, and bn with scale on y equals bn with scale s on s y
     (the statistics negate exactly with y), with s scale >= 0; folding s into a convolution's kernel
-    (conv(x, W) s = conv(x, W s)) saves the pass over the full-resolution map that s y would cost."""
+    (conv(x, W) s = conv(x, W s)) saves the pass over the full-resolution map that s y would cost.
+    ``stats_from``: the statistics of the first rows alone (``batch_stats``), by plain autodiff (the fused
+    rule's backward assumes the statistics of every row)."""
     features: int
     eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, signed_y: Callable[[jnp.ndarray], jnp.ndarray]):
+    def __call__(self, signed_y: Callable[[jnp.ndarray], jnp.ndarray], stats_from: Optional[int] = None):
         scale = self.param('scale', nn.initializers.ones, (self.features,))
         bias = self.param('bias', nn.initializers.zeros, (self.features,))
         s = channel_sign(scale)
-        return pool_bn_relu(signed_y(s), s * scale, bias, self.eps)
+        if stats_from is None:
+            return pool_bn_relu(signed_y(s), s * scale, bias, self.eps)
+        y = signed_y(s)
+        mean, rstd = batch_stats(y, self.eps, stats_from)   # pooling first is exact as in pool_bn_relu
+        return jax.nn.relu((max_pool_2x2(y) - mean) * rstd * (s * scale) + bias)
 
 
 class ConvBlock(nn.Module):
@@ -248,7 +264,7 @@ class ConvBlock(nn.Module):
     weight_init: str = 'xavier'   # 'xavier' (MAML's code: xavier-uniform kernel, zero bias) | 'torch' (``torch_uniform``)
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, stats_from: Optional[int] = None):
         cin = x.shape[-1]
         torch_init = torch_uniform(9 * cin)
         kernel = self.param('kernel', torch_init if self.weight_init == 'torch' else nn.initializers.xavier_uniform(),
@@ -264,7 +280,7 @@ class ConvBlock(nn.Module):
             # (a 64x64 product) instead of to every pixel of the feature map.
             kernel = linear(kernel.reshape(-1, self.features)).reshape(kernel.shape)
         # = max_pool_2x2(relu(bn(conv(x, W)))), the norm's sign s folded into the kernel: conv(x, W s)
-        x = NormReluPool(self.features, name='norm')(lambda s: conv(x, kernel * s))
+        x = NormReluPool(self.features, name='norm')(lambda s: conv(x, kernel * s), stats_from)
         block = _at(self.layer, 'block')
         return block(x) if block is not None else x
 
@@ -278,9 +294,9 @@ class CNN4(nn.Module):
     weight_init: str = 'xavier'   # 'torch': PyTorch's defaults, as the paper's authors' CNN4
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, stats_from: Optional[int] = None):
         for i in range(4):
-            x = ConvBlock(self.features, self.conv_impl, self.layer, self.weight_init, name=f'layer_{i}')(x)
+            x = ConvBlock(self.features, self.conv_impl, self.layer, self.weight_init, name=f'layer_{i}')(x, stats_from)
         x = x.reshape(x.shape[0], -1)
         return Dense(self.num_classes, _linear_only(self.layer), self.weight_init, name='layer_4')(x)
 
@@ -291,8 +307,8 @@ def model_from_module(module: nn.Module) -> Model:
         variables = module.init({'params': key}, x)
         return jax.tree_util.tree_map(lambda v: v, dict(variables))
 
-    def apply(variables, x):
-        return module.apply(variables, x)
+    def apply(variables, x, **kwargs):
+        return module.apply(variables, x, **kwargs)
 
     return Model(init, apply, module)
 
@@ -332,19 +348,19 @@ class ResBlock12(nn.Module):
     weight_init: str = 'xavier'   # 'xavier': He-normal convs (the ResNet-12 papers) | 'torch': ``torch_uniform``
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, stats_from: Optional[int] = None):
         conv = conv3x3_patches if self.conv_impl == 'patches' else conv3x3_lax
         he = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
         init = lambda fan_in: torch_uniform(fan_in) if self.weight_init == 'torch' else he
         h = x
         for j in range(3):
             kernel = self.param(f'conv{j}', init(9 * h.shape[-1]), (3, 3, h.shape[-1], self.features))
-            h = BatchNormCurrent(name=f'norm{j}')(conv(h, kernel))
+            h = BatchNormCurrent(name=f'norm{j}')(conv(h, kernel), stats_from)
             if j < 2:
                 h = jax.nn.leaky_relu(h, 0.1)
         cin = x.shape[-1]
         short = self.param('shortcut', init(cin), (1, 1, cin, self.features))
-        s = BatchNormCurrent(name='norm_shortcut')(x @ short.reshape(cin, self.features))
+        s = BatchNormCurrent(name='norm_shortcut')(x @ short.reshape(cin, self.features), stats_from)
         h = jax.nn.leaky_relu(h + s, 0.1)
         linear, block = _at(self.layer, 'linear'), _at(self.layer, 'block')
         if linear is not None:
@@ -364,8 +380,8 @@ class ResNet12(nn.Module):
     weight_init: str = 'xavier'
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, stats_from: Optional[int] = None):
         for i, w in enumerate(self.widths):
-            x = ResBlock12(w, self.conv_impl, self.layer, self.weight_init, name=f'layer_{i}')(x)
+            x = ResBlock12(w, self.conv_impl, self.layer, self.weight_init, name=f'layer_{i}')(x, stats_from)
         x = x.mean(axis=(1, 2))
         return Dense(self.num_classes, _linear_only(self.layer), self.weight_init, name=f'layer_{len(self.widths)}')(x)

@@ -111,7 +111,8 @@ def _build(config, source, model, loss) -> Experiment:
     eval_steps = config.inner.eval_steps if config.inner.eval_steps > 0 else config.inner.steps
     eval_inner = InnerConfig(eval_steps, True, config.inner.unroll, False)
     learner = MetaLearner(geometry, model, source.loss, inner, eval_inner, config.meta.task_batching,
-                          config.meta.compute_dtype, config.meta.task_gradients, config.meta.task_chunk)
+                          config.meta.compute_dtype, config.meta.task_gradients, config.meta.task_chunk,
+                          config.model.norm_stats)
     return Experiment(config, learner, make_optimizer(config.meta), source)
 
 
@@ -197,7 +198,7 @@ def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None =
 
 
 # ----------------------------------------------------------------------------- a run from its workdir
-EVAL_OVERRIDES = ('inner.eval_steps', 'inner.step_size')
+EVAL_OVERRIDES = ('inner.eval_steps', 'inner.step_size', 'model.norm_stats')
 
 
 def learns_step_sizes(config) -> bool:
@@ -210,7 +211,7 @@ def load_run(workdir: str, which: str = 'best', warn: Callable = None, overrides
     """(exp, meta, step) from a workdir's config.json and its best (or 'last') good checkpoint. The
     experiment is for evaluation, on one device (``exp.mesh`` None): the devices the run was trained on
     need not fit this machine. ``overrides``: {field: value} of EVAL_OVERRIDES, the inner loop at test (K,
-    alpha) changed without retraining."""
+    alpha) or batch norm's statistics for the query changed without retraining."""
     if which not in ('best', 'last'):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     config = workdirs.load_config(workdir)

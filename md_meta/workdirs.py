@@ -366,7 +366,8 @@ def provenance(config, step: int, parameters: str, fingerprint: Optional[str],
     reached = int(step if trained_to is None else trained_to)
     return {'md_meta_version': __version__, 'git_commit': git_commit(), 'method': config.method,
             'task': config.task.name, 'ways': config.task.ways, 'train_shots': config.task.shots,
-            'seed': config.seed, 'step': int(step), 'planned_steps': int(config.meta.steps),
+            'norm_stats': config.model.norm_stats, 'seed': config.seed, 'step': int(step),
+            'planned_steps': int(config.meta.steps),
             'finished': reached >= int(config.meta.steps), 'parameters': parameters,
             'checkpoint_fingerprint': fingerprint, 'config': json.loads(config.to_json())}
 

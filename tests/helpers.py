@@ -100,3 +100,67 @@ def meta_grad(learner, batch, meta=None):
         meta = init_meta_params(learner, jax.random.PRNGKey(0), batch.support_x[0])
     g = jax.jit(jax.grad(lambda m: meta_loss(learner, m, batch, jax.random.PRNGKey(2))[0]))(meta)
     return meta, g
+
+
+# CIFAR-100's superclasses (coarse labels, in the archive's order) and their fine classes: the official table
+CIFAR100_SUPERCLASSES = {
+    'aquatic_mammals': ('beaver', 'dolphin', 'otter', 'seal', 'whale'),
+    'fish': ('aquarium_fish', 'flatfish', 'ray', 'shark', 'trout'),
+    'flowers': ('orchid', 'poppy', 'rose', 'sunflower', 'tulip'),
+    'food_containers': ('bottle', 'bowl', 'can', 'cup', 'plate'),
+    'fruit_and_vegetables': ('apple', 'mushroom', 'orange', 'pear', 'sweet_pepper'),
+    'household_electrical_devices': ('clock', 'keyboard', 'lamp', 'telephone', 'television'),
+    'household_furniture': ('bed', 'chair', 'couch', 'table', 'wardrobe'),
+    'insects': ('bee', 'beetle', 'butterfly', 'caterpillar', 'cockroach'),
+    'large_carnivores': ('bear', 'leopard', 'lion', 'tiger', 'wolf'),
+    'large_man-made_outdoor_things': ('bridge', 'castle', 'house', 'road', 'skyscraper'),
+    'large_natural_outdoor_scenes': ('cloud', 'forest', 'mountain', 'plain', 'sea'),
+    'large_omnivores_and_herbivores': ('camel', 'cattle', 'chimpanzee', 'elephant', 'kangaroo'),
+    'medium_mammals': ('fox', 'porcupine', 'possum', 'raccoon', 'skunk'),
+    'non-insect_invertebrates': ('crab', 'lobster', 'snail', 'spider', 'worm'),
+    'people': ('baby', 'boy', 'girl', 'man', 'woman'),
+    'reptiles': ('crocodile', 'dinosaur', 'lizard', 'snake', 'turtle'),
+    'small_mammals': ('hamster', 'mouse', 'rabbit', 'shrew', 'squirrel'),
+    'trees': ('maple_tree', 'oak_tree', 'palm_tree', 'pine_tree', 'willow_tree'),
+    'vehicles_1': ('bicycle', 'bus', 'motorcycle', 'pickup_truck', 'train'),
+    'vehicles_2': ('lawn_mower', 'rocket', 'streetcar', 'tank', 'tractor'),
+}
+
+
+def write_cifar100_archive(dest, train_per_class=2, test_per_class=1, seed=0, coarse_names=None):
+    """A small cifar-100-python.tar.gz in the official layout (cifar-100-python/{train,test,meta} pickles; keys
+    and names as bytes, the form the real archive's Python 2 strings take under encoding='bytes'; the reader
+    takes str or bytes): every fine class with a few images whose red plane is the fine label, green plane
+    random, blue plane 7 y + x (row y, column x). ``coarse_names``: meta's superclass names (default the
+    official ones). Returns its path."""
+    import io
+    import os
+    import pickle
+    import tarfile
+    fine_names = sorted(n for names in CIFAR100_SUPERCLASSES.values() for n in names)
+    coarse_names = list(coarse_names or CIFAR100_SUPERCLASSES)
+    coarse_of = {n: list(CIFAR100_SUPERCLASSES).index(s) for s, ns in CIFAR100_SUPERCLASSES.items() for n in ns}
+    rng = np.random.default_rng(seed)
+    yx = np.add.outer(7 * np.arange(32), np.arange(32)).astype(np.uint8)
+
+    def batch(per_class):
+        fine = np.repeat(np.arange(100), per_class)
+        rng.shuffle(fine)
+        img = np.empty((len(fine), 3, 32, 32), np.uint8)
+        img[:, 0] = fine[:, None, None]
+        img[:, 1] = rng.integers(0, 256, (len(fine), 32, 32))
+        img[:, 2] = yx
+        return {b'data': img.reshape(len(fine), 3072), b'fine_labels': fine.tolist(),
+                b'coarse_labels': [coarse_of[fine_names[f]] for f in fine], b'batch_label': b'fake'}
+
+    parts = {'train': batch(train_per_class), 'test': batch(test_per_class),
+             'meta': {b'fine_label_names': [n.encode() for n in fine_names],
+                      b'coarse_label_names': [n.encode() for n in coarse_names]}}
+    path = os.path.join(str(dest), 'cifar-100-python.tar.gz')
+    with tarfile.open(path, 'w:gz') as tar:
+        for name, obj in parts.items():
+            raw = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f'cifar-100-python/{name}')
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return path

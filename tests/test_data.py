@@ -565,7 +565,8 @@ def test_resnet12_layers_and_shapes():
         assert set(v['warp']['layer_3']['transform']) == ({'T'} if transform == 'tnet' else {'w1', 'b1', 'w2'})
 
 
-@pytest.mark.parametrize('name', ['omniglot', 'omniglot_minimal', 'omniglot_paper', 'miniimagenet', 'lake_minimal'])
+@pytest.mark.parametrize('name', ['omniglot', 'omniglot_minimal', 'omniglot_paper', 'miniimagenet', 'lake_minimal',
+                                  'cifar_fs', 'fc100', 'tieredimagenet'])
 def test_configs_validate_for_every_method(name):
     from md_meta import config as config_lib, methods
     mod = importlib.import_module(f'experiments.configs.{name}')

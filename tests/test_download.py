@@ -5,6 +5,7 @@ import http.server
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 
 import pytest
@@ -18,19 +19,21 @@ needs_shared = pytest.mark.skipif(not all(os.path.exists(os.path.join(OMNIGLOT_D
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves OMNIGLOT_DIR with range requests; ``mode`` 'corrupt' flips bytes, 'truncate' closes the
-    connection half-way through the first response (Content-Length announces the whole file)."""
+    """Serves ``root`` (OMNIGLOT_DIR unless a test sets it) with range requests; ``mode`` 'corrupt' flips bytes,
+    'truncate' closes the connection half-way through the first response (Content-Length announces the whole
+    file)."""
     mode = 'ok'
     requests = []
+    root = OMNIGLOT_DIR
 
     def __init__(self, *a, **k):
-        super().__init__(*a, directory=OMNIGLOT_DIR, **k)
+        super().__init__(*a, directory=Handler.root, **k)
 
     def log_message(self, *a):
         pass
 
     def do_GET(self):
-        path = os.path.join(OMNIGLOT_DIR, self.path.lstrip('/'))
+        path = os.path.join(Handler.root, self.path.lstrip('/'))
         if not os.path.isfile(path):
             return self.send_error(404)
         data = open(path, 'rb').read()
@@ -57,7 +60,7 @@ def server():
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
-    Handler.mode, Handler.requests = 'ok', []
+    Handler.mode, Handler.requests, Handler.root = 'ok', [], OMNIGLOT_DIR
     yield f'http://127.0.0.1:{httpd.server_address[1]}'
     httpd.shutdown()
 
@@ -118,3 +121,49 @@ def test_offline_and_usage_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'experiments.download', 'miniimagenet'], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and 'no official' in r.stdout and 'train.csv' in r.stdout
+
+
+def test_cifar100_archive_is_verified_by_its_md5(server, tmp_path, monkeypatch):
+    """A CIFAR-100 archive in the official format, served locally: checked against the published md5 (here the
+    small archive's own, as the real one's is eb9058c3...), tested as a tar.gz holding train, test and meta,
+    kept when present and valid; a file of another md5 is refused and deleted, and a tar.gz without the
+    archive's members too."""
+    from md_meta.data import cifar100
+    from tests.helpers import write_cifar100_archive
+    served = tmp_path / 'served'
+    served.mkdir()
+    archive = write_cifar100_archive(served)
+    Handler.root = str(served)
+    assert download.MD5[download.CIFAR100] == cifar100.MD5 == 'eb9058c3a382ffc7106e4002c42a8d85'
+    with pytest.raises(download.DownloadError, match=r'md5 .* differs .* corrupted'):
+        download.download_cifar100(str(tmp_path / 'a'), server, 10, log=lambda s: None)
+    assert os.listdir(tmp_path / 'a') == []
+    monkeypatch.setitem(download.MD5, download.CIFAR100, hashlib.md5(open(archive, 'rb').read()).hexdigest())
+    logs = []
+    files = download.download_cifar100(str(tmp_path / 'b'), server, 10, log=logs.append)
+    assert files == [str(tmp_path / 'b' / download.CIFAR100)] and _sha(files[0]) == _sha(archive)
+    assert cifar100.load_splits(str(tmp_path / 'b'), 'fc100')['test'].num_classes == 20   # what the reader reads
+    n = len(Handler.requests)
+    download.download_cifar100(str(tmp_path / 'b'), server, 10, log=logs.append)
+    assert len(Handler.requests) == n and any('present and valid' in l for l in logs)
+    with tarfile.open(served / 'other.tar.gz', 'w:gz'):
+        pass
+    os.replace(served / 'other.tar.gz', archive)
+    monkeypatch.setitem(download.MD5, download.CIFAR100, hashlib.md5(open(archive, 'rb').read()).hexdigest())
+    with pytest.raises(download.DownloadError, match='no member cifar-100-python/train'):
+        download.download_cifar100(str(tmp_path / 'c'), server, 10, log=lambda s: None)
+
+
+def test_cifar100_cli_refuses_a_wrong_archive_in_one_line(server, tmp_path):
+    """`python -m experiments.download cifar100 --dest=DIR --base_url=...`: an archive whose md5 is not the
+    published one ends in one line naming it (exit status 2); nothing is left in DIR."""
+    from tests.helpers import write_cifar100_archive
+    served = tmp_path / 'served'
+    served.mkdir()
+    write_cifar100_archive(served)
+    Handler.root = str(served)
+    r = subprocess.run([sys.executable, '-m', 'experiments.download', 'cifar100', f'--dest={tmp_path / "d"}',
+                        f'--base_url={server}'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and 'cifar-100-python.tar.gz: md5' in err[-1] and 'Traceback' not in r.stderr, r.stderr
+    assert os.listdir(tmp_path / 'd') == []

@@ -309,3 +309,49 @@ def test_step_profile_counts_the_matmul_flops_and_classes_of_a_compiled_step():
     assert p['classes']['geometry matmul']['launches'] == 1
     assert p['events_ms'] > 0 and p['stream_gbps'] > 0 and p['matmul_gflops'] > 0
     assert '| geometry matmul |' in profile_step.table('toy', 'a', p)
+
+
+@pytest.mark.parametrize('name', ['cnn4', 'resnet12'])
+def test_support_statistics_make_query_predictions_inductive(name):
+    """model.norm_stats='support': a query image's prediction does not change when the other query images do
+    (batch norm on the support set's statistics); 'batch' (the query batch's statistics) it does, so the
+    check can fail. The support rows of the joint pass are normalised as the support alone (the inner loop's
+    view), and statistics of every row are the fused default."""
+    from md_meta.meta import query_outputs
+    from md_meta.networks import make_model
+    model = make_model(name, num_classes=3, features=4, conv_impl='patches')
+    ks = jax.random.split(jax.random.PRNGKey(0), 3)
+    support = jax.random.normal(ks[0], (6, 16, 16, 1))
+    query = jax.random.normal(ks[1], (5, 16, 16, 1))
+    other = query.at[1:].set(3.0 * jax.random.normal(ks[2], (4, 16, 16, 1)) + 1.0)   # row 0 kept
+    phi = jax.jit(model.init)(jax.random.PRNGKey(1), support)['params']
+    apply = lambda p, x, **kw: model.apply({'params': p}, x, **kw)
+
+    @jax.jit
+    def outputs(p):
+        q = {mode: (query_outputs(apply, p, support, query, mode), query_outputs(apply, p, support, other, mode))
+             for mode in ('batch', 'support')}
+        joint = apply(p, jnp.concatenate([support, query]), stats_from=6)[:6]
+        return q, joint, apply(p, support), apply(p, query, stats_from=5), apply(p, query)
+
+    q, joint, alone, all_rows, fused = outputs(phi)
+    np.testing.assert_allclose(q['support'][0][0], q['support'][1][0], rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(np.asarray(q['batch'][0][0] - q['batch'][1][0]))) > 1e-2
+    assert np.max(np.abs(np.asarray(q['support'][0] - q['batch'][0]))) > 1e-3   # the modes differ
+    np.testing.assert_allclose(joint, alone, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(all_rows, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_support_statistics_meta_gradient_and_config():
+    """The meta-gradient through the support-statistics query pass is finite and differs from the batch one;
+    model.norm_stats is checked (one line naming the field) and refused for a network of one's own."""
+    batch = image_batch()
+    learner = image_learner(steps=2)
+    meta, g_batch = meta_grad(learner, batch)
+    _, g_support = meta_grad(learner._replace(norm_stats='support'), batch, meta)
+    assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree_util.tree_leaves(g_support))
+    assert tree_max_abs_diff(g_support, g_batch) > 0.0
+    with pytest.raises(ConfigError, match=r'^config\.model\.norm_stats: must be one of'):
+        validate(tiny_config('maml', **{'model.norm_stats': 'running'}))
+    with pytest.raises(ConfigError, match=r'^config\.model\.norm_stats: .support. needs'):
+        validate(tiny_config('maml', **{'model.norm_stats': 'support'}), own_model=True)

@@ -14,13 +14,15 @@ import pytest
 from md_meta import config as config_lib
 from md_meta import losses, methods
 from md_meta.inner import InnerConfig, adapt
+from md_meta.methods import anil
 from md_meta.meta import MetaLearner, Task, init_meta_params, init_optimizer_state, make_meta_step, meta_loss
 from md_meta.networks import make_model
 from md_meta.tasks import sinusoid
 from tests.helpers import perturbed, random_like, tiny_config, tree_max_abs_diff, tree_vdot
 
 ALL = methods.names()
-STARTS_AS_GD = [m for m in ALL if m != 'maml']  # every other method starts as MAML (mtnet: masks forced on)
+# every other method starts as MAML (mtnet: masks forced on); ANIL's inner loop moves the head alone
+STARTS_AS_GD = [m for m in ALL if m not in ('maml', 'anil')]
 # Methods that insert identity layers into the network (T = I, warps with W2 = 0): in exact arithmetic the
 # same trajectory, but XLA may reassociate the extra matmuls (e.g. the conv kernel's gradient), so on the
 # CNN they are compared to a few float32 ulps; every other method must match bitwise.
@@ -97,6 +99,76 @@ def test_mtnet_masks_freeze_units():
     assert set(np.unique(m)) <= {0.0, 1.0} and 0 < m.sum() < m.size
     moved = np.abs(np.asarray(phi['layer_0']['dense']['kernel'] - meta['init']['layer_0']['dense']['kernel'])).max(0)
     assert np.all(moved[m == 0] == 0) and np.all(moved[m == 1] > 0)
+
+
+@pytest.mark.parametrize('net', ['mlp', 'cnn'])
+def test_anil_adapts_the_head_alone(net):
+    """ANIL's inner loop leaves every body leaf bitwise at its start and moves every head leaf (the last
+    layer, layer_N); MAML from the same start moves the body too (so the check could fail)."""
+    key = jax.random.PRNGKey(0)
+    task = jax.tree_util.tree_map(lambda a: a[0], batch_for(net))
+    out = {}
+    for method in ('anil', 'maml'):
+        learner = make_learner(method, net, 3, {'inner.step_size': 0.1 if net == 'cnn' else 0.01})
+        meta = init_meta_params(learner, key, task.support_x)
+        phi, curves = jax.jit(lambda m: trajectory(learner, m, task, key))(meta)
+        out[method] = meta['init'], phi, curves
+    start, phi, curves = out['anil']
+    head = 'layer_2' if net == 'mlp' else 'layer_4'
+    assert anil.head_of(start) == head
+    for name in start:
+        for a, b in zip(jax.tree_util.tree_leaves(start[name]), jax.tree_util.tree_leaves(phi[name])):
+            a, b = np.asarray(a), np.asarray(b)
+            if name == head:
+                assert np.any(a != b), name
+            else:
+                assert np.array_equal(a, b), name
+    assert float(curves['loss'][-1]) < float(curves['loss'][0])
+    assert tree_max_abs_diff(out['maml'][1]['layer_0'], start['layer_0']) > 0.0   # MAML moves the body
+
+
+@pytest.mark.parametrize('net', ['mlp', 'cnn'])
+def test_anil_with_an_all_ones_mask_is_maml(net):
+    """The masked step with m = 1 everywhere is MAML: the same inner trajectory and the same second-order
+    meta-gradient, bitwise; with ANIL's mask the meta-gradient differs (the mask matters)."""
+    key = jax.random.PRNGKey(0)
+    batch = batch_for(net, tasks=2)
+    maml_learner = make_learner('maml', net, 2, {'inner.step_size': 0.1})
+    all_ones = methods.make_geometry(tiny_config('anil'))._replace(
+        inner=anil.masked_gradient_descent(0.1, lambda phi: jax.tree_util.tree_map(lambda _: 1, phi)))
+    ones_learner = maml_learner._replace(geometry=all_ones)
+    anil_learner = make_learner('anil', net, 2, {'inner.step_size': 0.1})
+    meta = init_meta_params(maml_learner, key, batch.support_x[0])
+    task = jax.tree_util.tree_map(lambda a: a[0], batch)
+    grads, trajectories = {}, {}
+    for name, learner in (('maml', maml_learner), ('ones', ones_learner), ('anil', anil_learner)):
+        trajectories[name] = jax.jit(lambda m: trajectory(learner, m, task, key))(meta)
+        grads[name] = jax.jit(jax.grad(lambda m: meta_loss(learner, m, batch, key)[0]))(meta)
+    assert tree_max_abs_diff(trajectories['ones'], trajectories['maml']) == 0.0
+    assert tree_max_abs_diff(grads['ones'], grads['maml']) == 0.0
+    assert tree_max_abs_diff(grads['anil'], grads['maml']) > 0.0
+
+
+def test_anil_head_is_the_last_layer_or_named():
+    """The head of md-meta's networks is layer_N (layer_10 after layer_9; ResNet-12's classifier); Flax's
+    names of one module class by their number; mixed names are refused in one line naming anil.head,
+    unless anil.head names the entry."""
+    leaf = jnp.zeros(1)
+    assert anil.head_of({f'layer_{i}': leaf for i in range(11)}) == 'layer_10'
+    assert anil.head_of({f'Dense_{i}': leaf for i in range(12)}) == 'Dense_11'
+    v = jax.eval_shape(make_model('resnet12', num_classes=5, features=4).init, jax.random.PRNGKey(0),
+                       jnp.ones((5, 16, 16, 3)))
+    assert anil.head_of(v['params']) == 'layer_4' and v['params']['layer_4']['dense']['kernel'].shape[-1] == 5
+    mixed = {'Conv_0': leaf, 'Conv_1': leaf, 'Dense_0': leaf}
+    with pytest.raises(config_lib.ConfigError, match=r'^config\.anil\.head: cannot tell .*Dense_0'):
+        anil.head_of(mixed)
+    assert anil.head_of(mixed, 'Dense_0') == 'Dense_0'
+    with pytest.raises(config_lib.ConfigError, match=r'^config\.anil\.head:'):
+        anil.head_of(mixed, 'Dense_1')
+    mask = anil.head_mask({'layer_0': {'w': leaf, 'b': leaf}, 'layer_1': {'w': leaf}})
+    assert mask == {'layer_0': {'w': 0, 'b': 0}, 'layer_1': {'w': 1}}
+    with pytest.raises(config_lib.ConfigError, match='anil.head'):
+        config_lib.validate(tiny_config('anil', **{'anil.head': ''}))
 
 
 @pytest.mark.parametrize('method', ALL)

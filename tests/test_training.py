@@ -402,6 +402,7 @@ def test_report_skips_a_stale_evaluation_and_marks_an_unfinished_run(tmp_path):
     logs = []
     r = evaluate_workdir(paused, num_tasks=10, which='last', log=logs.append)
     assert r['finished'] is False and r['step'] == 20 and r['planned_steps'] == 40
+    assert r['norm_stats'] == 'batch'   # batch norm's statistics for the query, in every results file
     assert any('unfinished' in l and 'step 20 of 40' in l for l in logs), logs
     warns = []
     records = load([done, paused], warn=warns.append)
@@ -827,3 +828,11 @@ def test_sighup_in_process_stops_at_a_chunk_end_with_a_checkpoint(tmp_path):
     assert e.value.status == 129 and e.value.step == 10 and 'preempted at step 10' in str(e.value)
     assert checkpoint_lib.Checkpointer(wd).steps() == [10]
     assert signal.getsignal(signal.SIGHUP) is before
+
+
+def test_provenance_records_the_batch_norm_statistics():
+    """results.json and evaluation.json say whether query predictions used the query batch's statistics
+    (transductive) or the support set's (inductive): model.norm_stats."""
+    for mode in ('batch', 'support'):
+        assert workdirs.provenance(tiny_config('maml', **{'model.norm_stats': mode}), 0, 'final', None)[
+            'norm_stats'] == mode

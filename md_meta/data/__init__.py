@@ -3,6 +3,8 @@ one-shot (Lake et al. 2015) evaluator.
 
     omniglot.load_splits(data_dir, protocol, source)  -> {split: ClassPool}   (28x28x1 uint8)
     miniimagenet.load_splits(data_dir)                -> {split: ClassPool}   (84x84x3 uint8)
+    tieredimagenet.load_splits(data_dir)              -> {split: ClassPool}   (84x84x3 uint8)
+    cifar100.load_splits(data_dir, 'cifar_fs'|'fc100') -> {split: ClassPool}  (32x32x3 uint8)
     episodes.EpisodeSampler(pools, ways, shots, seed) -> sample(step, num_tasks, split, query) -> Task
     lake.evaluate_runs(root, classify) / lake.build_runs(pool, root)
 

@@ -13,6 +13,7 @@ from md_meta.geometry import Geometry
 # name -> module exposing make(config) -> Geometry: a module of md_meta.methods, or a dotted path to any module
 _MODULES = {
     'maml': 'maml',
+    'anil': 'anil',
     'metasgd': 'metasgd',
     'tnet': 'tnet',
     'mtnet': 'mtnet',

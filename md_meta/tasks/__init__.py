@@ -59,7 +59,7 @@ def make_source(config) -> TaskSource:
             return sample_jit(key, num_tasks, split, query)
 
         return TaskSource('sinusoid', 'mse', np.zeros((shots, 1), np.float32), sample, device_sample, 1)
-    if name in ('omniglot', 'miniimagenet', 'folder'):
+    if name in ('omniglot', 'miniimagenet', 'tieredimagenet', 'cifar_fs', 'fc100', 'folder'):
         from md_meta.tasks import images
         return images.make_source(config)
     raise ValueError(f'unknown task {name!r}')

@@ -1,4 +1,4 @@
-"""Few-shot image classification tasks (Omniglot, miniImageNet, a folder of class folders) as a host
+"""Few-shot image classification tasks (Omniglot, mini- and tieredImageNet, CIFAR-FS, FC100, a folder of class folders) as a host
 ``TaskSource``.
 
 N-way K-shot episodes (config.task.ways / shots; config.task.query query images per class at
@@ -25,6 +25,12 @@ def load_pools(config):
     if t.name == 'miniimagenet':
         from md_meta.data import miniimagenet
         return miniimagenet.load_splits(t.data_dir)
+    if t.name == 'tieredimagenet':
+        from md_meta.data import tieredimagenet
+        return tieredimagenet.load_splits(t.data_dir)
+    if t.name in ('cifar_fs', 'fc100'):
+        from md_meta.data import cifar100
+        return cifar100.load_splits(t.data_dir, t.name)
     if t.name == 'folder':
         from md_meta.data import folder
         return folder.load_splits(t.data_dir, t.image_size, t.channels)
