@@ -163,7 +163,7 @@ def paired(rows: list, reference: str) -> list:
 def paired_markdown(pairs: list, reference: str) -> str:
     shots = [int(x) for x in FLAGS.shots]
     by = {(p['variant'], p['shots']): p for p in pairs if p['reference'] == reference}
-    out = [f'| variant | ' + ' | '.join(f'{s}-shot: MSE - {reference} (seeds ahead)' for s in shots) + ' |',
+    out = ['| variant | ' + ' | '.join(f'{s}-shot: MSE - {reference} (seeds ahead)' for s in shots) + ' |',
            '| --- |' + ' --- |' * len(shots)]
     for v in FLAGS.variants:
         if v == reference or not any((v, s) in by for s in shots):
