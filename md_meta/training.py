@@ -201,12 +201,6 @@ def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None =
 EVAL_OVERRIDES = ('inner.eval_steps', 'inner.step_size', 'model.norm_stats')
 
 
-def learns_step_sizes(config) -> bool:
-    """Whether the method's inner step sizes are meta-parameters (Meta-SGD's exp(w), ECML with the Meta-SGD
-    preconditioner): inner.step_size only initialises them."""
-    return config.method == 'metasgd' or (config.method == 'ecml' and config.ecml.preconditioner == 'metasgd')
-
-
 def load_run(workdir: str, which: str = 'best', warn: Callable = None, overrides: dict | None = None):
     """(exp, meta, step) from a workdir's config.json and its best (or 'last') good checkpoint. The
     experiment is for evaluation, on one device (``exp.mesh`` None): the devices the run was trained on
@@ -218,7 +212,7 @@ def load_run(workdir: str, which: str = 'best', warn: Callable = None, overrides
     for field, value in (overrides or {}).items():
         if field not in EVAL_OVERRIDES:
             raise ValueError(f'{field}: not a field evaluation may override (only {EVAL_OVERRIDES})')
-        if field == 'inner.step_size' and learns_step_sizes(config):
+        if field == 'inner.step_size' and methods.learns_step_sizes(config):
             raise config_lib.ConfigError(f'inner.step_size: {config.method} learns its inner step sizes; alpha at '
                                          'test cannot change them (it only initialised them)')
         group, name = field.split('.')

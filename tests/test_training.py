@@ -19,7 +19,7 @@ import pytest
 
 from experiments import compilation_cache_dir
 from md_meta import checkpoint as checkpoint_lib
-from md_meta import training, workdirs
+from md_meta import methods, training, workdirs
 from md_meta.config import ConfigError
 from tests.helpers import nan_build, random_like, tiny_config
 
@@ -168,7 +168,7 @@ def test_alpha_at_test_is_refused_where_step_sizes_are_learned(tmp_path, method,
     workdirs.prepare(tiny_config(method, **extra), wd)
     with pytest.raises(ConfigError, match=rf'inner.step_size: {method} learns its inner step sizes'):
         training.load_run(wd, 'last', overrides={'inner.step_size': 0.1})
-    assert not training.learns_step_sizes(tiny_config('ecml'))
+    assert not methods.learns_step_sizes(tiny_config('ecml'))
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):

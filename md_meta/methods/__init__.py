@@ -1,8 +1,10 @@
 """The method registry: ``--config.method=NAME`` picks one module with ``make(config) -> Geometry``.
 
 A method module may also define ``LOWER_LEVEL`` and ``LOSS_GEOMETRY`` (its row of the paper's Table 1,
-shown by ``experiments.report``) and ``validate(config, require)`` for its own config section
-(``require(condition, field, message)`` raises the one-line ConfigError)."""
+shown by ``experiments.report``), ``validate(config, require)`` for its own config section
+(``require(condition, field, message)`` raises the one-line ConfigError) and ``learns_step_sizes(config)``
+(True where inner.step_size only initialises meta-learned step sizes, so that evaluation may not change it).
+Shared code asks these, never a method's name."""
 from __future__ import annotations
 
 import importlib
@@ -46,6 +48,11 @@ def describe(name: str) -> tuple:
         return '?', '?'
     m = module(name)
     return getattr(m, 'LOWER_LEVEL', '?'), getattr(m, 'LOSS_GEOMETRY', '?')
+
+
+def learns_step_sizes(config) -> bool:
+    """Whether the chosen method meta-learns its inner step sizes (its module's ``learns_step_sizes``)."""
+    return bool(getattr(module(config.method), 'learns_step_sizes', lambda c: False)(config))
 
 
 def validate(config, require) -> None:

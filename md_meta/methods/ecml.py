@@ -93,6 +93,11 @@ def make(config) -> Geometry:
     return base._replace(penalty=penalty)
 
 
+def learns_step_sizes(config) -> bool:
+    """With Meta-SGD's learned diagonal preconditioner, inner.step_size only initialises its steps."""
+    return config.ecml.preconditioner == 'metasgd'
+
+
 def validate(config, require) -> None:
     c = config.ecml
     require(c.penalty_weight >= 0, 'ecml.penalty_weight', f'must be non-negative, got {c.penalty_weight}')

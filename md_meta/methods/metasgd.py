@@ -45,5 +45,10 @@ def make(config) -> Geometry:
     return Geometry(init=init, inner=inner)
 
 
+def learns_step_sizes(config) -> bool:
+    """inner.step_size only initialises the learned steps exp(w)."""
+    return True
+
+
 def validate(config, require) -> None:
     require(config.inner.step_size > 0, 'inner.step_size', 'must be positive for Meta-SGD (log step size)')
