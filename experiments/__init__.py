@@ -169,11 +169,37 @@ def run(main, argv=None) -> None:
     app.run(guarded, argv=argv, flags_parser=parse_flags)
 
 
+def resolve_config_name(value: str) -> str:
+    """``--config``'s value with a config name (``sinusoid``, ``omniglot_paper:md-paper,1``) replaced by the path
+    of that file of ``experiments/configs`` (so that an installed md-meta runs from any folder); a path, or a
+    name that is no config there, is returned as it is."""
+    name, sep, arg = value.partition(':')
+    if not name or '/' in name or os.sep in name or name.endswith('.py') or os.path.exists(name):
+        return value
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', name + '.py')
+    return path + sep + arg if os.path.isfile(path) else value
+
+
+def _resolve_config_names(argv: list, flag: str) -> list:
+    """argv with ``--FLAG=NAME[:ARG]`` / ``--FLAG NAME[:ARG]`` resolved by ``resolve_config_name``."""
+    out, i = list(argv), 0
+    while i < len(out):
+        if out[i].startswith(f'--{flag}='):
+            out[i] = f'--{flag}=' + resolve_config_name(out[i][len(flag) + 3:])
+        elif out[i] == f'--{flag}' and i + 1 < len(out):
+            out[i + 1] = resolve_config_name(out[i + 1])
+            i += 1
+        i += 1
+    return out
+
+
 def define_config_file(name: str, default: str, help_string: str):
     """ml_collections' DEFINE_config_file, whose overrides (``--config.a.b=v``) are resolved when the flag
     is defined (in the entry point's ``__main__`` block): an unknown field there ends with one line (exit
     status 2), not a traceback."""
+    import sys
     from ml_collections import config_flags
+    sys.argv = _resolve_config_names(sys.argv, name)   # config names of experiments/configs, from any folder
     try:
         return config_flags.DEFINE_config_file(name, default, help_string)
     except Exception as e:  # noqa: BLE001

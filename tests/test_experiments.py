@@ -1,4 +1,5 @@
 """The entry points' package (experiments/__init__.py): flags are defined when a command runs, never at import."""
+import os
 import subprocess
 import sys
 
@@ -37,3 +38,43 @@ def test_a_command_defines_its_flags_when_it_runs():
                        text=True, timeout=300)
     for flag in ('--workdirs', '--out', '--host_memory', '--compilation_cache'):
         assert flag in p.stdout, flag
+
+
+def test_config_names_resolve_to_the_config_files():
+    """--config=NAME[:ARG] names a file of experiments/configs; paths and unknown names are left alone."""
+    from experiments import _resolve_config_names, resolve_config_name
+    configs = os.path.join(ROOT, 'experiments', 'configs')
+    assert resolve_config_name('sinusoid') == os.path.join(configs, 'sinusoid.py')
+    assert resolve_config_name('omniglot_paper:md-paper,1') == os.path.join(configs, 'omniglot_paper.py') + ':md-paper,1'
+    for value in ('experiments/configs/sinusoid.py', 'my_config.py:x', 'no_such_config'):
+        assert resolve_config_name(value) == value
+    assert _resolve_config_names(['p', '--config', 'sinusoid', '--config.seed=1'], 'config') == [
+        'p', '--config', os.path.join(configs, 'sinusoid.py'), '--config.seed=1']
+
+
+def test_an_installed_wheel_gives_a_console_command_that_runs_from_another_folder(tmp_path):
+    """pip install of md-meta's wheel into a fresh venv gives ``md-meta``; ``md-meta train --config=sinusoid``
+    runs from a folder outside the repository, with the installed packages (not the checkout's)."""
+    wheels, venv, elsewhere = tmp_path / 'wheels', tmp_path / 'venv', tmp_path / 'elsewhere'
+    run = lambda *cmd, **kw: subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600, **kw)
+    p = run(sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-build-isolation', '-w', wheels, ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert run(sys.executable, '-m', 'venv', venv).returncode == 0
+    vpython = venv / 'bin' / 'python'
+    site_dir = run(vpython, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])').stdout.strip()
+    # the dependencies from this environment (its site-packages as a plain path: its .pth files, among them an
+    # editable install of this checkout, stay inactive), md-meta itself only from the wheel
+    deps = [p for p in __import__('site').getsitepackages() if os.path.isdir(p)]
+    with open(os.path.join(site_dir, 'md_meta_test_deps.pth'), 'w') as f:
+        f.write('\n'.join(deps) + '\n')
+    p = run(vpython, '-m', 'pip', 'install', '-q', '--no-deps', '--no-index', *wheels.glob('*.whl'))
+    assert p.returncode == 0, p.stderr[-2000:]
+    elsewhere.mkdir()
+    where = run(vpython, '-c', 'import md_meta, experiments; print(md_meta.__file__, experiments.__file__)',
+                cwd=elsewhere).stdout
+    assert str(venv) in where and ROOT not in where, where
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    p = run(venv / 'bin' / 'md-meta', 'train', '--config=sinusoid', '--config.meta.steps=10',
+            '--config.train.log_every=5', '--config.eval.num_tasks=10', '--workdir=w', cwd=elsewhere, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (elsewhere / 'w' / 'results.json').exists() and '| md |' in p.stdout, p.stdout[-2000:]
