@@ -9,11 +9,11 @@ Only torchmeta's ``modules`` and ``utils.gradient_based`` are loaded (its packag
 and the data sets, which the comparison does not use), and only the authors' models and meta-models: their
 training base class (data loaders) is replaced by a bare ``args`` holder, so their ``adapt`` runs unchanged.
 
-For the authors' CNN4 for Omniglot (28x28x1, N-way) and each method it draws ONE random, non-identity set of
-meta-parameters on the authors' side (every factor, also those the authors start at zero; batch-norm scales
+For the authors' CNN4 for Omniglot (28x28x1, N-way), each method and each seed it draws one random, non-identity
+set of meta-parameters on the authors' side (every factor, also those the authors start at zero; batch-norm scales
 and offsets, including a negative scale), copies it into md-meta's layout (Flax kernels, reversed tensor modes,
-leaves in pytree order; a permutation, so gradients convert the same way) and compares on one fixed random
-episode, in float32 and float64:
+leaves in pytree order; a permutation, so gradients convert the same way) and compares on a random episode
+(and, for the training path, a second one), in float32 and float64:
 
 * MD: g(z0); g^-1(phi) (the authors have no inverse: md-meta's z = g^-1(phi) is fed to the authors' g, which
   must return phi); phi_K after K inner steps; the second-order meta-gradient of the query loss w.r.t. z0 and
@@ -28,9 +28,9 @@ Each comparison reports max |md-meta - authors| / max |authors| over the leaves 
 floored at 1e-3 x the quantity's largest leaf; a NaN or an inf anywhere, on either side, fails) and, in the
 JSON (``--out``), the error of every leaf by name; leaves exactly zero in both codes ('zero_on_both_sides': their
 agreement proves nothing) or in one ('zero_on_one_side': measured against the floor) are listed. ``--seeds``
-runs one comparison per seed (parameters and episodes drawn anew). It passes below ``--rtol`` in float64; in float32, where both
-codes' second-order meta-gradients lose digits, below 1.5x the sum of the two codes' own float32 errors (each
-measured against the other code in float64), see ``run``. md-meta runs ``md.monotone=False, md.scale='exp'``: the authors' form.
+runs one comparison per seed (parameters and episodes drawn anew). It passes below ``--rtol`` in float64; in
+float32, where both codes' second-order meta-gradients lose digits, below 1.5x the sum of the two codes' own
+float32 errors (each measured against the other code in float64), see ``run``. md-meta runs ``md.monotone=False, md.scale='exp'``: the authors' form.
 """
 from __future__ import annotations
 
