@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from md_meta import checkpoint as checkpoint_lib
 from md_meta import config as config_lib
 from md_meta import distributed
-from md_meta import evaluation, methods, tasks, workdirs
+from md_meta import evaluation, methods, metric_writers, tasks, workdirs
 from md_meta.inner import InnerConfig
 from md_meta.meta import MetaLearner, init_meta_params, init_optimizer_state, make_evaluate, meta_update
 from md_meta.networks import Model, make_model, model_from_module
@@ -231,7 +231,7 @@ def load_run(workdir: str, which: str = 'best', warn: Callable = None, overrides
 
 # ----------------------------------------------------------------------------- training loop
 def train(exp: Experiment, workdir: str | None = None, log: Callable = print, state=None, resume: bool = True,
-          timings: dict | None = None):
+          timings: dict | None = None, writers: Sequence = ()):
     """Runs up to config.meta.steps meta-steps with progress, rate and ETA; returns (meta, opt_state,
     history). With a workdir (see the module docstring) it holds the workdir's lock, writes config.json
     (refusing a workdir of another run: md_meta.workdirs.claim), checkpoints, meta-validates, writes
@@ -241,10 +241,11 @@ def train(exp: Experiment, workdir: str | None = None, log: Callable = print, st
     with workdirs.claim(exp.config, workdir) if owner else contextlib.nullcontext():
         if owner and exp.source.split_record is not None:   # the data set of the run's first start, or refused
             workdirs.check_data(workdir, exp.source.split_record())
-        return _train(exp, workdir, log, state, resume, timings)
+        return _train(exp, workdir, log, state, resume, timings, writers)
 
 
-def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: bool, timings: dict | None):
+def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: bool, timings: dict | None,
+           extra_writers: Sequence = ()):
     """The loop: a chunk of meta-steps (the pure step), its per-step bookkeeping (non-finite count,
     metrics), then the periodic actions due at the chunk's end (validate, checkpoint, report progress)."""
     cfg, total = exp.config, exp.config.meta.steps
@@ -252,7 +253,8 @@ def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: b
     step, (meta, opt_state), record = _initial_state(exp, ckpt, state, resume, log)
     meta, opt_state = distributed.replicate((meta, opt_state), exp.mesh)  # no-op on one device
     overhead = _Overhead()
-    writers = _Writers(workdir if distributed.is_main_process() else None, step, cfg.train.tensorboard, log)
+    writers = _Writers(metric_writers.for_workdir(workdir, step, cfg.train.tensorboard, extra_writers, log)
+                       if distributed.is_main_process() else [])
     nonfinite = _NonFiniteCounter(cfg, ckpt, record)
     metrics = _MetricLog(cfg, writers, overhead)
     validation = _Validation(exp, writers, enabled=workdir is not None)
@@ -430,53 +432,19 @@ class _NonFiniteCounter:
 
 
 class _Writers:
-    """metrics.jsonl (+ TensorBoard events in tb/) of a workdir; on resume, records after the resume step
-    are dropped from the JSON-lines log and TensorBoard is told to purge them."""
+    """Every writer of a run (``md_meta.metric_writers``), written to as one."""
 
-    def __init__(self, workdir: str | None, start_step: int, tensorboard: bool, warn: Callable = print):
-        self.file, self.tb = None, None
-        if not workdir:
-            return
-        path = os.path.join(workdir, 'metrics.jsonl')
-        if os.path.exists(path):
-            kept, damaged = [], 0
-            with open(path, 'rb') as f:   # bytes: a damaged line (not UTF-8, not JSON) is skipped, not fatal
-                lines = f.read().splitlines()
-            for i, raw in enumerate(lines):
-                try:
-                    if json.loads(raw.decode('utf-8'))['step'] <= start_step:
-                        kept.append(raw.decode('utf-8') + '\n')
-                except (ValueError, KeyError, TypeError):
-                    damaged += i < len(lines) - 1   # the last line may be one cut by a kill
-            if damaged:
-                warn(f'warning: {path}: skipped {damaged} damaged line{"s" * (damaged > 1)} (not UTF-8 JSON with '
-                     'a step)')
-            workdirs.write_atomic(path, ''.join(kept))
-        self.file = open(path, 'a')
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start_step,
-                                        flush_secs=30)
-            except ImportError:
-                print("warning: tensorboardX is not installed, so no TensorBoard events (pip install 'md-meta[tensorboard]'; "
-                      'or --config.train.tensorboard=False)', file=sys.stderr)
+    def __init__(self, writers: list):
+        self.writers = writers
 
-    def write(self, rec: dict, prefix: str = 'train/') -> None:
-        if self.file:  # strict JSON: NaN and inf are written as null
-            self.file.write(json.dumps({k: None if isinstance(v, float) and not np.isfinite(v) else v
-                                        for k, v in rec.items()}) + '\n')
-            self.file.flush()
-        if self.tb:
-            for k, v in rec.items():
-                if k != 'step' and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k if '/' in k else prefix + k, v, rec['step'])
+    def write(self, rec: dict) -> None:
+        scalars = metric_writers.finite_or_none({k: v for k, v in rec.items() if k != 'step'})
+        for w in self.writers:
+            w.write_scalars(int(rec['step']), scalars)
 
     def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
+        for w in self.writers:
+            w.close()
 
 
 class _MetricLog:

@@ -836,3 +836,24 @@ def test_provenance_records_the_batch_norm_statistics():
     for mode in ('batch', 'support'):
         assert workdirs.provenance(tiny_config('maml', **{'model.norm_stats': mode}), 0, 'final', None)[
             'norm_stats'] == mode
+
+
+def test_a_writer_passed_to_train_receives_what_metrics_jsonl_holds(tmp_path):
+    """md_meta.metric_writers: a user's writer (another tracker) gets every record metrics.jsonl gets, training
+    and meta-validation scalars alike, with NaN as None; it is closed at the end."""
+    class Recorder:
+        def __init__(self):
+            self.records, self.closed = [], False
+
+        def write_scalars(self, step, scalars):
+            self.records.append({'step': step, **scalars})
+
+        def close(self):
+            self.closed = True
+
+    wd, rec = str(tmp_path / 'w'), Recorder()
+    c = tiny_config('maml', **{'meta.steps': 10, 'train.eval_every': 5, 'train.val_tasks': 10})
+    training.train(training.build(c), wd, log=lambda s: None, writers=[rec])
+    stored = [json.loads(l) for l in open(os.path.join(wd, 'metrics.jsonl'))]
+    assert rec.records == stored and rec.closed
+    assert any('val/loss' in r for r in stored) and any('meta_loss' in r for r in stored)
