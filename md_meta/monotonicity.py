@@ -74,12 +74,34 @@ def _clip_around(tree, center, bound):
     return jax.tree_util.tree_map(lambda t, c: c + jnp.clip(t - c, -bound, bound), tree, center)
 
 
+def _adam_search(objective: Callable, x0, steps: int, lr: float, project: Callable = lambda x: x):
+    """(smallest finite objective seen, its argument) over ``steps`` Adam steps from x0 (projected after each
+    step; non-finite gradients count as 0), the last iterate included."""
+    opt = optax.adam(lr)
+    dtype = jax.tree_util.tree_leaves(x0)[-1].dtype
+
+    def body(carry, _):
+        x, opt_state, best_val, best_x = carry
+        val, grads = jax.value_and_grad(objective)(x)
+        better = jnp.isfinite(val) & (val < best_val)
+        best_val = jnp.where(better, val, best_val)
+        best_x = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), x, best_x)
+        grads = jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), grads)
+        updates, opt_state = opt.update(grads, opt_state, x)
+        return (project(optax.apply_updates(x, updates)), opt_state, best_val, best_x), None
+
+    (x, _, best_val, best_x), _ = jax.lax.scan(body, (x0, opt.init(x0), jnp.asarray(jnp.inf, dtype), x0), None,
+                                               length=steps)
+    last = objective(x)
+    better = jnp.isfinite(last) & (last < best_val)
+    return jnp.where(better, last, best_val), jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), x, best_x)
+
+
 @partial(jax.jit, static_argnames=('spec', 'steps', 'lr', 'optimize_theta', 'theta_noise', 'z_scale',
                                    'theta_box', 'z_box'))
 def _falsify_run(keys, params, theta, center, *, spec, steps, lr, optimize_theta, theta_noise, z_scale,
                  theta_box, z_box):
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    opt = optax.adam(lr)
 
     def one_restart(k):
         k_init, k_noise, k_z1, k_z2 = jax.random.split(k, 4)
@@ -103,24 +125,7 @@ def _falsify_run(keys, params, theta, center, *, spec, steps, lr, optimize_theta
             return (_clip_around(th, th0, theta_box), _clip_around(za, zeros, z_box),
                     _clip_around(zb, zeros, z_box))
 
-        def body(carry, _):
-            x, opt_state, best_val, best_x = carry
-            val, grads = jax.value_and_grad(objective)(x)
-            better = jnp.isfinite(val) & (val < best_val)
-            best_val = jnp.where(better, val, best_val)
-            best_x = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), x, best_x)
-            grads = jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), grads)
-            updates, opt_state = opt.update(grads, opt_state, x)
-            x = project(optax.apply_updates(x, updates))
-            return (x, opt_state, best_val, best_x), None
-
-        init_carry = (x0, opt.init(x0), jnp.asarray(jnp.inf, dtype), x0)
-        (x, _, best_val, best_x), _ = jax.lax.scan(body, init_carry, None, length=steps)
-        last = objective(x)
-        better = jnp.isfinite(last) & (last < best_val)
-        best_val = jnp.where(better, last, best_val)
-        best_x = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), x, best_x)
-        return best_val, best_x
+        return _adam_search(objective, x0, steps, lr, project)
 
     return jax.vmap(one_restart)(keys)
 
@@ -161,28 +166,13 @@ def falsify_map(fn: Callable, center: Params, key: jax.Array, *, restarts: int =
                 lr: float = 0.05, z_scale: float = 1.0) -> Counterexample:
     """``falsify`` for a fixed map ``fn`` (e.g. MD's sandwich P g(P w), ``md_meta.methods.md``): Adam on
     map_gap over the pair (z, z') from ``restarts`` random starts center + N(0, z_scale^2)."""
-    opt = optax.adam(lr)
     objective = lambda x: map_gap(fn, *x)
 
     @jax.jit
     def run(keys):
         def one(k):
             ka, kb = jax.random.split(k)
-            x0 = (_perturb(ka, center, z_scale), _perturb(kb, center, z_scale))
-
-            def body(carry, _):
-                x, opt_state, best_val, best_x = carry
-                val, grads = jax.value_and_grad(objective)(x)
-                better = jnp.isfinite(val) & (val < best_val)
-                best_val = jnp.where(better, val, best_val)
-                best_x = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), x, best_x)
-                updates, opt_state = opt.update(grads, opt_state, x)
-                return (optax.apply_updates(x, updates), opt_state, best_val, best_x), None
-
-            dtype = jax.tree_util.tree_leaves(center)[0].dtype
-            (_, _, best_val, best_x), _ = jax.lax.scan(body, (x0, opt.init(x0), jnp.asarray(jnp.inf, dtype), x0),
-                                                       None, length=steps)
-            return best_val, best_x
+            return _adam_search(objective, (_perturb(ka, center, z_scale), _perturb(kb, center, z_scale)), steps, lr)
         return jax.vmap(one)(keys)
 
     vals, xs = run(jax.random.split(key, restarts))
