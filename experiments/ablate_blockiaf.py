@@ -31,6 +31,7 @@ from md_meta.workdirs import WorkdirError, git_commit
 # name -> (method, config overrides, what it is)
 VARIANTS = {
     'maml': ('maml', {}, 'MAML'),
+    'anil': ('anil', {}, 'ANIL (only the last layer adapts: the control of any loss geometry)'),
     'metasgd': ('metasgd', {}, 'Meta-SGD (a learned diagonal step: what MD does on kernels with zero heads)'),
     'metacurvature': ('metacurvature', {}, 'MetaCurvature'),
     'metakfo': ('metakfo', {}, 'MetaKFO'),
