@@ -92,3 +92,14 @@ def save_npz(path: str, **arrays) -> None:
             os.remove(tmp)
         except OSError:
             pass
+
+
+def refuse_shared(data_dir: str, members: dict, what: str = 'class', why: str = 'meta-train, meta-val and '
+                  'meta-test classes must be disjoint') -> None:
+    """DataError naming the first ``what`` that two splits share; ``members``: {split: set of names}, in split order."""
+    splits = list(members)
+    for i, a in enumerate(splits):
+        for b in splits[i + 1:]:
+            shared = set(members[a]) & set(members[b])
+            if shared:
+                raise DataError(f'{data_dir}: {what} {sorted(shared)[0]!r} is in both the {a!r} and {b!r} splits; {why}')

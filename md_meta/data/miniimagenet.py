@@ -19,7 +19,7 @@ from typing import Dict
 
 import numpy as np
 
-from md_meta.data import DataError, cache_path, file_fingerprint, save_npz
+from md_meta.data import DataError, cache_path, file_fingerprint, refuse_shared, save_npz
 from md_meta.data.episodes import ClassPool, pool_from_labels
 
 SPLITS = ('train', 'val', 'test')
@@ -155,10 +155,5 @@ def load_splits(data_dir: str) -> Dict[str, ClassPool]:
     layout = detect_layout(data_dir)
     load = load_split_pickle if layout == 'pickle' else load_split_csv
     pools = {s: load(data_dir, s) for s in SPLITS}
-    for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
-            shared = set(pools[a].names) & set(pools[b].names)
-            if shared:
-                raise DataError(f'{data_dir}: class {sorted(shared)[0]!r} is in both the {a!r} and {b!r} splits; '
-                                'meta-train, meta-val and meta-test classes must be disjoint')
+    refuse_shared(data_dir, {s: pools[s].names for s in SPLITS})
     return pools

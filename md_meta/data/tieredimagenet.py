@@ -24,7 +24,7 @@ from typing import Dict
 
 import numpy as np
 
-from md_meta.data import DataError, cache_path, file_fingerprint, folder, save_npz
+from md_meta.data import DataError, cache_path, file_fingerprint, folder, refuse_shared, save_npz
 from md_meta.data.episodes import ClassPool, pool_from_labels
 
 SPLITS = ('train', 'val', 'test')
@@ -157,14 +157,7 @@ def load_splits(data_dir: str) -> Dict[str, ClassPool]:
         pools, cats = {}, {}
         for s in SPLITS:
             pools[s], cats[s] = load_split_pickle(data_dir, s)
-    for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
-            shared = set(pools[a].names) & set(pools[b].names)
-            if shared:
-                raise DataError(f'{data_dir}: class {sorted(shared)[0]!r} is in both the {a!r} and {b!r} splits; '
-                                'meta-train, meta-val and meta-test classes must be disjoint')
-            shared = (cats.get(a) or set()) & (cats.get(b) or set())
-            if shared:
-                raise DataError(f'{data_dir}: high-level category {sorted(shared)[0]!r} is in both the {a!r} and '
-                                f'{b!r} splits; tieredImageNet splits by category')
+    refuse_shared(data_dir, {s: pools[s].names for s in SPLITS})
+    refuse_shared(data_dir, {s: cats.get(s) or set() for s in SPLITS}, 'high-level category',
+                  'tieredImageNet splits by category')
     return pools
