@@ -21,12 +21,13 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 from absl import flags
 
 from experiments import run
 from md_meta.evaluation import seed_interval
-from md_meta.workdirs import WorkdirError, git_commit
+from md_meta.workdirs import WorkdirError, config_from_dict, git_commit
 
 # name -> (method, config overrides, what it is)
 VARIANTS = {
@@ -35,31 +36,38 @@ VARIANTS = {
     'metasgd': ('metasgd', {}, 'Meta-SGD (a learned diagonal step: what MD does on kernels with zero heads)'),
     'metacurvature': ('metacurvature', {}, 'MetaCurvature'),
     'metakfo': ('metakfo', {}, 'MetaKFO'),
-    'md-paper': ('md', {'md.monotone': False, 'md.scale': 'exp', 'md.head_init': 'zero'},
+    # the map alone (md.kronecker='none'): the paper's and the monotone forms
+    'md-paper': ('md', {'md.kronecker': 'none', 'md.monotone': False, 'md.scale': 'exp', 'md.head_init': 'zero'},
                  "MD, the paper's / authors' form and init (exp scale, every head factor 0)"),
-    'md-paper-learnable': ('md', {'md.monotone': False, 'md.scale': 'exp', 'md.head_init': 'learnable'},
+    'md-paper-learnable': ('md', {'md.kronecker': 'none', 'md.monotone': False, 'md.scale': 'exp',
+                                  'md.head_init': 'learnable'},
                            "MD, the authors' form, only the last factor of each head 0"),
-    'md-monotone': ('md', {'md.head_init': 'zero'}, 'MD, monotone blockIAF (default form), every head factor 0'),
-    'md-monotone-learnable': ('md', {'md.head_init': 'learnable'}, 'MD, monotone blockIAF, learnable heads'),
-    'md-paper-bounded': ('md', {'md.monotone': False, 'md.scale': 'bounded', 'md.head_init': 'zero'},
+    'md-monotone': ('md', {'md.kronecker': 'none', 'md.head_init': 'zero'},
+                    'MD, the monotone blockIAF alone (no Kronecker step), every head factor 0'),
+    'md-monotone-learnable': ('md', {'md.kronecker': 'none', 'md.head_init': 'learnable'},
+                              'MD, the monotone blockIAF alone, learnable heads'),
+    'md-paper-bounded': ('md', {'md.kronecker': 'none', 'md.monotone': False, 'md.scale': 'bounded',
+                                'md.head_init': 'zero'},
                          "MD, the authors' form with the paper's bounded scale (eq. 8a)"),
-    'md-paper-bounded-smin001': ('md', {'md.monotone': False, 'md.scale': 'bounded', 'md.head_init': 'zero',
-                                        'md.s_min': 0.01},
+    'md-paper-bounded-smin001': ('md', {'md.kronecker': 'none', 'md.monotone': False, 'md.scale': 'bounded',
+                                        'md.head_init': 'zero', 'md.s_min': 0.01},
                                  "MD, the authors' form with the bounded scale in [0.01, 2] (step factors as small "
                                  "as Meta-SGD's)"),
-    'md-monotone-smin001': ('md', {'md.head_init': 'zero', 'md.s_min': 0.01},
+    'md-monotone-smin001': ('md', {'md.kronecker': 'none', 'md.head_init': 'zero', 'md.s_min': 0.01},
                             'MD, monotone blockIAF, scales in [0.01, 2] (its shift bound, set by the margin, 10x '
                             'smaller)'),
-    'md-paper-enc1': ('md', {'md.monotone': False, 'md.scale': 'exp', 'md.head_init': 'zero', 'md.encoder_layers': 1},
+    'md-paper-enc1': ('md', {'md.kronecker': 'none', 'md.monotone': False, 'md.scale': 'exp', 'md.head_init': 'zero',
+                             'md.encoder_layers': 1},
                       "MD, the authors' form and init, one-layer encoders and decoders"),
-    'md-paper-learnable-enc1': ('md', {'md.monotone': False, 'md.scale': 'exp', 'md.head_init': 'learnable',
-                                       'md.encoder_layers': 1},
+    'md-paper-learnable-enc1': ('md', {'md.kronecker': 'none', 'md.monotone': False, 'md.scale': 'exp',
+                                       'md.head_init': 'learnable', 'md.encoder_layers': 1},
                                 "MD, the authors' form, learnable heads, one-layer encoders and decoders"),
-    'md-monotone-learnable-enc1': ('md', {'md.head_init': 'learnable', 'md.encoder_layers': 1},
+    'md-monotone-learnable-enc1': ('md', {'md.kronecker': 'none', 'md.head_init': 'learnable',
+                                          'md.encoder_layers': 1},
                                    'MD, monotone blockIAF, learnable heads, one-layer encoders and decoders'),
     # a Kronecker matrix per tensor that mixes its entries (md.kronecker; md_meta/methods/md.py)
     'md-kron': ('md', {'md.kronecker': 'dual_step'},
-                'MD, monotone blockIAF, Kronecker-preconditioned dual step z <- z - alpha K grad'),
+                'MD, the default form: monotone blockIAF, Kronecker-preconditioned dual step z <- z - alpha K grad'),
     'md-kron-learnable-enc1': ('md', {'md.kronecker': 'dual_step', 'md.head_init': 'learnable',
                                       'md.encoder_layers': 1},
                                'MD, Kronecker dual step, learnable heads, one-layer encoders and decoders'),
@@ -68,8 +76,10 @@ VARIANTS = {
     'md-sandwich-learnable-enc1': ('md', {'md.kronecker': 'sandwich', 'md.head_init': 'learnable',
                                           'md.encoder_layers': 1},
                                    'MD, monotone sandwich P g(P w), learnable heads, one-layer encoders and decoders'),
-    'md-primal': ('md', {'md.start': 'primal'}, 'MD, monotone blockIAF, start phi_0 meta-learned, z_0 = g^-1(phi_0)'),
-    'md-primal-learnable-enc1': ('md', {'md.start': 'primal', 'md.head_init': 'learnable', 'md.encoder_layers': 1},
+    'md-primal': ('md', {'md.kronecker': 'none', 'md.start': 'primal'},
+                  'MD, the monotone blockIAF alone, start phi_0 meta-learned, z_0 = g^-1(phi_0)'),
+    'md-primal-learnable-enc1': ('md', {'md.kronecker': 'none', 'md.start': 'primal', 'md.head_init': 'learnable',
+                                        'md.encoder_layers': 1},
                                  'MD, primal start, learnable heads, one-layer encoders and decoders'),
     'md-kron-primal-elu': ('md', {'md.kronecker': 'dual_step', 'md.start': 'primal', 'md.activation': 'elu',
                                   'md.head_init': 'learnable'},
@@ -117,10 +127,12 @@ def run_one(variant: str, seed: int) -> str:
 
 def _differs(done: dict, method: str, seed: int, overrides: dict) -> str:
     """'' if a finished run's comparison.json is the run asked for, else what differs."""
+    config = config_from_dict(done['config'])   # fields an older run lacks take the value it computed with
+
     def get(path):
-        node = done['config']
+        node = config
         for key in path.split('.'):
-            node = node.get(key) if isinstance(node, dict) else None
+            node = node.get(key) if isinstance(node, ml_collections.ConfigDict) else None
         return node
     asked = {'methods': [method], 'shots': sorted(int(x) for x in FLAGS.shots), 'steps': FLAGS.steps,
              'num_tasks': FLAGS.num_tasks, 'seed': seed, **overrides}

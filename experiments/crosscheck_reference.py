@@ -400,7 +400,7 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
         # md-meta's side
         cfg = base_config()
         cfg.method, cfg.inner.step_size = method, step_size
-        cfg.md.monotone, cfg.md.scale = False, 'exp'
+        cfg.md.monotone, cfg.md.scale, cfg.md.kronecker = False, 'exp', 'none'
         model = networks.make_model('cnn4', num_classes=ways, features=64, conv_impl='patches')
         template = model.init(jax.random.PRNGKey(0), jxs)['params']
         geometry = methods.make_geometry(cfg)

@@ -77,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.md.head_init = 'zero'    # decoder heads: 'zero' (paper/authors: kernels' factors never learn) | 'learnable'
     c.md.group_cost_max = 1.5  # how g is computed, not what: higher, fewer kernels for more FLOPs (docs/benchmarks.md)
     c.md.activation = 'relu'   # of the map's encoders / link / decoders: 'relu' (authors) | 'elu' (no dead codes)
-    c.md.kronecker = 'none'    # mixing each tensor's entries: 'none' | 'dual_step' | 'sandwich' | 'kfo_step'
+    c.md.kronecker = 'dual_step'  # mixing each tensor's entries: 'dual_step' | 'none' (the map alone, the paper's)
+    #                             | 'sandwich' | 'kfo_step' (docs/methods.md)
     c.md.kronecker_eps = 0.01  # 'sandwich': each factor is L L^T + eps I
     c.md.start = 'dual'        # meta-learned start: 'dual' (z_0, the paper) | 'primal' (phi_0; z_0 = g^-1(phi_0))
 

@@ -70,12 +70,20 @@ def flatten(d: dict, prefix: str = '') -> dict:
 RETIRED_VALUES = {('inner', 'unroll', -1): 1,                     # the automatic unroll always resolved to 1
                   ('meta', 'task_batching', 'unroll'): 'vmap'}    # per-task copies: the same values as vmap
 
+# Fields added to the schema after runs were made, with what a config without them computed: (section, field) ->
+# that value (where today's default differs, an older run must not silently take it)
+ADDED_FIELDS = {('md', 'kronecker'): 'none', ('md', 'start'): 'dual', ('md', 'activation'): 'relu'}
+
 
 def config_from_dict(d: dict) -> ml_collections.ConfigDict:
     """The schema's defaults (config.base_config) updated with ``d`` (e.g. a workdir's config.json);
     JSON lists become tuples where the schema has tuples; fields unknown to the schema are kept; retired
-    values (``RETIRED_VALUES``) become today's equivalent."""
+    values (``RETIRED_VALUES``) become today's equivalent, and fields added later (``ADDED_FIELDS``) take the value
+    an older config computed with."""
     d = json.loads(json.dumps(d))
+    for (section, field), meant in ADDED_FIELDS.items():
+        if isinstance(d.get(section), dict) and field not in d[section]:
+            d[section][field] = meant
     for (section, field, old), new in RETIRED_VALUES.items():
         if isinstance(d.get(section), dict) and d[section].get(field) == old:
             d[section][field] = new

@@ -211,6 +211,27 @@ def test_a_workdir_written_with_retired_values_still_loads_and_resumes(tmp_path)
     workdirs.prepare(get_config(), str(wd))   # no mismatch: the same computation
 
 
+def test_a_workdir_made_before_the_kronecker_default_stays_the_map_alone(tmp_path):
+    """An MD run made before md.kronecker / md.start / md.activation existed computed the map alone with a dual start
+    and ReLU codes: it reads back as that run (not today's default), and today's command without the override is
+    refused on it in one line naming md.kronecker."""
+    from experiments.configs.sinusoid import get_config
+    wd = tmp_path / 'w'
+    wd.mkdir()
+    old = json.loads(get_config().to_json())
+    for field in ('kronecker', 'start', 'activation'):
+        del old['md'][field]
+    (wd / 'config.json').write_text(json.dumps(old))
+    stored = workdirs.load_config(str(wd))
+    assert (stored.md.kronecker, stored.md.start, stored.md.activation) == ('none', 'dual', 'relu')
+    assert get_config().md.kronecker == 'dual_step'
+    with pytest.raises(workdirs.WorkdirMismatchError, match='md.kronecker'):
+        workdirs.prepare(get_config(), str(wd))
+    same = get_config()
+    same.md.kronecker = 'none'
+    workdirs.prepare(same, str(wd))
+
+
 def _run_with_checkpoints_at_10_and_20(tmp_path):
     """A 20-step MAML run checkpointed at steps 10 and 20: (workdir, its overrides, config, Checkpointer)."""
     wd = str(tmp_path / 'w')

@@ -26,9 +26,10 @@ VARIANTS = {
     'maml': ('maml', {}),
     'metasgd': ('metasgd', {}),
     'metacurvature': ('metacurvature', {}),
-    'md-paper': ('md', {'monotone': False, 'scale': 'exp', 'head_init': 'zero'}),
-    'md-monotone': ('md', {'monotone': True, 'scale': 'bounded', 'head_init': 'zero'}),
-    'md-paper-learnable': ('md', {'monotone': False, 'scale': 'exp', 'head_init': 'learnable'}),
+    'md-paper': ('md', {'monotone': False, 'scale': 'exp', 'head_init': 'zero', 'kronecker': 'none'}),
+    'md-monotone': ('md', {'monotone': True, 'scale': 'bounded', 'head_init': 'zero', 'kronecker': 'none'}),
+    'md-paper-learnable': ('md', {'monotone': False, 'scale': 'exp', 'head_init': 'learnable',
+                                   'kronecker': 'none'}),
     'metakfo': ('metakfo', {}),
     # MD with a Kronecker matrix per tensor (md.kronecker, docs/methods.md), the forms of the sinusoid ablation
     'md-kron': ('md', {'kronecker': 'dual_step'}),
