@@ -8,7 +8,9 @@ Every (variant, seed) is one ``python -m experiments.compare`` run (MAML's proto
 K with K support and K query points, meta-batch 25, one inner step alpha = 0.01, Adam 1e-3, ``--steps``
 meta-steps; MSE on ``--num_tasks`` new tasks), ``--config.seed=SEED`` and the variant's overrides, in
 <workdir>/<variant>-s<seed> (resumable: a finished run with these settings is read back, not re-run; one with
-other settings is refused). The table gives, per variant and shot count, the mean over seeds of the test MSE
+other settings is refused). ``--earlier=T1.json,...`` takes the rows of variants measured before from tables this
+command wrote (the same steps, test tasks and seeds; each row names its table), so one table can hold every
+method without re-running them. The table gives, per variant and shot count, the mean over seeds of the test MSE
 with a 95% interval over seeds (t quantile, n - 1 degrees of freedom), and is written as <out>.md, <out>.csv
 and <out>.json, with a bar chart <out>.png.
 """
@@ -141,6 +143,29 @@ def _differs(done: dict, method: str, seed: int, overrides: dict) -> str:
     return ', '.join(f'{k} {found[k]!r}, asked {asked[k]!r}' for k in asked if found[k] != asked[k])
 
 
+def earlier_rows(paths: list) -> dict:
+    """{(variant, shots): row} from earlier tables of this command (``<out>.json``) made with this run's steps,
+    number of test tasks and seeds; each row gains ``source`` (the table's path and, where recorded, commit). The
+    first table holding a (variant, shots) wins; another holding different values for it is refused."""
+    found = {}
+    for path in paths:
+        with open(path) as f:
+            table = json.load(f)
+        args = dict(a[2:].split('=', 1) for a in table['command'].split() if a.startswith('--') and '=' in a)
+        setting = (int(table['steps']), int(args.get('num_tasks', 600)), args.get('seeds', '0,1,2'))
+        asked = (FLAGS.steps, FLAGS.num_tasks, ','.join(FLAGS.seeds))
+        if setting != asked:
+            raise WorkdirError(f'--earlier: {path} was made with (steps, num_tasks, seeds) {setting}, '
+                             f'this table asks {asked}')
+        for row in table['rows']:
+            key = (row['variant'], row['shots'])
+            if key in found and found[key]['per_seed'] != row['per_seed']:
+                raise WorkdirError(f'--earlier: {path} and {found[key]["source"]} differ on {key}')
+            source = path + (f' ({table["commit"]})' if table.get('commit') else '')
+            found.setdefault(key, dict(row, source=source))
+    return found
+
+
 def summarise(results: dict) -> list:
     """[{variant, shots, mean, ci, seeds, per_seed}] from {(variant, seed): comparison.json content}."""
     rows = []
@@ -201,6 +226,10 @@ def markdown(rows: list, command: str) -> str:
     n = max((r['seeds'] for r in rows), default=0)
     out += ['', f'Mean over {n} seeds of the test MSE ({FLAGS.num_tasks} new tasks each), +- the 95% interval over seeds '
             f'(t, {n - 1} d.o.f.); {FLAGS.steps} meta-steps per run. Command: `{command}`']
+    sources = sorted({(r['variant'], r['source']) for r in rows if 'source' in r})
+    if sources:
+        out += ['', 'Rows read from earlier tables of this command: ' +
+                '; '.join(f'{v}: {src}' for v, src in sources) + '.']
     return '\n'.join(out) + '\n'
 
 
@@ -238,7 +267,9 @@ def main(argv):
     unknown = [v for v in FLAGS.variants if v not in VARIANTS]
     if unknown:
         sys.exit(f'ablate_blockiaf: unknown variants {unknown}; choose from {sorted(VARIANTS)}')
-    jobs = [(v, int(s)) for s in FLAGS.seeds for v in FLAGS.variants]
+    earlier = earlier_rows(FLAGS.earlier)
+    measured = {v for v in FLAGS.variants if all((v, int(s)) in earlier for s in FLAGS.shots)}
+    jobs = [(v, int(s)) for s in FLAGS.seeds for v in FLAGS.variants if v not in measured]
     results = {}
     with concurrent.futures.ThreadPoolExecutor(FLAGS.jobs) as pool:
         futures = {pool.submit(run_one, v, s): (v, s) for v, s in jobs}
@@ -248,7 +279,8 @@ def main(argv):
                 results[(v, s)] = json.load(fh)
             mse = ', '.join(f'{r["shots"]}-shot {r["mse"]:.3f}' for r in results[(v, s)]['results'])
             print(f'[{i}/{len(jobs)}] {v} seed {s}: {mse}', flush=True)
-    rows = summarise(results)
+    rows = summarise(results) + [earlier[(v, int(s))] for v in FLAGS.variants if v in measured for s in FLAGS.shots]
+    rows.sort(key=lambda r: (FLAGS.variants.index(r['variant']), r['shots']))
     command = 'python -m experiments.ablate_blockiaf ' + ' '.join(sys.argv[1:])
     out = FLAGS.out or os.path.join(FLAGS.workdir, 'ablation')
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
@@ -281,6 +313,8 @@ if __name__ == '__main__':
     flags.DEFINE_integer('steps', 5000, 'meta-steps per run (the same for every variant)')
     flags.DEFINE_integer('num_tasks', 600, 'new test tasks per evaluation')
     flags.DEFINE_integer('jobs', 1, 'runs in parallel (each a process)')
+    flags.DEFINE_list('earlier', [], 'tables (<out>.json) of this command holding rows of variants measured before, '
+                      'at these steps, test tasks and seeds: those variants are read from them, not run')
     flags.DEFINE_string('out', '', 'path prefix of the table files (default: <workdir>/ablation)')
     flags.DEFINE_list('paired_against', ['metacurvature', 'metakfo'], 'variants every other one is compared with, '
                       'paired by seed (those present)')

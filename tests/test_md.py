@@ -114,7 +114,7 @@ def test_identity_kronecker_is_the_map_alone(kind):
     """K = I (the start of both forms) on a perturbed, non-identity map: phi_K and the meta-gradient w.r.t.
     the start and the map's parameters equal MD without K."""
     with jax.enable_x64(True):
-        ref, batch, ref_meta = _setup('md', 'mlp', {'md.head_init': 'learnable'})
+        ref, batch, ref_meta = _setup('md', 'mlp', {'md.head_init': 'learnable', 'md.kronecker': 'none'})
         ref_meta = dict(ref_meta, init=perturbed(jax.random.PRNGKey(3), ref_meta['init'], 0.1),
                         geom=perturbed(jax.random.PRNGKey(4), ref_meta['geom'], 0.1))
         learner, _, meta = _setup('md', 'mlp', {'md.head_init': 'learnable', 'md.kronecker': kind})
@@ -237,7 +237,7 @@ def test_step_matrix_mixes_within_tensors_only_with_K():
     with jax.enable_x64(True):
         # the paper's form (scales and shifts both read earlier blocks), whose coupling is not bounded by a margin
         learner, _, meta = _setup('md', 'mlp', {'md.head_init': 'learnable', 'md.encoder_layers': 1,
-                                                'md.monotone': False, 'md.scale': 'exp'})
+                                                'md.monotone': False, 'md.scale': 'exp', 'md.kronecker': 'none'})
         meta = dict(meta, init=perturbed(jax.random.PRNGKey(3), meta['init'], 0.5),
                     geom=perturbed(jax.random.PRNGKey(4), meta['geom'], 0.5))
         S = step_matrix(learner.geometry, meta, 0.01)

@@ -348,6 +348,37 @@ def test_ablation_reads_back_only_the_run_asked_for(tmp_path):
     assert 'maml-s0 holds a finished run with other settings' in r.stderr and 'shots [5], asked [10, 20]' in r.stderr
 
 
+def test_ablation_takes_earlier_rows_from_its_own_tables_and_pairs_them(tmp_path):
+    """--earlier: a variant every asked shot count of which is in an earlier table (same steps, tasks, seeds) is read
+    from it, not run, named with its table, and paired by seed with the runs of this table; a table made with other
+    steps is refused in one line."""
+    wd = tmp_path / 'ablate'
+    for seed, mse in enumerate((0.50, 0.55, 0.60)):
+        os.makedirs(wd / f'maml-s{seed}')
+        with open(wd / f'maml-s{seed}' / 'comparison.json', 'w') as f:
+            json.dump({'methods': ['maml'], 'shots': [5], 'steps': 70000, 'num_tasks': 600,
+                       'config': {'seed': seed}, 'results': [{'shots': 5, 'mse': mse}]}, f)
+    old = tmp_path / 'old.json'
+    old.write_text(json.dumps({'command': 'python -m experiments.ablate_blockiaf --variants=metacurvature --steps=70000',
+                               'steps': 70000, 'commit': 'abc1234', 'rows': [
+                                   {'variant': 'metacurvature', 'shots': 5, 'mean': 0.4, 'ci': 0.1, 'seeds': 3,
+                                    'per_seed': [0.45, 0.40, 0.35]}]}))
+    cli = lambda *a: subprocess.run([sys.executable, '-m', 'experiments.ablate_blockiaf', f'--workdir={wd}',
+                                     '--variants=maml,metacurvature', '--shots=5', f'--out={tmp_path / "t"}',
+                                     f'--earlier={old}', *a], capture_output=True, text=True, cwd=ROOT, env=_env())
+    r = cli('--steps=70000')
+    assert r.returncode == 0, r.stderr
+    table = json.load(open(tmp_path / 't.json'))
+    assert [(row['variant'], row['per_seed']) for row in table['rows']] == [('maml', [0.50, 0.55, 0.60]),
+                                                                           ('metacurvature', [0.45, 0.40, 0.35])]
+    pair, = [p for p in table['paired'] if p['reference'] == 'metacurvature']
+    assert pair['diff'] == pytest.approx(0.15) and pair['ahead'] == 0   # 0.05, 0.15, 0.25 worse
+    assert f'metacurvature: {old} (abc1234)' in open(tmp_path / 't.md').read()
+    r = cli('--steps=5000')
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert '(steps, num_tasks, seeds) (70000, 600' in r.stderr
+
+
 # ----------------------------------------------------------------------------- trustworthy results
 def _largest_file(d):
     files = [f for f in glob.glob(os.path.join(d, '**', '*'), recursive=True) if os.path.isfile(f)]
