@@ -309,7 +309,7 @@ def test_summarise_runs_table_interval_and_unfinished(tmp_path):
     _fake_run(str(root), 'md-paper-1shot-seed0', 'md', 0.95)
     _fake_run(str(root), 'md-paper-1shot-seed1', 'md', 0.5, steps=50, finished=False)
     out = tmp_path / 'fig' / 'table'
-    r = subprocess.run([sys.executable, '-m', 'experiments.summarise_runs', f'--root={root}', f'--out={out}',
+    r = subprocess.run([sys.executable, '-m', 'experiments.studies.summarise_runs', f'--root={root}', f'--out={out}',
                         '--variants=md-paper,maml'], capture_output=True, text=True, cwd=ROOT, env=_env())
     assert r.returncode == 0, r.stderr
     data = json.load(open(str(out) + '.json'))
@@ -336,7 +336,7 @@ def test_ablation_reads_back_only_the_run_asked_for(tmp_path):
         with open(wd / f'maml-s{seed}' / 'comparison.json', 'w') as f:
             json.dump({'methods': ['maml'], 'shots': [5], 'steps': 70000, 'num_tasks': 600,
                        'config': {'seed': seed}, 'results': [{'shots': 5, 'mse': mse}]}, f)
-    cli = lambda *a: subprocess.run([sys.executable, '-m', 'experiments.ablate_blockiaf', f'--workdir={wd}',
+    cli = lambda *a: subprocess.run([sys.executable, '-m', 'experiments.studies.ablate_blockiaf', f'--workdir={wd}',
                                      '--variants=maml', '--steps=70000', f'--out={tmp_path / "t"}', *a],
                                     capture_output=True, text=True, cwd=ROOT, env=_env())
     r = cli('--shots=5')

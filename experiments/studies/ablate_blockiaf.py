@@ -1,7 +1,7 @@
 r"""The blockIAF ablation on sinusoid regression: forms and initialisations of MD beside MAML, MetaCurvature
 and MetaKFO, with seeds, at equal budget.
 
-    python -m experiments.ablate_blockiaf --workdir=runs/ablate [--seeds=0,1,2] [--steps=5000] [--jobs=2]
+    python -m experiments.studies.ablate_blockiaf --workdir=runs/ablate [--seeds=0,1,2] [--steps=5000] [--jobs=2]
         [--variants=maml,md-paper,...] [--out=docs/figures/blockiaf_ablation]
 
 Every (variant, seed) is one ``python -m experiments.compare`` run (MAML's protocol: one run per shot count
@@ -249,7 +249,7 @@ def main(argv):
             mse = ', '.join(f'{r["shots"]}-shot {r["mse"]:.3f}' for r in results[(v, s)]['results'])
             print(f'[{i}/{len(jobs)}] {v} seed {s}: {mse}', flush=True)
     rows = summarise(results)
-    command = 'python -m experiments.ablate_blockiaf ' + ' '.join(sys.argv[1:])
+    command = 'python -m experiments.studies.ablate_blockiaf ' + ' '.join(sys.argv[1:])
     out = FLAGS.out or os.path.join(FLAGS.workdir, 'ablation')
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     references = [v for v in FLAGS.paired_against if any(r['variant'] == v for r in rows)]

@@ -1,6 +1,6 @@
 """The inner step that trained runs learned: the step matrix S of each geometry, its diagonal and its mixing.
 
-    python -m experiments.step_factors --workdirs='runs/ablate/md-kron-s*/md-5shot,runs/ablate/metasgd-s*/metasgd-5shot'
+    python -m experiments.studies.step_factors --workdirs='runs/ablate/md-kron-s*/md-5shot,runs/ablate/metasgd-s*/metasgd-5shot'
 
 For a geometry whose inner step is linear in the gradient, one step from the meta-learned start moves the network
 parameters by phi_1 - phi_0 = -alpha S grad L to first order, with S = -(1/alpha) d phi(update(state_0, v)) / dv

@@ -1,6 +1,6 @@
 r"""Cross-check md-meta's MD, MetaCurvature and Meta-SGD against the authors' PyTorch code.
 
-    python -m experiments.crosscheck_reference --reference_dir=PATH [--seeds=0,1,2] [--out=crosscheck.json]
+    python -m experiments.studies.crosscheck_reference --reference_dir=PATH [--seeds=0,1,2] [--out=crosscheck.json]
 
 PATH is a checkout of github.com/zhangyilang/MetaMirrorDescent (never part of md-meta). Run it with a Python
 that has torch and torchmeta (neither is an md-meta dependency; a separate environment, e.g. a venv created
@@ -44,7 +44,7 @@ from collections import OrderedDict
 
 from absl import app, flags
 
-from experiments.authors_code import ReferenceUnavailable, load_reference  # noqa: F401 (re-exported)
+from experiments.studies.authors_code import ReferenceUnavailable, load_reference  # noqa: F401 (re-exported)
 
 FLAGS = flags.FLAGS
 
