@@ -39,7 +39,7 @@ import time
 
 from absl import app, flags
 
-from experiments import run
+from .harness import run
 
 import jax
 import jax.numpy as jnp
@@ -337,7 +337,7 @@ def plot_curve(points, x_key, path, title):
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from .harness import prepare_process
     prepare_process(compilation_cache=False)  # before any JAX computation; times compilation
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     repeats = 2 if FLAGS.quick else FLAGS.repeats

@@ -5,7 +5,7 @@
     md-meta report --workdirs=runs/a,runs/b
 
 Installed with md-meta (setup.cfg, ``[options.entry_points]``), it works from any folder; ``--config`` takes a
-file path or the name of a config of ``experiments/configs`` (``experiments.resolve_config_name``).
+file path or the name of a config of ``experiments/configs`` (``experiments.harness.resolve_config_name``).
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ import zipfile
 
 from absl import flags
 
-from experiments import fail, run
+from .harness import fail, run
 
 
 OMNIGLOT_FULL = ('images_background', 'images_evaluation')

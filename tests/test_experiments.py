@@ -1,4 +1,5 @@
-"""The entry points' package (experiments/__init__.py): flags are defined when a command runs, never at import."""
+"""The commands' harness (experiments/harness.py): flags are defined when a command runs, never at import;
+config names; background threads' failures; the installed package."""
 import os
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def test_a_command_defines_its_flags_when_it_runs():
 
 def test_config_names_resolve_to_the_config_files():
     """--config=NAME[:ARG] names a file of experiments/configs; paths and unknown names are left alone."""
-    from experiments import _resolve_config_names, resolve_config_name
+    from experiments.harness import _resolve_config_names, resolve_config_name
     configs = os.path.join(ROOT, 'experiments', 'configs')
     assert resolve_config_name('sinusoid') == os.path.join(configs, 'sinusoid.py')
     assert resolve_config_name('omniglot_paper:md-paper,1') == os.path.join(configs, 'omniglot_paper.py') + ':md-paper,1'
@@ -50,6 +51,24 @@ def test_config_names_resolve_to_the_config_files():
         assert resolve_config_name(value) == value
     assert _resolve_config_names(['p', '--config', 'sinusoid', '--config.seed=1'], 'config') == [
         'p', '--config', os.path.join(configs, 'sinusoid.py'), '--config.seed=1']
+
+
+def test_a_background_thread_failure_is_one_warning_line_per_message(capsys, monkeypatch):
+    """The harness's threading.excepthook: an exception escaping a thread is one line on stderr, not a traceback;
+    a repeated message is written once, and a thread's SystemExit is silent (as with Python's own hook)."""
+    import threading
+    from experiments.harness import background_thread_warnings
+    monkeypatch.setattr(threading, 'excepthook', background_thread_warnings())
+    for error in (OSError(28, 'No space left on device'), OSError(28, 'No space left on device'),
+                  ValueError('two\nlines'), SystemExit(3)):
+        def target(error=error):
+            raise error
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    assert capsys.readouterr().err.splitlines() == [
+        'warning: background thread: OSError: [Errno 28] No space left on device',
+        'warning: background thread: ValueError: two lines']
 
 
 def test_an_installed_wheel_gives_a_console_command_that_runs_from_another_folder(tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import compilation_cache_dir
+from experiments.harness import compilation_cache_dir
 from md_meta import checkpoint as checkpoint_lib
 from md_meta import methods, training, workdirs
 from md_meta.config import ConfigError
@@ -587,11 +587,11 @@ def test_skipped_updates_logged_as_strict_json_and_named_checkpoint(tmp_path):
 
 
 def test_entry_point_reports_a_full_disk_in_one_line():
-    """A full disk seen by a library's thread (a traceback, collapsed to one warning line) and then by
-    the main thread: one error line, exit status 2, no traceback, no atexit noise."""
+    """A full disk seen by a library's thread (three times: one warning line, from threading.excepthook) and
+    then by the main thread: one error line, exit status 2, no traceback, no atexit noise."""
     script = textwrap.dedent("""
         import errno, os, threading
-        from experiments import run
+        from experiments.harness import run
 
         def main(argv):
             def writer():

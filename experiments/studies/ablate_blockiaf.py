@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from experiments import run
+from ..harness import run
 from md_meta.evaluation import seed_interval
 from md_meta.workdirs import WorkdirError, config_from_dict, git_commit
 

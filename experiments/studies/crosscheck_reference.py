@@ -555,7 +555,7 @@ def versions():
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from ..harness import prepare_process
     prepare_process()  # before any JAX computation
     from md_meta.workdirs import git_commit
     commit = git_commit()  # before the run: what was compared
@@ -593,6 +593,6 @@ if __name__ == '__main__':
     flags.DEFINE_float('rtol', 1e-9, 'tolerance in float64')
     flags.DEFINE_float('rtol32', 2e-3, 'tolerance in float32 (or 1.5x the float32 noise floor, see run)')
     flags.DEFINE_string('out', '', 'optional JSON file for the results')
-    from experiments import define_process_flags
+    from ..harness import define_process_flags
     define_process_flags()  # main() calls prepare_process
     app.run(main)

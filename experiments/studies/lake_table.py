@@ -22,7 +22,7 @@ import re
 import numpy as np
 from absl import flags
 
-from experiments import fail, run
+from ..harness import fail, run
 from md_meta.evaluation import seed_interval
 
 NAME = re.compile(r'^eval-(?P<variant>.+?)-(?P<method>[a-z0-9_]+)(?:-seed(?P<seed>\d+))?\.json$')

@@ -17,14 +17,14 @@ import time
 
 from absl import flags
 
-from experiments import define_config_file, run
+from ..harness import define_config_file, run
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'sinusoid.py')
 
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from ..harness import prepare_process
     prepare_process(compilation_cache=False)  # before any JAX computation; times compilation
     from md_meta import training
     config = _CONFIG.value

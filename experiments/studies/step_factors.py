@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags
 from jax.flatten_util import ravel_pytree
 
-from experiments import run
+from ..harness import run
 
 FLAGS = flags.FLAGS
 MAX_PARAMETERS = 20000
@@ -86,7 +86,7 @@ def run_step_factors(workdir: str) -> tuple:
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from ..harness import prepare_process
     prepare_process()
     workdirs = sorted(w for pattern in FLAGS.workdirs for w in glob.glob(pattern))
     if not workdirs:

@@ -27,7 +27,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from experiments import run
+from ..harness import run
 
 from md_meta.evaluation import seed_interval
 
