@@ -74,7 +74,7 @@ def parse_value(s):
 def make_config(method: str, shape: str, K=None, num_tasks=None, overrides=()):
     s = SHAPES[shape]
     if s['task'] == 'sinusoid':   # the main job's config
-        from experiments.configs import sinusoid
+        from .configs import sinusoid
         c = sinusoid.get_config()
     else:
         c = config_lib.base_config()
@@ -200,7 +200,7 @@ def measure(config, repeats: int, count_flops: bool = True, profile_peak_gflops:
             times.append(time.perf_counter() - t)
         finite = bool(np.isfinite(float(m['meta_loss'][0])))
         if profile_peak_gflops > 0:
-            from experiments.studies import profile_step
+            from .studies import profile_step
             extra['profile'] = profile_step.profile(compiled, (meta, opt_state, batch, step0), repeats,
                                                     profile_peak_gflops)
     med = statistics.median(times) if times else None
@@ -282,8 +282,8 @@ def authors_times(reference_dir: str, python: str, method_list, shapes, repeats:
     ss = [s for s in shapes if s in AUTHORS_SHAPES]
     if not ms or not ss:
         return []
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [python, '-m', 'experiments.studies.authors_yardstick', f'--reference_dir={reference_dir}',
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the folder that holds this package
+    cmd = [python, '-m', f'{__package__}.studies.authors_yardstick', f'--reference_dir={reference_dir}',
            f"--methods={','.join(ms)}", f"--shapes={','.join(ss)}", f'--repeats={repeats}']
     print('authors\' code:', ' '.join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
@@ -391,7 +391,7 @@ def main(argv):
     if ratios:
         md.append('\nRelative to MAML (same run):\n\n' + '\n'.join(ratios))
     if FLAGS.profile:
-        from experiments.studies import profile_step
+        from .studies import profile_step
         md.append('\n## Time per op class (experiments.studies.profile_step)\n\n' + '\n\n'.join(
             profile_step.table(r['method'], r['shape'], r['profile']) for r in ok_rows if 'profile' in r))
     if FLAGS.authors_code and repeats:

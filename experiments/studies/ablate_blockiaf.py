@@ -29,6 +29,7 @@ from ..harness import run
 from md_meta.evaluation import seed_interval
 from md_meta.workdirs import WorkdirError, config_from_dict, git_commit
 
+COMMANDS = __package__.rpartition('.')[0]   # the commands' package: experiments, or md_meta_experiments installed
 # name -> (method, config overrides, what it is)
 VARIANTS = {
     'maml': ('maml', {}, 'MAML'),
@@ -114,7 +115,7 @@ def run_one(variant: str, seed: int) -> str:
             raise WorkdirError(f'{sub} holds a finished run with other settings ({differs}); '
                                'use another --workdir or delete that run')
         return result
-    cmd = [sys.executable, '-m', 'experiments.compare', f'--workdir={sub}', f'--methods={method}',
+    cmd = [sys.executable, '-m', f'{COMMANDS}.compare', f'--workdir={sub}', f'--methods={method}',
            f'--shots={",".join(FLAGS.shots)}', f'--steps={FLAGS.steps}', f'--num_tasks={FLAGS.num_tasks}',
            '--timing_steps=0', f'--config.seed={seed}'] + [f'--config.{k}={v}' for k, v in overrides.items()]
     os.makedirs(sub, exist_ok=True)

@@ -19,7 +19,6 @@ meta-validation are not run. One warm-up step, then ``--repeats`` timed steps; t
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
@@ -54,7 +53,7 @@ def episodes(step: int, shape: str):
 def time_method(reference_dir: str, method: str, shape: str, repeats: int) -> dict:
     import importlib
 
-    from experiments.studies.authors_code import load_reference
+    from .authors_code import load_reference
     torch, models, *_ = load_reference(reference_dir)
     dataset, size, ch, tasks, steps, alpha = SHAPES[shape]
     module, name = CLASSES[method]
@@ -96,7 +95,7 @@ def time_method(reference_dir: str, method: str, shape: str, repeats: int) -> di
 
 def main(argv):
     del argv
-    from experiments.studies.authors_code import ReferenceUnavailable, load_reference
+    from .authors_code import ReferenceUnavailable, load_reference
     try:
         torch = load_reference(FLAGS.reference_dir)[0]
     except ReferenceUnavailable as e:
@@ -114,7 +113,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     flags.DEFINE_string('reference_dir', None, 'checkout of github.com/zhangyilang/MetaMirrorDescent')
     flags.DEFINE_list('methods', ['maml', 'metasgd', 'metacurvature', 'md'], 'the authors\' methods to time')
     flags.DEFINE_list('shapes', ['a', 'b', 'c'], "the benchmark's shapes (a, b, c)")

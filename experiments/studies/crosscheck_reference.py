@@ -44,7 +44,7 @@ from collections import OrderedDict
 
 from absl import app, flags
 
-from experiments.studies.authors_code import ReferenceUnavailable, load_reference  # noqa: F401 (re-exported)
+from .authors_code import ReferenceUnavailable, load_reference  # noqa: F401 (re-exported)
 
 FLAGS = flags.FLAGS
 
