@@ -39,7 +39,7 @@ import time
 
 from absl import app, flags
 
-from experiments import run
+from .harness import run
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +74,7 @@ def parse_value(s):
 def make_config(method: str, shape: str, K=None, num_tasks=None, overrides=()):
     s = SHAPES[shape]
     if s['task'] == 'sinusoid':   # the main job's config
-        from experiments.configs import sinusoid
+        from .configs import sinusoid
         c = sinusoid.get_config()
     else:
         c = config_lib.base_config()
@@ -155,7 +155,7 @@ def max_rss_mb() -> float:
 
 def measure(config, repeats: int, count_flops: bool = True, profile_peak_gflops: float = 0.0) -> dict:
     """Compile and time the trainer's meta-step for ``config``; with ``profile_peak_gflops`` > 0 also its
-    time per op class (``experiments.profile_step.profile``)."""
+    time per op class (``experiments.studies.profile_step.profile``)."""
     exp = build(config)
     meta, opt_state = training.init_state(exp)
     batch = jax.tree_util.tree_map(jnp.asarray, exp.source.sample(0, config.meta.batch_size, 'train',
@@ -200,7 +200,7 @@ def measure(config, repeats: int, count_flops: bool = True, profile_peak_gflops:
             times.append(time.perf_counter() - t)
         finite = bool(np.isfinite(float(m['meta_loss'][0])))
         if profile_peak_gflops > 0:
-            from experiments import profile_step
+            from .studies import profile_step
             extra['profile'] = profile_step.profile(compiled, (meta, opt_state, batch, step0), repeats,
                                                     profile_peak_gflops)
     med = statistics.median(times) if times else None
@@ -276,14 +276,14 @@ AUTHORS_METHODS, AUTHORS_SHAPES = ('maml', 'metasgd', 'metacurvature', 'md'), ('
 
 
 def authors_times(reference_dir: str, python: str, method_list, shapes, repeats: int) -> list:
-    """The authors' seconds per meta-step (``experiments.authors_yardstick``, run by ``python`` in a
+    """The authors' seconds per meta-step (``experiments.studies.authors_yardstick``, run by ``python`` in a
     subprocess, one row per JSON line) for the methods and shapes they have."""
     ms = [m for m in method_list if m in AUTHORS_METHODS]
     ss = [s for s in shapes if s in AUTHORS_SHAPES]
     if not ms or not ss:
         return []
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [python, '-m', 'experiments.authors_yardstick', f'--reference_dir={reference_dir}',
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the folder that holds this package
+    cmd = [python, '-m', f'{__package__}.studies.authors_yardstick', f'--reference_dir={reference_dir}',
            f"--methods={','.join(ms)}", f"--shapes={','.join(ss)}", f'--repeats={repeats}']
     print('authors\' code:', ' '.join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
@@ -302,9 +302,9 @@ def authors_table(rows, authors) -> str:
         ours = f"{r['median_s']:.3f}" if r else '-'
         speed = f"{a['median_s'] / r['median_s']:.2f}x" if r else '-'
         lines.append(f"| {a['method']} | {a['shape']} | {a['median_s']:.3f} | {ours} | {speed} |")
-    return ("Against the authors' code (experiments.authors_yardstick, same episodes, this machine). The authors "
-            "time their own settings (their MD is the unconstrained form with exp scales; `--set` does not reach "
-            "them); for md-meta's MD in that form run with `--set=md.monotone=False,md.scale=exp`.\n\n"
+    return ("Against the authors' code (experiments.studies.authors_yardstick, same episodes, this machine). The "
+            "authors time their own settings (their MD is the unconstrained form with exp scales; `--set` does not "
+            "reach them); for md-meta's MD in that form run with `--set=md.monotone=False,md.scale=exp`.\n\n"
             + '\n'.join(lines))
 
 
@@ -337,7 +337,7 @@ def plot_curve(points, x_key, path, title):
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from .harness import prepare_process
     prepare_process(compilation_cache=False)  # before any JAX computation; times compilation
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     repeats = 2 if FLAGS.quick else FLAGS.repeats
@@ -391,8 +391,8 @@ def main(argv):
     if ratios:
         md.append('\nRelative to MAML (same run):\n\n' + '\n'.join(ratios))
     if FLAGS.profile:
-        from experiments import profile_step
-        md.append('\n## Time per op class (experiments.profile_step)\n\n' + '\n\n'.join(
+        from .studies import profile_step
+        md.append('\n## Time per op class (experiments.studies.profile_step)\n\n' + '\n\n'.join(
             profile_step.table(r['method'], r['shape'], r['profile']) for r in ok_rows if 'profile' in r))
     if FLAGS.authors_code and repeats:
         results['authors'] = authors_times(FLAGS.authors_code, FLAGS.authors_python or sys.executable,
@@ -464,9 +464,9 @@ if __name__ == '__main__':
     flags.DEFINE_string('data_dir', '', 'task.data_dir for the host episode-sampling time (skipped without data)')
     flags.DEFINE_bool('flops', True, 'count FLOPs (compiles a fully unrolled copy of the step when needed)')
     flags.DEFINE_string('authors_code', '', "checkout of github.com/zhangyilang/MetaMirrorDescent: also time the authors' "
-                        'MAML, Meta-SGD, MetaCurvature and MD on the same episodes (experiments.authors_yardstick) and '
-                        "print md-meta's speed-up")
+                        'MAML, Meta-SGD, MetaCurvature and MD on the same episodes '
+                        "(experiments.studies.authors_yardstick) and print md-meta's speed-up")
     flags.DEFINE_string('authors_python', '', "a Python with torch and torchmeta for --authors_code (default: this one)")
     flags.DEFINE_bool('profile', False, 'also profile each step: time per op class against its roofline, and '
-                      'launches per step (experiments.profile_step)')
+                      'launches per step (experiments.studies.profile_step)')
     run(main)

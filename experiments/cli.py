@@ -1,11 +1,13 @@
-"""The ``md-meta`` console script: ``md-meta COMMAND [flags]`` runs ``python -m experiments.COMMAND [flags]``.
+"""The ``md-meta`` console script: ``md-meta COMMAND [flags]`` runs the command's module as
+``python -m experiments.COMMAND [flags]`` does in the repository.
 
     md-meta train --config=sinusoid --config.method=maml --workdir=runs/sin-maml
     md-meta evaluate --workdir=runs/sin-maml
     md-meta report --workdirs=runs/a,runs/b
 
-Installed with md-meta (setup.cfg, ``[options.entry_points]``), it works from any folder; ``--config`` takes a
-file path or the name of a config of ``experiments/configs`` (``experiments.resolve_config_name``).
+Installed with md-meta (setup.cfg, ``[options.entry_points]``; this folder installs as the package
+``md_meta_experiments``), it works from any folder; ``--config`` takes a file path or the name of a config of
+the installed configs folder (``harness.resolve_config_name``).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def main(argv=None) -> None:
         print(f'error: unknown command {command!r}\n\n{usage()}', file=sys.stderr)
         raise SystemExit(2)
     sys.argv = [f'md-meta {command}'] + argv[2:]
-    runpy.run_module(f'experiments.{command}', run_name='__main__', alter_sys=True)
+    runpy.run_module(f'{__package__}.{command}', run_name='__main__', alter_sys=True)
 
 
 if __name__ == '__main__':

@@ -25,7 +25,7 @@ import time
 import numpy as np
 from absl import flags
 
-from experiments import define_config_file, run
+from .harness import define_config_file, run
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'sinusoid.py')
 
@@ -129,7 +129,7 @@ def markdown(rows: list, cost: list, shots: list, command: str, wall: float, ste
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from .harness import prepare_process
     prepare_process()  # before any JAX computation
     from md_meta import methods as methods_lib
     from md_meta import training, workdirs

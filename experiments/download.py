@@ -15,6 +15,12 @@ renamed into place: a file under its final name is always complete. Files alread
 kept. Every failure (offline, HTTP error, truncated or corrupted download) ends with one line naming the
 file and what to do (exit status 2). mini- and tieredImageNet have no official direct URL: the command prints
 where to get them and the layouts md-meta reads.
+
+md-meta keeps this downloader rather than pooch: pooch would add requests, platformdirs and packaging as
+dependencies, and it downloads into a temporary file that it deletes on failure, so an interrupted download
+starts again from zero where this one resumes its .part. pooch's gains would be automatic retries (here a failure
+ends with one line and a rerun resumes) and a progress bar where tqdm is installed (here a line every 10% where
+the server announces the size).
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import zipfile
 
 from absl import flags
 
-from experiments import fail, run
+from .harness import fail, run
 
 
 OMNIGLOT_FULL = ('images_background', 'images_evaluation')

@@ -20,7 +20,7 @@ import time
 import numpy as np
 from absl import flags
 
-from experiments import fail, run
+from .harness import fail, run
 
 
 def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', batch_size: int = 0,
@@ -100,7 +100,7 @@ def format_record(r: dict) -> str:
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from .harness import prepare_process
     prepare_process()  # before any JAX computation
     if not _WORKDIR.value:
         fail('--workdir is required')

@@ -19,7 +19,7 @@ import sys
 
 from absl import flags
 
-from experiments import run
+from .harness import run
 from md_meta.results import curves_for
 
 
@@ -67,7 +67,7 @@ def plot(path: str, runs: list, log_y: bool = True) -> None:
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from .harness import prepare_process
     prepare_process()  # before any JAX computation
     if not _WORKDIRS.value:
         print('error: --workdirs is required (comma-separated)', file=sys.stderr)

@@ -20,7 +20,7 @@ import sys
 
 from absl import flags
 
-from experiments import run
+from .harness import run
 from md_meta import methods
 from md_meta.evaluation import seed_interval
 from md_meta.results import load
@@ -129,7 +129,7 @@ def table(records: list, warn=lambda s: print(s, file=sys.stderr)) -> str:
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from .harness import prepare_process
     prepare_process()  # before any JAX computation
     if not _WORKDIRS.value:
         print('error: --workdirs is required (comma-separated)', file=sys.stderr)

@@ -24,7 +24,7 @@ import time
 
 from absl import flags
 
-from experiments import EXIT_INTERRUPTED, define_config_file, fail, run
+from .harness import EXIT_INTERRUPTED, define_config_file, fail, run
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'sinusoid.py')
 
@@ -41,13 +41,13 @@ def default_workdir(config) -> str:
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from .harness import prepare_process
     prepare_process()  # before any JAX computation
     config = _CONFIG.value
     from md_meta import checkpoint as checkpoint_lib
     from md_meta import distributed, training, workdirs
     distributed.initialize_from_config(config)  # multi-process runs only (config.dist)
-    # ConfigError (also for a global batch the devices cannot split) / DataError: one line, exit 2 (experiments.run)
+    # ConfigError (also for a global batch the devices cannot split) / DataError: one line, exit 2 (experiments.harness.run)
     exp = training.build(config)
     workdir = _WORKDIR.value or default_workdir(config)
     lead = distributed.is_main_process()  # only process 0 writes the workdir and prints

@@ -308,13 +308,13 @@ def test_unpack_inverts_pack(monotone):
 
 
 def test_md_step_factors_are_the_monotone_scales():
-    """experiments.step_factors: diag(dg/dz) of the monotone map is sigma(a) of its per-element scale logits
+    """experiments.studies.step_factors: diag(dg/dz) of the monotone map is sigma(a) of its per-element scale logits
     (block i's scale and shift read only blocks < i), computed here from theta directly. The logits are spread and
     the shifts depend on z (one-layer encoders, a shift bound of 0.3: the Jacobian's off-diagonal reaches 1e-2;
     with three layers this small MLP's codes are all zero after the ReLUs), so that row or column sums of the
     Jacobian instead of its diagonal, or a wrong order, would show."""
     from jax.flatten_util import ravel_pytree
-    from experiments.step_factors import md_step_factors
+    from experiments.studies.step_factors import md_step_factors
     with jax.enable_x64(True):
         model = make_model('mlp', hidden=(8, 8))
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),

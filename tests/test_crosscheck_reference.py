@@ -1,4 +1,5 @@
-"""md-meta's MD, MetaCurvature and Meta-SGD agree with the authors' PyTorch code (experiments/crosscheck_reference.py).
+"""md-meta's MD, MetaCurvature and Meta-SGD agree with the authors' PyTorch code
+(experiments/studies/crosscheck_reference.py).
 
 The comparison's own arithmetic (``rel_error``, ``leaf_errors``) is tested here without torch. The comparison
 runs where a checkout of github.com/zhangyilang/MetaMirrorDescent is named by MD_META_REFERENCE_DIR and a
@@ -13,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.crosscheck_reference import leaf_errors, passes, rel_error, zero_on_both_sides, zero_on_one_side
+from experiments.studies.crosscheck_reference import (leaf_errors, passes, rel_error, zero_on_both_sides,
+                                                      zero_on_one_side)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)
@@ -63,7 +65,7 @@ def test_agrees_with_the_authors_code_in_float64(steps, tmp_path):
     if probe.returncode != 0:
         pytest.skip(f'{python} cannot import torch (set MD_META_REFERENCE_PYTHON)')
     path = tmp_path / 'crosscheck.json'
-    out = subprocess.run([python, '-m', 'experiments.crosscheck_reference', f'--reference_dir={ref}',
+    out = subprocess.run([python, '-m', 'experiments.studies.crosscheck_reference', f'--reference_dir={ref}',
                           '--dtypes=float64', f'--steps={steps}', '--seeds=' + ','.join(map(str, SEEDS)),
                           f'--out={path}'], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0 and 'PASS' in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]

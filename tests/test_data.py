@@ -696,9 +696,9 @@ def test_omniglot_meta_training_then_lake_runs(shared_pools, tmp_path):
 
 
 def test_lake_table_pairs_by_run_and_by_seed(tmp_path):
-    """experiments.lake_table: mean +- t-interval over runs (one seed) or over seeds; paired differences."""
+    """experiments.studies.lake_table: mean +- t-interval over runs (one seed) or over seeds; paired differences."""
     import json
-    from experiments import lake_table
+    from experiments.studies import lake_table
 
     def write(name, errors, seed=0):
         rec = {'seed': seed, 'step': 10, 'eval_inner_steps': 5, 'eval_step_size': 0.4, 'config': {'inner': {}},

@@ -1,5 +1,8 @@
-"""The entry points' package (experiments/__init__.py): flags are defined when a command runs, never at import."""
+"""The commands' harness (experiments/harness.py): flags are defined when a command runs, never at import;
+config names; background threads' failures; the installed package."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -42,7 +45,7 @@ def test_a_command_defines_its_flags_when_it_runs():
 
 def test_config_names_resolve_to_the_config_files():
     """--config=NAME[:ARG] names a file of experiments/configs; paths and unknown names are left alone."""
-    from experiments import _resolve_config_names, resolve_config_name
+    from experiments.harness import _resolve_config_names, resolve_config_name
     configs = os.path.join(ROOT, 'experiments', 'configs')
     assert resolve_config_name('sinusoid') == os.path.join(configs, 'sinusoid.py')
     assert resolve_config_name('omniglot_paper:md-paper,1') == os.path.join(configs, 'omniglot_paper.py') + ':md-paper,1'
@@ -52,12 +55,64 @@ def test_config_names_resolve_to_the_config_files():
         'p', '--config', os.path.join(configs, 'sinusoid.py'), '--config.seed=1']
 
 
+def test_a_background_thread_failure_is_one_warning_line_per_message(capsys, monkeypatch):
+    """The harness's threading.excepthook: an exception escaping a thread is one line on stderr, not a traceback;
+    a repeated message is written once, and a thread's SystemExit is silent (as with Python's own hook)."""
+    import threading
+    from experiments.harness import background_thread_warnings
+    monkeypatch.setattr(threading, 'excepthook', background_thread_warnings())
+    for error in (OSError(28, 'No space left on device'), OSError(28, 'No space left on device'),
+                  ValueError('two\nlines'), SystemExit(3)):
+        def target(error=error):
+            raise error
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    assert capsys.readouterr().err.splitlines() == [
+        'warning: background thread: OSError: [Errno 28] No space left on device',
+        'warning: background thread: ValueError: two lines']
+
+
+_INSTALLED = r"""
+import importlib.metadata, importlib.util, json, os, runpy, sys
+configs = os.path.dirname(importlib.util.find_spec('md_meta_experiments.configs').origin)
+print(json.dumps({
+    'top_level': sorted({f.parts[0] for f in importlib.metadata.files('md-meta')
+                         if f.parts[0] != '..' and not f.parts[0].endswith('.dist-info')}),
+    'experiments_importable': importlib.util.find_spec('experiments') is not None,
+    'origins': {name: importlib.util.find_spec(name).origin for name in sys.argv[1:]},
+    'configs': {name: type(runpy.run_path(os.path.join(configs, name))['get_config']()).__name__
+                for name in sorted(os.listdir(configs)) if name.endswith('.py') and name != '__init__.py'},
+}))
+"""
+
+
+def _repository_packages() -> list:
+    """The packages of md_meta/ and experiments/, named as installed (experiments/ is md_meta_experiments)."""
+    names = []
+    for top, installed in (('md_meta', 'md_meta'), ('experiments', 'md_meta_experiments')):
+        for folder, _, files in os.walk(os.path.join(ROOT, top)):
+            inner = os.path.relpath(folder, os.path.join(ROOT, top))
+            if '__init__.py' in files:
+                names.append('.'.join([installed] + ([] if inner == '.' else inner.split(os.sep))))
+    return sorted(names)
+
+
 def test_an_installed_wheel_gives_a_console_command_that_runs_from_another_folder(tmp_path):
     """pip install of md-meta's wheel into a fresh venv gives ``md-meta``; ``md-meta train --config=sinusoid``
-    runs from a folder outside the repository, with the installed packages (not the checkout's)."""
-    wheels, venv, elsewhere = tmp_path / 'wheels', tmp_path / 'venv', tmp_path / 'elsewhere'
+    runs from a folder outside the repository, with the installed packages (not the checkout's). The wheel puts
+    no top-level ``experiments`` into site-packages (experiments/ installs as md_meta_experiments), holds every
+    package of the repository, and every installed config file loads by its path, as ml_collections loads it
+    (those that build on another read it by path)."""
+    src, wheels, venv, elsewhere = tmp_path / 'src', tmp_path / 'wheels', tmp_path / 'venv', tmp_path / 'elsewhere'
     run = lambda *cmd, **kw: subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600, **kw)
-    p = run(sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '-w', wheels, ROOT)   # build deps from PyPI
+    # a copy of what the build reads: a build/ that an older build left in the checkout would add its files
+    src.mkdir()
+    for name in ('setup.cfg', 'pyproject.toml', 'README.md', 'LICENSE'):
+        shutil.copy(os.path.join(ROOT, name), src)
+    for name in ('md_meta', 'experiments'):
+        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns('__pycache__'))
+    p = run(sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '-w', wheels, src)   # build deps from PyPI
     assert p.returncode == 0, p.stderr[-2000:]
     assert run(sys.executable, '-m', 'venv', venv).returncode == 0
     vpython = venv / 'bin' / 'python'
@@ -70,10 +125,14 @@ def test_an_installed_wheel_gives_a_console_command_that_runs_from_another_folde
     p = run(vpython, '-m', 'pip', 'install', '-q', '--no-deps', '--no-index', *wheels.glob('*.whl'))
     assert p.returncode == 0, p.stderr[-2000:]
     elsewhere.mkdir()
-    where = run(vpython, '-c', 'import md_meta, experiments; print(md_meta.__file__, experiments.__file__)',
-                cwd=elsewhere).stdout
-    assert str(venv) in where and ROOT not in where, where
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    p = run(vpython, '-c', _INSTALLED, *_repository_packages(), cwd=elsewhere, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    installed = json.loads(p.stdout)
+    assert installed['top_level'] == ['md_meta', 'md_meta_experiments'], installed
+    assert not installed['experiments_importable'], installed
+    assert all(origin.startswith(str(venv)) for origin in installed['origins'].values()), installed['origins']
+    assert 'sinusoid_mtnet.py' in installed['configs'] and set(installed['configs'].values()) == {'ConfigDict'}
     p = run(venv / 'bin' / 'md-meta', 'train', '--config=sinusoid', '--config.meta.steps=10',
             '--config.train.log_every=5', '--config.eval.num_tasks=10', '--workdir=w', cwd=elsewhere, env=env)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -230,10 +230,10 @@ def test_sandwich_of_a_monotone_map_is_monotone():
 
 
 def test_step_matrix_mixes_within_tensors_only_with_K():
-    """experiments.step_factors: the step matrix S (phi_1 - phi_0 = -alpha S grad) of the map alone is diagonal
+    """experiments.studies.step_factors: the step matrix S (phi_1 - phi_0 = -alpha S grad) of the map alone is diagonal
     inside every tensor (the blockIAF's scale and shift of block i read only blocks < i) and couples tensors; with
     the identity map and random K, MD's dual step has MetaCurvature's S, which mixes within tensors only."""
-    from experiments.step_factors import mixing, step_matrix
+    from experiments.studies.step_factors import mixing, step_matrix
     with jax.enable_x64(True):
         # the paper's form (scales and shifts both read earlier blocks), whose coupling is not bounded by a margin
         learner, _, meta = _setup('md', 'mlp', {'md.head_init': 'learnable', 'md.encoder_layers': 1,

@@ -261,7 +261,7 @@ def test_low_precision_meta_gradient_close_to_fp32():
 
 
 def test_benchmark_reads_the_authors_yardstick_and_prints_the_speed_up(tmp_path):
-    """experiments.benchmark --authors_code runs experiments.authors_yardstick with --authors_python in a
+    """experiments.benchmark --authors_code runs experiments.studies.authors_yardstick with --authors_python in a
     subprocess, keeps its JSON lines for the methods and shapes the authors have, and prints the ratio (here a
     stand-in Python that answers like the yardstick; the real one needs torch and the authors' checkout)."""
     import sys as sys_lib
@@ -269,7 +269,8 @@ def test_benchmark_reads_the_authors_yardstick_and_prints_the_speed_up(tmp_path)
     fake = tmp_path / 'python'
     fake.write_text(f"#!{sys_lib.executable}\nimport json, sys\n"
                     "args = dict(a[2:].split('=', 1) for a in sys.argv[3:])\n"
-                    "assert sys.argv[1:3] == ['-m', 'experiments.authors_yardstick'] and args['reference_dir'] == 'REF'\n"
+                    "assert sys.argv[1:3] == ['-m', 'experiments.studies.authors_yardstick']\n"
+                    "assert args['reference_dir'] == 'REF'\n"
                     "for s in args['shapes'].split(','):\n"
                     "    for m in args['methods'].split(','):\n"
                     "        print(json.dumps({'method': m, 'shape': s, 'median_s': 2.0}))\n")
@@ -281,9 +282,9 @@ def test_benchmark_reads_the_authors_yardstick_and_prints_the_speed_up(tmp_path)
 
 
 def test_step_profile_counts_the_matmul_flops_and_classes_of_a_compiled_step():
-    """experiments.profile_step: a step with one known product (2 x 8 x 4 x 16 FLOPs per run) and an Adam-like
+    """experiments.studies.profile_step: a step with one known product (2 x 8 x 4 x 16 FLOPs per run) and an Adam-like
     update inside a cond is classified and counted from XLA's per-kernel trace events."""
-    from experiments import profile_step
+    from experiments.studies import profile_step
 
     def step(meta, opt_state, x):
         y = jnp.tanh(x @ meta)                                # (8, 16) @ (16, 4): 1024 FLOPs

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import compilation_cache_dir
+from experiments.harness import compilation_cache_dir
 from md_meta import checkpoint as checkpoint_lib
 from md_meta import methods, training, workdirs
 from md_meta.config import ConfigError
@@ -309,7 +309,7 @@ def test_summarise_runs_table_interval_and_unfinished(tmp_path):
     _fake_run(str(root), 'md-paper-1shot-seed0', 'md', 0.95)
     _fake_run(str(root), 'md-paper-1shot-seed1', 'md', 0.5, steps=50, finished=False)
     out = tmp_path / 'fig' / 'table'
-    r = subprocess.run([sys.executable, '-m', 'experiments.summarise_runs', f'--root={root}', f'--out={out}',
+    r = subprocess.run([sys.executable, '-m', 'experiments.studies.summarise_runs', f'--root={root}', f'--out={out}',
                         '--variants=md-paper,maml'], capture_output=True, text=True, cwd=ROOT, env=_env())
     assert r.returncode == 0, r.stderr
     data = json.load(open(str(out) + '.json'))
@@ -336,7 +336,7 @@ def test_ablation_reads_back_only_the_run_asked_for(tmp_path):
         with open(wd / f'maml-s{seed}' / 'comparison.json', 'w') as f:
             json.dump({'methods': ['maml'], 'shots': [5], 'steps': 70000, 'num_tasks': 600,
                        'config': {'seed': seed}, 'results': [{'shots': 5, 'mse': mse}]}, f)
-    cli = lambda *a: subprocess.run([sys.executable, '-m', 'experiments.ablate_blockiaf', f'--workdir={wd}',
+    cli = lambda *a: subprocess.run([sys.executable, '-m', 'experiments.studies.ablate_blockiaf', f'--workdir={wd}',
                                      '--variants=maml', '--steps=70000', f'--out={tmp_path / "t"}', *a],
                                     capture_output=True, text=True, cwd=ROOT, env=_env())
     r = cli('--shots=5')
@@ -359,11 +359,11 @@ def test_ablation_takes_earlier_rows_from_its_own_tables_and_pairs_them(tmp_path
             json.dump({'methods': ['maml'], 'shots': [5], 'steps': 70000, 'num_tasks': 600,
                        'config': {'seed': seed}, 'results': [{'shots': 5, 'mse': mse}]}, f)
     old = tmp_path / 'old.json'
-    old.write_text(json.dumps({'command': 'python -m experiments.ablate_blockiaf --variants=metacurvature --steps=70000',
+    old.write_text(json.dumps({'command': 'python -m experiments.studies.ablate_blockiaf --steps=70000',
                                'steps': 70000, 'commit': 'abc1234', 'rows': [
                                    {'variant': 'metacurvature', 'shots': 5, 'mean': 0.4, 'ci': 0.1, 'seeds': 3,
                                     'per_seed': [0.45, 0.40, 0.35]}]}))
-    cli = lambda *a: subprocess.run([sys.executable, '-m', 'experiments.ablate_blockiaf', f'--workdir={wd}',
+    cli = lambda *a: subprocess.run([sys.executable, '-m', 'experiments.studies.ablate_blockiaf', f'--workdir={wd}',
                                      '--variants=maml,metacurvature', '--shots=5', f'--out={tmp_path / "t"}',
                                      f'--earlier={old}', *a], capture_output=True, text=True, cwd=ROOT, env=_env())
     r = cli('--steps=70000')
@@ -618,11 +618,11 @@ def test_skipped_updates_logged_as_strict_json_and_named_checkpoint(tmp_path):
 
 
 def test_entry_point_reports_a_full_disk_in_one_line():
-    """A full disk seen by a library's thread (a traceback, collapsed to one warning line) and then by
-    the main thread: one error line, exit status 2, no traceback, no atexit noise."""
+    """A full disk seen by a library's thread (three times: one warning line, from threading.excepthook) and
+    then by the main thread: one error line, exit status 2, no traceback, no atexit noise."""
     script = textwrap.dedent("""
         import errno, os, threading
-        from experiments import run
+        from experiments.harness import run
 
         def main(argv):
             def writer():

@@ -5,8 +5,12 @@ official CIFAR-100 python archive in $CIFAR100_DIR (default ~/data/cifar100; md_
 The protocol and the argument of experiments/configs/cifar_fs.py: ``fc100.py:5`` (5-shot),
 ``fc100.py:1,resnet12`` (ResNet-12, the network of the FC100 paper's results).
 """
-from experiments.configs import cifar_fs
+import os
+import runpy
+
+# the config this one builds on, read by path (configs/__init__.py says why)
+cifar_fs = runpy.run_path(os.path.join(os.path.dirname(__file__), 'cifar_fs.py'))
 
 
 def get_config(arg='1'):
-    return cifar_fs.make('fc100', arg)
+    return cifar_fs['make']('fc100', arg)

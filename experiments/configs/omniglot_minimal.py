@@ -10,12 +10,14 @@ moves), Adam 1e-3, 1500 meta-steps. The paper's protocol (K = 5, alpha = 0.01, 6
 steps) is experiments/configs/omniglot.py. Any method: --config.method=maml|md|...
 """
 import os
+import runpy
 
-from experiments.configs import omniglot
+# the config this one builds on, read by path (configs/__init__.py says why)
+omniglot = runpy.run_path(os.path.join(os.path.dirname(__file__), 'omniglot.py'))
 
 
 def get_config():
-    c = omniglot.get_config()
+    c = omniglot['get_config']()
     here = os.path.dirname(os.path.abspath(__file__))
     c.task.data_dir = os.environ.get('OMNIGLOT_DIR', os.path.normpath(
         os.path.join(here, '..', '..', '..', 'shared', 'data', 'omniglot')))

@@ -19,8 +19,10 @@ md-sandwich-primal-elu (primal start, ELU codes, learnable heads).
 1000 meta-steps, validated every 250: the CPU budget of docs/results.md (the paper trains 60000).
 """
 import os
+import runpy
 
-from experiments.configs import omniglot
+# the config this one builds on, read by path (configs/__init__.py says why)
+omniglot = runpy.run_path(os.path.join(os.path.dirname(__file__), 'omniglot.py'))
 
 VARIANTS = {
     'maml': ('maml', {}),
@@ -49,7 +51,7 @@ def get_config(arg='md-paper,1'):
         raise ValueError(f'omniglot_paper.py: unknown variant {variant!r}; choose from {sorted(VARIANTS)}')
     method, md = VARIANTS[variant]
     shots = int(shots or 1)
-    c = omniglot.get_config()   # the authors' settings: K = 5, alpha = 0.01, CNN4 64, Adam 1e-3, batch 4, ...
+    c = omniglot['get_config']()   # the authors' settings: K = 5, alpha = 0.01, CNN4 64, Adam 1e-3, batch 4, ...
     c.method = method
     for k, v in md.items():
         c.md[k] = v

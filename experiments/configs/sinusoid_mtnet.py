@@ -6,11 +6,15 @@ meta-trained 10-shot and evaluated at 5, 10 and 20 shots on 600 new tasks (docs/
 MT-net's data generator also draws a frequency w ~ U[0.8, 1.2] (Meta-SGD's family); add
 ``--config.task.frequency='(0.8,1.2)'`` for that family. docs/sinusoid.md compares both.
 """
-from experiments.configs import sinusoid
+import os
+import runpy
+
+# the config this one builds on, read by path (configs/__init__.py says why)
+sinusoid = runpy.run_path(os.path.join(os.path.dirname(__file__), 'sinusoid.py'))
 
 
 def get_config():
-    c = sinusoid.get_config()
+    c = sinusoid['get_config']()
     c.method = 'maml'
     c.task.shots = 10
     c.task.query = 10

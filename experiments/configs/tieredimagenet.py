@@ -9,12 +9,14 @@ Data: $TIEREDIMAGENET_DIR (default ~/data/tieredimagenet) holding train/, val/, 
 5-shot: --config.task.shots=5 --config.eval.query=5; ResNet-12: --config.model.name=resnet12.
 """
 import os
+import runpy
 
-from experiments.configs import miniimagenet
+# the config this one builds on, read by path (configs/__init__.py says why)
+miniimagenet = runpy.run_path(os.path.join(os.path.dirname(__file__), 'miniimagenet.py'))
 
 
 def get_config(method='md'):
-    c = miniimagenet.get_config(method)
+    c = miniimagenet['get_config'](method)
     c.task.name = 'tieredimagenet'
     c.task.data_dir = os.environ.get('TIEREDIMAGENET_DIR', os.path.expanduser('~/data/tieredimagenet'))
     return c

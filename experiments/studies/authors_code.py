@@ -1,7 +1,7 @@
 """Loading the authors' PyTorch code (github.com/zhangyilang/MetaMirrorDescent, never part of md-meta) from a
-checkout, for the two tools that run it: ``experiments.crosscheck_reference`` (the maths) and
-``experiments.authors_yardstick`` (the speed). Needs a Python with torch and torchmeta (see
-``experiments.crosscheck_reference``); only torchmeta's ``modules`` and ``utils.gradient_based`` are loaded, and
+checkout, for the two tools that run it: ``experiments.studies.crosscheck_reference`` (the maths) and
+``experiments.studies.authors_yardstick`` (the speed). Needs a Python with torch and torchmeta (see
+``experiments.studies.crosscheck_reference``); only torchmeta's ``modules`` and ``utils.gradient_based`` are loaded, and
 the authors' training base class (data loaders) is replaced by a bare ``args`` holder."""
 from __future__ import annotations
 

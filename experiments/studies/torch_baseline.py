@@ -6,7 +6,7 @@ autograd.grad(create_graph=True), one task after another as the reference does; 
 Adam. Random episodes of the benchmark's shapes (5-way 1-shot, 15 query).
 
     pip install torch   # not a dependency of md-meta; a separate venv is fine
-    python experiments/torch_baseline.py a 5     # shape a|b|c, timed steps (after one warm-up step)
+    python experiments/studies/torch_baseline.py a 5     # shape a|b|c, timed steps (after one warm-up step)
 """
 import statistics
 import sys

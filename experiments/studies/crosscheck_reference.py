@@ -1,6 +1,6 @@
 r"""Cross-check md-meta's MD, MetaCurvature and Meta-SGD against the authors' PyTorch code.
 
-    python -m experiments.crosscheck_reference --reference_dir=PATH [--seeds=0,1,2] [--out=crosscheck.json]
+    python -m experiments.studies.crosscheck_reference --reference_dir=PATH [--seeds=0,1,2] [--out=crosscheck.json]
 
 PATH is a checkout of github.com/zhangyilang/MetaMirrorDescent (never part of md-meta). Run it with a Python
 that has torch and torchmeta (neither is an md-meta dependency; a separate environment, e.g. a venv created
@@ -44,7 +44,7 @@ from collections import OrderedDict
 
 from absl import app, flags
 
-from experiments.authors_code import ReferenceUnavailable, load_reference  # noqa: F401 (re-exported)
+from .authors_code import ReferenceUnavailable, load_reference  # noqa: F401 (re-exported)
 
 FLAGS = flags.FLAGS
 
@@ -555,7 +555,7 @@ def versions():
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from ..harness import prepare_process
     prepare_process()  # before any JAX computation
     from md_meta.workdirs import git_commit
     commit = git_commit()  # before the run: what was compared
@@ -593,6 +593,6 @@ if __name__ == '__main__':
     flags.DEFINE_float('rtol', 1e-9, 'tolerance in float64')
     flags.DEFINE_float('rtol32', 2e-3, 'tolerance in float32 (or 1.5x the float32 noise floor, see run)')
     flags.DEFINE_string('out', '', 'optional JSON file for the results')
-    from experiments import define_process_flags
+    from ..harness import define_process_flags
     define_process_flags()  # main() calls prepare_process
     app.run(main)

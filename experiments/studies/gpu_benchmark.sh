@@ -7,7 +7,8 @@
 #   3. every other method on shape a;  4. K = 50 with and without remat (MAML, MD, shape a);
 #   5. bf16 compute (MAML, MD, shape b).
 # Each stage writes <OUT>/<stage>.json and appends its output to <OUT>/gpu_benchmark.log (7 files in all: the
-# device tool returns at most 8); a stage cut by its timeout keeps the rows it finished. Usage: OUT=gpu_bench bash experiments/gpu_benchmark.sh [timeout scale in percent, default 100]
+# device tool returns at most 8); a stage cut by its timeout keeps the rows it finished. Usage:
+#   OUT=gpu_bench bash experiments/studies/gpu_benchmark.sh [timeout scale in percent, default 100]
 set -u
 OUT=${OUT:-gpu_bench}
 S=${1:-100}   # time scale of the stage timeouts, percent

@@ -1,6 +1,6 @@
 """A seeded grid of finished runs as one table and three figures (mean over seeds, 95% t-interval).
 
-    python -m experiments.summarise_runs --root=runs/omniglot_paper --out=docs/figures/omniglot_paper
+    python -m experiments.studies.summarise_runs --root=runs/omniglot_paper --out=docs/figures/omniglot_paper
 
 Every sub-directory of ``--root`` named ``<variant>-<N>shot-seed<S>`` is one run of experiments.train. From
 each it reads results.json (test metrics of the final parameters on eval.num_tasks new tasks, and the
@@ -27,7 +27,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from experiments import run
+from ..harness import run
 
 from md_meta.evaluation import seed_interval
 

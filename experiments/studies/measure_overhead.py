@@ -1,7 +1,7 @@
 """Overhead of the harness (checkpoints, meta-validation, metrics/TensorBoard/console logging) as a share
 of training time at the config's intervals, in one process.
 
-    python -m experiments.measure_overhead [--config=experiments/configs/sinusoid.py] [--repeats=2]
+    python -m experiments.studies.measure_overhead [--config=experiments/configs/sinusoid.py] [--repeats=2]
 
 Alternates runs without a workdir (console progress only, no checkpoints, no meta-validation, no files)
 and with a fresh workdir (everything on), same config and seed, and reports both wall times (compilation
@@ -17,14 +17,14 @@ import time
 
 from absl import flags
 
-from experiments import define_config_file, run
+from ..harness import define_config_file, run
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'sinusoid.py')
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'sinusoid.py')
 
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from ..harness import prepare_process
     prepare_process(compilation_cache=False)  # before any JAX computation; times compilation
     from md_meta import training
     config = _CONFIG.value

@@ -1,9 +1,9 @@
 r"""The authors' code as a same-machine yardstick: seconds per meta-step of their PyTorch MAML, Meta-SGD,
 MetaCurvature and MD on random episodes of ``experiments.benchmark``'s shapes.
 
-    python -m experiments.authors_yardstick --reference_dir=PATH [--methods=maml,md] [--shapes=a,b,c]
+    python -m experiments.studies.authors_yardstick --reference_dir=PATH [--methods=maml,md] [--shapes=a,b,c]
 
-Run it with a Python that has torch and torchmeta (``experiments.crosscheck_reference`` says how to make one;
+Run it with a Python that has torch and torchmeta (``experiments.studies.crosscheck_reference`` says how to make one;
 neither is an md-meta dependency). ``python -m experiments.benchmark --authors_code=PATH --authors_python=PY``
 runs it in the same session and prints md-meta's speed-up beside each row.
 
@@ -19,7 +19,6 @@ meta-validation are not run. One warm-up step, then ``--repeats`` timed steps; t
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
@@ -54,7 +53,7 @@ def episodes(step: int, shape: str):
 def time_method(reference_dir: str, method: str, shape: str, repeats: int) -> dict:
     import importlib
 
-    from experiments.authors_code import load_reference
+    from .authors_code import load_reference
     torch, models, *_ = load_reference(reference_dir)
     dataset, size, ch, tasks, steps, alpha = SHAPES[shape]
     module, name = CLASSES[method]
@@ -96,7 +95,7 @@ def time_method(reference_dir: str, method: str, shape: str, repeats: int) -> di
 
 def main(argv):
     del argv
-    from experiments.authors_code import ReferenceUnavailable, load_reference
+    from .authors_code import ReferenceUnavailable, load_reference
     try:
         torch = load_reference(FLAGS.reference_dir)[0]
     except ReferenceUnavailable as e:
@@ -114,7 +113,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     flags.DEFINE_string('reference_dir', None, 'checkout of github.com/zhangyilang/MetaMirrorDescent')
     flags.DEFINE_list('methods', ['maml', 'metasgd', 'metacurvature', 'md'], 'the authors\' methods to time')
     flags.DEFINE_list('shapes', ['a', 'b', 'c'], "the benchmark's shapes (a, b, c)")

@@ -1,6 +1,6 @@
 """The inner step that trained runs learned: the step matrix S of each geometry, its diagonal and its mixing.
 
-    python -m experiments.step_factors --workdirs='runs/ablate/md-kron-s*/md-5shot,runs/ablate/metasgd-s*/metasgd-5shot'
+    python -m experiments.studies.step_factors --workdirs='runs/ablate/md-kron-s*/md-5shot,runs/ablate/metasgd-s*/metasgd-5shot'
 
 For a geometry whose inner step is linear in the gradient, one step from the meta-learned start moves the network
 parameters by phi_1 - phi_0 = -alpha S grad L to first order, with S = -(1/alpha) d phi(update(state_0, v)) / dv
@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags
 from jax.flatten_util import ravel_pytree
 
-from experiments import run
+from ..harness import run
 
 FLAGS = flags.FLAGS
 MAX_PARAMETERS = 20000
@@ -86,7 +86,7 @@ def run_step_factors(workdir: str) -> tuple:
 
 def main(argv):
     del argv
-    from experiments import prepare_process
+    from ..harness import prepare_process
     prepare_process()
     workdirs = sorted(w for pattern in FLAGS.workdirs for w in glob.glob(pattern))
     if not workdirs:

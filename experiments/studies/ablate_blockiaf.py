@@ -1,7 +1,7 @@
 r"""The blockIAF ablation on sinusoid regression: forms and initialisations of MD beside MAML, MetaCurvature
 and MetaKFO, with seeds, at equal budget.
 
-    python -m experiments.ablate_blockiaf --workdir=runs/ablate [--seeds=0,1,2] [--steps=5000] [--jobs=2]
+    python -m experiments.studies.ablate_blockiaf --workdir=runs/ablate [--seeds=0,1,2] [--steps=5000] [--jobs=2]
         [--variants=maml,md-paper,...] [--out=docs/figures/blockiaf_ablation]
 
 Every (variant, seed) is one ``python -m experiments.compare`` run (MAML's protocol: one run per shot count
@@ -27,10 +27,11 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from experiments import run
+from ..harness import run
 from md_meta.evaluation import seed_interval
 from md_meta.workdirs import WorkdirError, config_from_dict, git_commit
 
+COMMANDS = __package__.rpartition('.')[0]   # the commands' package: experiments, or md_meta_experiments installed
 # name -> (method, config overrides, what it is)
 VARIANTS = {
     'maml': ('maml', {}, 'MAML'),
@@ -116,7 +117,7 @@ def run_one(variant: str, seed: int) -> str:
             raise WorkdirError(f'{sub} holds a finished run with other settings ({differs}); '
                                'use another --workdir or delete that run')
         return result
-    cmd = [sys.executable, '-m', 'experiments.compare', f'--workdir={sub}', f'--methods={method}',
+    cmd = [sys.executable, '-m', f'{COMMANDS}.compare', f'--workdir={sub}', f'--methods={method}',
            f'--shots={",".join(FLAGS.shots)}', f'--steps={FLAGS.steps}', f'--num_tasks={FLAGS.num_tasks}',
            '--timing_steps=0', f'--config.seed={seed}'] + [f'--config.{k}={v}' for k, v in overrides.items()]
     os.makedirs(sub, exist_ok=True)
@@ -281,7 +282,7 @@ def main(argv):
             print(f'[{i}/{len(jobs)}] {v} seed {s}: {mse}', flush=True)
     rows = summarise(results) + [earlier[(v, int(s))] for v in FLAGS.variants if v in measured for s in FLAGS.shots]
     rows.sort(key=lambda r: (FLAGS.variants.index(r['variant']), r['shots']))
-    command = 'python -m experiments.ablate_blockiaf ' + ' '.join(sys.argv[1:])
+    command = 'python -m experiments.studies.ablate_blockiaf ' + ' '.join(sys.argv[1:])
     out = FLAGS.out or os.path.join(FLAGS.workdir, 'ablation')
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     references = [v for v in FLAGS.paired_against if any(r['variant'] == v for r in rows)]

@@ -10,7 +10,7 @@
   * ``--pool_runs``: intervals over the runs of all seeds pooled, for effects within trained models (K or
     alpha at test) where the seeds' spread is not the question.
 
-    python -m experiments.lake_table --files='docs/figures/omniglot_lake_levers/eval-*.json' --reference=baseline
+    python -m experiments.studies.lake_table --files='docs/figures/omniglot_lake_levers/eval-*.json' --reference=baseline
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import re
 import numpy as np
 from absl import flags
 
-from experiments import fail, run
+from ..harness import fail, run
 from md_meta.evaluation import seed_interval
 
 NAME = re.compile(r'^eval-(?P<variant>.+?)-(?P<method>[a-z0-9_]+)(?:-seed(?P<seed>\d+))?\.json$')
