@@ -20,21 +20,56 @@ with ``make(config) -> Geometry`` and a line in the registry (``md_meta.methods`
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
 
+Params = Any   # a pytree of task-model parameters (phi, and its gradient)
+State = Any    # a pytree: the inner loop's state (MD: z; MT-net: (params, masks); otherwise phi itself)
+Theta = Any    # a pytree: the method's own meta-parameters (MD: the blockIAF and K; Meta-SGD: step sizes)
+
+
+class UpdateFn(Protocol):
+    def __call__(self, state: State, grad_phi: Params) -> State:
+        """One inner step from grad_phi L(phi; D_trn), phi = params_of(state)."""
+
+
+class ParamsOfFn(Protocol):
+    def __call__(self, state: State) -> Params:
+        """The task model's parameters phi of an inner state."""
+
+
+class StartFn(Protocol):
+    def __call__(self, state0: State, key: jax.Array) -> State:
+        """A task's first inner state from the meta-learned start (a method may draw from ``key``)."""
+
+
+class InitFn(Protocol):
+    def __call__(self, key: jax.Array, params: Params) -> tuple[State, Theta]:
+        """(state0, theta) from the network's initial parameters: both are meta-learned."""
+
+
+class InnerFn(Protocol):
+    def __call__(self, theta: Theta) -> 'InnerLoop':
+        """The inner optimizer with theta bound."""
+
+
+class PenaltyFn(Protocol):
+    def __call__(self, theta: Theta, phi0: Params, apply_support: Callable[[Params], jax.Array],
+                 support_y: jax.Array) -> jax.Array:
+        """An extra meta-loss term (a scalar)."""
+
 
 class InnerLoop(NamedTuple):
-    update: Callable
-    params_of: Callable = lambda state: state
-    start: Callable = lambda state0, key: state0
+    update: UpdateFn
+    params_of: ParamsOfFn = lambda state: state
+    start: StartFn = lambda state0, key: state0
 
 
 class Geometry(NamedTuple):
-    init: Callable
-    inner: Callable
-    penalty: Optional[Callable] = None
+    init: InitFn
+    inner: InnerFn
+    penalty: Optional[PenaltyFn] = None
     layer: Optional[Any] = None
 
 
