@@ -134,7 +134,7 @@ def _pos_int(c, field):
 
 def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: bool = False) -> None:
     """Raises ConfigError naming the first invalid field. ``own_source`` / ``own_model``: the task source
-    or the network are given to ``training.build`` directly, so config.task.name / config.model are not
+    or the network are given to ``experiment.build`` directly, so config.task.name / config.model are not
     checked against md-meta's own."""
     from md_meta import meta, methods, networks  # noqa: the lists of valid values live with their owners
     _require(c.method in methods.names(), 'method', f'unknown method {c.method!r}; choose from {methods.names()}')

@@ -220,9 +220,9 @@ def test_meta_steps_lower_meta_loss(method, net):
 @pytest.mark.parametrize('method', ALL)
 def test_config_switch_builds_every_method(method):
     """--config.method=NAME is the only switch: the trainer's build and init work for every method."""
-    from md_meta import training
-    exp = training.build(tiny_config(method))
-    meta, _ = training.init_state(exp)
+    from md_meta import experiment
+    exp = experiment.build(tiny_config(method))
+    meta, _ = experiment.init_state(exp)
     assert set(meta) == {'init', 'geom', 'net'}
     assert (('warp' in meta['net']) == (exp.learner.geometry.layer is not None))
 
@@ -247,12 +247,12 @@ def test_adding_a_method_is_one_module_and_one_registry_line(tmp_path, monkeypat
         '    return Geometry(init=lambda key, params: (params, {"log_alpha": jnp.log(0.01)}), inner=inner)\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(methods._MODULES, 'signgd', 'throwaway_methods.signgd')
-    from md_meta import training
+    from md_meta import evaluation, experiment, training
     c = tiny_config('signgd', **{'meta.steps': 30, 'meta.lr': 1e-2})
     config_lib.validate(c)
-    exp = training.build(c)
+    exp = experiment.build(c)
     meta, _, hist = training.train(exp, str(tmp_path / 'run'), log=lambda s: None)
     assert float(meta['geom']['log_alpha']) != float(jnp.log(0.01))   # the step size is meta-learned
     assert all(np.isfinite(h['meta_loss']) for h in hist)
-    r = training.evaluate(exp, meta, 'test', num_tasks=20)
+    r = evaluation.evaluate(exp, meta, 'test', num_tasks=20)
     assert np.isfinite(r['metrics']['loss']['mean'])
