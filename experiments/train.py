@@ -18,7 +18,6 @@ results.json carries its provenance (md_meta.workdirs.provenance: version, commi
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -51,15 +50,16 @@ def main(argv):
     exp = experiment.build(config)
     workdir = _WORKDIR.value or default_workdir(config)
     lead = distributed.is_main_process()  # only process 0 writes the workdir and prints
-    # WorkdirBusyError / WorkdirMismatchError: one line, exit 2
-    with workdirs.claim(config, workdir) if lead else contextlib.nullcontext():
+    # WorkdirBusyError / WorkdirMismatchError: one line, exit 2. Held over the evaluation after training too.
+    with training.claim(exp, workdir):
         ckpt = checkpoint_lib.Checkpointer(workdir)
         t0 = time.time()
         if lead:
             print(f'md-meta: {config.method} on {config.task.name} ({config.task.shots}-shot), '
                   f'{config.meta.steps} meta-steps, workdir {workdir}{distributed.describe(exp.mesh)}', flush=True)
+        log = (lambda s: print(s, flush=True)) if lead else (lambda s: None)
         try:
-            meta, _, _ = training.train(exp, workdir, log=(lambda s: print(s, flush=True)) if lead else (lambda s: None))
+            meta, _, _ = training.train(exp, workdir, log=log, claimed=True)
         except training.NonFiniteError as e:
             fail(e, 3)
         except training.Preempted as e:   # SIGTERM / SIGHUP: a checkpoint at the step reached

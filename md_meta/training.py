@@ -85,17 +85,30 @@ def make_host_step(exp: experiment.Experiment):
     return distributed.jit_step(step_fn, exp.mesh, num_args=4, batch_argnum=2)  # plain jit on one device
 
 
-def train(exp: experiment.Experiment, workdir: str | None = None, log: Callable = print, state=None,
-          resume: bool = True, timings: dict | None = None, writers: Sequence = ()):
-    """Runs up to config.meta.steps meta-steps with progress, rate and ETA; returns (meta, opt_state,
-    history). With a workdir (see the module docstring) it holds the workdir's lock, writes config.json
-    (refusing a workdir of another run: md_meta.workdirs.claim), checkpoints, meta-validates, writes
-    metrics and, unless ``state`` is given or ``resume`` is False, resumes from the last good checkpoint.
-    ``timings``, if given, receives the wall time and the harness overhead by kind, in seconds."""
-    owner = workdir and distributed.is_main_process()  # only process 0 writes the workdir
-    with workdirs.claim(exp.config, workdir) if owner else contextlib.nullcontext():
-        if owner and exp.source.split_record is not None:   # the data set of the run's first start, or refused
+@contextlib.contextmanager
+def claim(exp: experiment.Experiment, workdir: str | None):
+    """``with training.claim(exp, workdir): ...``: the workdir held for a run by the process that writes it
+    (process 0; a no-op on the others and without a workdir): its lock and config.json (``workdirs.claim``:
+    a run of another config, or one still training, is refused) and split.json for image tasks
+    (``workdirs.check_data``: the data set of the run's first start, or refused)."""
+    if not (workdir and distributed.is_main_process()):
+        yield
+        return
+    with workdirs.claim(exp.config, workdir):
+        if exp.source.split_record is not None:
             workdirs.check_data(workdir, exp.source.split_record())
+        yield
+
+
+def train(exp: experiment.Experiment, workdir: str | None = None, log: Callable = print, state=None,
+          resume: bool = True, timings: dict | None = None, writers: Sequence = (), claimed: bool = False):
+    """Runs up to config.meta.steps meta-steps with progress, rate and ETA; returns (meta, opt_state,
+    history). With a workdir (see the module docstring) it holds the workdir's ``claim`` for the run,
+    checkpoints, meta-validates, writes metrics and, unless ``state`` is given or ``resume`` is False, resumes
+    from the last good checkpoint. ``claimed``: the caller holds ``claim(exp, workdir)`` already, to keep the
+    workdir over what follows training (experiments.train's evaluation). ``timings``, if given, receives the
+    wall time and the harness overhead by kind, in seconds."""
+    with contextlib.nullcontext() if claimed else claim(exp, workdir):
         return _train(exp, workdir, log, state, resume, timings, writers)
 
 

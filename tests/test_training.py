@@ -1,7 +1,8 @@
-"""The trainer and its workdir (md_meta.training, md_meta.workdirs, md_meta.checkpoint) and the entry points
-around it: resumable training (kill -9 and rerun, bitwise), checkpoints without NaN and with checksums,
-the non-finite counter and stop, evaluation against a hand computation and its confidence interval,
-refusing a workdir of another config or a second process, one-line errors, reports of stale results."""
+"""The trainer and its workdir (md_meta.training, md_meta.workdirs, md_meta.checkpoint), the experiment it
+trains (md_meta.experiment), its evaluation (md_meta.evaluation) and the entry points around it: resumable
+training (kill -9 and rerun, bitwise), checkpoints without NaN and with checksums, the non-finite counter and
+stop, evaluation against a hand computation and its confidence interval, refusing a workdir of another config
+or a second process (one claim per run), one-line errors, reports of stale results."""
 import glob
 import json
 import os
@@ -405,6 +406,32 @@ def test_second_process_in_one_workdir_is_refused_and_evaluate_warns(tmp_path):
     assert workdirs.holder(run_dir) is None   # the OS released the lock of the killed process
     with workdirs.lock(run_dir):
         pass
+
+
+def _locked(workdir):
+    """Whether some open file holds the workdir's lock (another open file in this process counts too)."""
+    import fcntl
+    with open(os.path.join(workdir, workdirs.LOCK_NAME)) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def test_a_run_claims_its_workdir_once_and_the_cli_keeps_it_over_its_evaluation(tmp_path, monkeypatch):
+    claims = []
+    claim = workdirs.claim
+    monkeypatch.setattr(workdirs, 'claim', lambda config, wd: (claims.append(wd), claim(config, wd))[1])
+    wd = str(tmp_path / 'run')
+    exp = experiment.build(tiny_config('maml', **{'meta.steps': 5}))
+    training.train(exp, wd, log=lambda s: None)   # a library user's call: train claims the workdir
+    assert claims == [wd] and not _locked(wd) and os.path.exists(os.path.join(wd, 'config.json'))
+    with training.claim(exp, wd):   # as experiments.train: train, then evaluate, under one claim
+        training.train(exp, wd, log=lambda s: None, claimed=True)
+        assert _locked(wd)
+    assert claims == [wd, wd] and not _locked(wd)
 
 
 def test_report_skips_a_stale_evaluation_and_marks_an_unfinished_run(tmp_path):
