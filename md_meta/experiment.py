@@ -62,9 +62,10 @@ def build_on_one_device(config, source=None, model=None, loss=None) -> Experimen
                            features=config.model.features, init=config.model.init)
     else:
         if geometry.layer is not None:
+            fit = [name for name in methods.names() if methods.module(name).make(config).layer is None]
             raise config_lib.ConfigError(
                 f'config.method: {config.method!r} inserts layers into md-meta\'s networks (config.model); with '
-                'your own model use a method that does not (maml, metasgd, metacurvature, metakfo, ecml, md)')
+                f'your own model use a method that does not ({", ".join(fit)})')
         model = model if isinstance(model, Model) else model_from_module(model)
     if loss is not None:
         source = source._replace(loss=loss)

@@ -247,6 +247,20 @@ def test_each_method_section_of_the_config_is_its_modules():
         c.md.shift_lipschitz = 'big'
 
 
+def test_own_model_refusal_names_the_methods_that_insert_no_layer():
+    import flax.linen as nn
+    from md_meta import experiment
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(x)
+
+    fit = [m for m in ALL if m not in TRANSFORMED]
+    with pytest.raises(config_lib.ConfigError, match=rf"'tnet' inserts layers .* \({', '.join(fit)}\)"):
+        experiment.build(tiny_config('tnet'), model=Net())
+
+
 def test_adding_a_method_is_one_module_and_one_registry_line(tmp_path, monkeypatch):
     """WORKSPACE.md's "How to add a method", followed literally for a throwaway method (sign descent with a
     meta-learned step size): a module with make(config) -> Geometry, its config section and its checks, and a
