@@ -15,7 +15,7 @@ For every method in ``md_meta.methods.names()`` (or ``--methods``) and every sha
   (r) ResNet-12 on (b)'s shapes (not in the default --shapes: ~12M parameters);
   (s) the main job's step: sinusoid, 1-40-40-1 MLP, 25 tasks, K=1 (experiments/configs/sinusoid.py; not in
       the default --shapes);
-it builds the experiment with ``md_meta.training.build`` (a ``base_config()`` config) and times
+it builds the experiment with ``md_meta.experiment.build`` (a ``base_config()`` config) and times
 ``md_meta.training.make_host_step`` -- the jitted meta-step the trainer runs -- on random episodes of
 the right shapes (no dataset needed). Reported: compile time (tracing + lowering + XLA, each printed and in
 ``compile_phases_s``), the kernel count (``count_kernels``), median / min seconds per meta-step after
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from md_meta import config as config_lib
-from md_meta import methods, tasks, training
+from md_meta import experiment, methods, tasks, training
 from md_meta.meta import task_batching_for, task_gradients_for
 from md_meta.tasks import Task
 
@@ -115,11 +115,11 @@ def synthetic_source(config) -> tasks.TaskSource:
 
 
 def build(config):
-    """``training.build`` with random episodes of the config's shapes as the task source (sinusoid: its own
+    """``experiment.build`` with random episodes of the config's shapes as the task source (sinusoid: its own
     tasks, drawn on the device)."""
     if config.task.name == 'sinusoid':
-        return training.build(config)
-    return training.build(config, source=synthetic_source(config))
+        return experiment.build(config)
+    return experiment.build(config, source=synthetic_source(config))
 
 
 def count_kernels(compiled) -> int:
@@ -157,7 +157,7 @@ def measure(config, repeats: int, count_flops: bool = True, profile_peak_gflops:
     """Compile and time the trainer's meta-step for ``config``; with ``profile_peak_gflops`` > 0 also its
     time per op class (``experiments.studies.profile_step.profile``)."""
     exp = build(config)
-    meta, opt_state = training.init_state(exp)
+    meta, opt_state = experiment.init_state(exp)
     batch = jax.tree_util.tree_map(jnp.asarray, exp.source.sample(0, config.meta.batch_size, 'train',
                                                                   config.task.query))
     step_fn = training.make_host_step(exp)

@@ -61,9 +61,9 @@ def count_params(tree) -> int:
 def time_meta_step(exp, n: int) -> float:
     """Median seconds of one jitted meta-step (after compilation) on one fixed batch."""
     import jax
-    from md_meta import training
+    from md_meta import experiment
     from md_meta.meta import make_meta_step
-    meta, opt_state = training.init_state(exp)
+    meta, opt_state = experiment.init_state(exp)
     step = make_meta_step(exp.learner, exp.optimizer)
     batch = exp.source.sample(0, exp.config.meta.batch_size, 'train', exp.config.task.query)
     key = jax.random.PRNGKey(0)
@@ -132,7 +132,7 @@ def main(argv):
     from .harness import prepare_process
     prepare_process()  # before any JAX computation
     from md_meta import methods as methods_lib
-    from md_meta import training, workdirs
+    from md_meta import evaluation, experiment, training, workdirs
     from md_meta.config import ConfigError
     base = _CONFIG.value
     names = _METHODS.value or list(methods_lib.names())
@@ -153,14 +153,14 @@ def main(argv):
         for ts, eval_shots in runs:
             for m in names:
                 cfg = run_config(base, m, ts, _STEPS.value, _NUM_TASKS.value, query_equals_shots=train_shots <= 0)
-                exp = training.build(cfg)
+                exp = experiment.build(cfg)
                 sub = os.path.join(workdir, f'{m}-{ts}shot')
                 workdirs.prepare(cfg, sub)
                 t0 = time.time()
                 meta, _, _ = training.train(exp, sub, log=log)
                 train_s = time.time() - t0
                 for s in eval_shots:
-                    result = training.evaluate(exp, meta, 'test', num_tasks=_NUM_TASKS.value, shots=s)
+                    result = evaluation.evaluate(exp, meta, 'test', num_tasks=_NUM_TASKS.value, shots=s)
                     mse = result['metrics']['loss']
                     row = {'method': m, 'shots': s, 'train_shots': ts, 'mse': mse['mean'], 'mse_ci': mse['ci'],
                            'num_tasks': mse['n'], 'published': PUBLISHED.get(m, {}).get(s),
@@ -171,8 +171,8 @@ def main(argv):
         if _TIMING_STEPS.value > 0:
             ts = 10 if 10 in shots else shots[0]
             for m in names:
-                exp = training.build(run_config(base, m, ts, _STEPS.value, _NUM_TASKS.value))
-                meta, _ = training.init_state(exp)
+                exp = experiment.build(run_config(base, m, ts, _STEPS.value, _NUM_TASKS.value))
+                meta, _ = experiment.init_state(exp)
                 c = {'method': m, 'shots': ts, 'batch_size': exp.config.meta.batch_size, 'params': count_params(meta),
                      'step_s': time_meta_step(exp, _TIMING_STEPS.value)}
                 cost.append(c)

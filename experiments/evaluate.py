@@ -31,11 +31,11 @@ def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', b
     (md_meta.workdirs.provenance first: step, planned steps, which parameters, checkpoint fingerprint).
     Warns when training is still running there or the run is unfinished. OSError when the workdir is
     not writable (``on_result`` has the record by then). ``overrides``: the inner loop at test
-    (md_meta.training.load_run), recorded in the result."""
+    (md_meta.evaluation.load_run), recorded in the result."""
     from md_meta import checkpoint as checkpoint_lib
-    from md_meta import training, workdirs
+    from md_meta import evaluation, workdirs
     pid = workdirs.holder(workdir)
-    exp, meta, step = training.load_run(workdir, which, warn=log, overrides=overrides)
+    exp, meta, step = evaluation.load_run(workdir, which, warn=log, overrides=overrides)
     cfg = exp.config
     if pid is not None:
         log(f'warning: training is still running in {workdir} (pid {pid}); evaluating its {which} checkpoint '
@@ -48,7 +48,7 @@ def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', b
     if batch_size:
         cfg.eval.batch_size = batch_size
     t0 = time.time()
-    result = training.evaluate(exp, meta, 'test', num_tasks=num_tasks, seed_offset=seed_offset)
+    result = evaluation.evaluate(exp, meta, 'test', num_tasks=num_tasks, seed_offset=seed_offset)
     fp = (ckpt.record(step) or {}).get('fingerprint')
     record = {**workdirs.provenance(cfg, step, which, fp, trained_to=reached), 'checkpoint': which,
               'shots': cfg.task.shots,

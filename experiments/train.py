@@ -18,7 +18,6 @@ results.json carries its provenance (md_meta.workdirs.provenance: version, commi
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -45,21 +44,22 @@ def main(argv):
     prepare_process()  # before any JAX computation
     config = _CONFIG.value
     from md_meta import checkpoint as checkpoint_lib
-    from md_meta import distributed, training, workdirs
+    from md_meta import distributed, evaluation, experiment, results, training, workdirs
     distributed.initialize_from_config(config)  # multi-process runs only (config.dist)
     # ConfigError (also for a global batch the devices cannot split) / DataError: one line, exit 2 (experiments.harness.run)
-    exp = training.build(config)
+    exp = experiment.build(config)
     workdir = _WORKDIR.value or default_workdir(config)
     lead = distributed.is_main_process()  # only process 0 writes the workdir and prints
-    # WorkdirBusyError / WorkdirMismatchError: one line, exit 2
-    with workdirs.claim(config, workdir) if lead else contextlib.nullcontext():
+    # WorkdirBusyError / WorkdirMismatchError: one line, exit 2. Held over the evaluation after training too.
+    with training.claim(exp, workdir):
         ckpt = checkpoint_lib.Checkpointer(workdir)
         t0 = time.time()
         if lead:
             print(f'md-meta: {config.method} on {config.task.name} ({config.task.shots}-shot), '
                   f'{config.meta.steps} meta-steps, workdir {workdir}{distributed.describe(exp.mesh)}', flush=True)
+        log = (lambda s: print(s, flush=True)) if lead else (lambda s: None)
         try:
-            meta, _, _ = training.train(exp, workdir, log=(lambda s: print(s, flush=True)) if lead else (lambda s: None))
+            meta, _, _ = training.train(exp, workdir, log=log, claimed=True)
         except training.NonFiniteError as e:
             fail(e, 3)
         except training.Preempted as e:   # SIGTERM / SIGHUP: a checkpoint at the step reached
@@ -70,7 +70,7 @@ def main(argv):
                  + (f'the checkpoint at step {steps[-1]}' if steps else 'step 0 (no checkpoint was written yet)'),
                  EXIT_INTERRUPTED)
         train_s = time.time() - t0
-        rows = [{'method': config.method, **training.evaluate(exp, meta, 'test', shots=shots)}
+        rows = [{'method': config.method, **evaluation.evaluate(exp, meta, 'test', shots=shots)}
                 for shots in (tuple(config.eval.shots) or (config.task.shots,))]
         getattr(exp.source.sample, 'close', lambda: None)()  # stops a host sampler's prefetch thread
         if not lead:
@@ -79,7 +79,7 @@ def main(argv):
         result = {**workdirs.provenance(config, config.meta.steps, 'final', final.get('fingerprint')),
                   'results': rows, 'train_seconds': train_s, 'total_seconds': time.time() - t0}
         workdirs.write_atomic(os.path.join(workdir, 'results.json'), workdirs.strict_json(result))
-        table = training.result_table(rows)
+        table = results.result_table(rows)
         workdirs.write_atomic(os.path.join(workdir, 'results.md'), table + '\n')
     print(table)
     print(f'train {train_s:.1f} s, total {time.time() - t0:.1f} s; results in {workdir}')

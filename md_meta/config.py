@@ -20,6 +20,9 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every field with its default. A method's own section (config.md, config.ecml, ...) is its module's
+    ``config_section()`` (md_meta.methods)."""
+    from md_meta import methods  # noqa: imported here, as in validate: the method modules import this one
     c = ml_collections.ConfigDict()
     c.method = 'md'
     c.seed = 0
@@ -67,33 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.meta.lr_decay_every = 0  # sgd_nesterov: x0.1 every N steps (0: never)
     c.meta.weight_decay = 0.0
 
-    c.md = ml_collections.ConfigDict()
-    c.md.scale = 'bounded'
-    c.md.s_min = 0.1
-    c.md.s_max = 2.0
-    c.md.monotone = True       # Theorem 1 by construction (docs/monotonicity.md); False: the paper's/reference's form
-    c.md.shift_lipschitz = ml_collections.FieldReference(None, field_type=float)
-    c.md.encoder_layers = 3
-    c.md.head_init = 'zero'    # decoder heads: 'zero' (paper/authors: kernels' factors never learn) | 'learnable'
-    c.md.group_cost_max = 1.5  # how g is computed, not what: higher, fewer kernels for more FLOPs (docs/benchmarks.md)
-    c.md.activation = 'relu'   # of the map's encoders / link / decoders: 'relu' (authors) | 'elu' (no dead codes)
-    c.md.kronecker = 'dual_step'  # mixing each tensor's entries: 'dual_step' | 'none' (the map alone, the paper's)
-    #                             | 'sandwich' | 'kfo_step' (docs/methods.md)
-    c.md.kronecker_eps = 0.01  # 'sandwich': each factor is L L^T + eps I
-    c.md.start = 'dual'        # meta-learned start: 'dual' (z_0, the paper) | 'primal' (phi_0; z_0 = g^-1(phi_0))
-
-    c.mtnet = ml_collections.ConfigDict()  # md_meta.methods.mtnet
-    c.mtnet.init_logit = 0.0       # mask logits at start (0: each unit adapts w.p. 1/2; >= 50: all on)
-    c.mtnet.temperature = 1.0      # Gumbel-softmax temperature
-
-    c.anil = ml_collections.ConfigDict()  # md_meta.methods.anil
-    c.anil.head = 'auto'           # the top-level parameter entry adapted: 'auto' = the last layer (layer_N)
-
-    c.ecml = ml_collections.ConfigDict()  # md_meta.methods.ecml
-    c.ecml.penalty_weight = 0.01   # lambda: weight of the conditioning penalty in the meta-loss
-    c.ecml.layers = 'last'         # parameters whose Gauss-Newton curvature is conditioned: 'last' | 'all'
-    c.ecml.preconditioner = 'none'  # 'none' (no extra meta-parameters, as in ECML) | 'metasgd' (learned diagonal)
-    c.ecml.eps = 1e-6              # eigenvalue floor, relative to the largest eigenvalue
+    for name, section in methods.config_sections().items():   # each method's knobs, from its module
+        c[name] = section
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_tasks = 600
@@ -134,7 +112,7 @@ def _pos_int(c, field):
 
 def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: bool = False) -> None:
     """Raises ConfigError naming the first invalid field. ``own_source`` / ``own_model``: the task source
-    or the network are given to ``training.build`` directly, so config.task.name / config.model are not
+    or the network are given to ``experiment.build`` directly, so config.task.name / config.model are not
     checked against md-meta's own."""
     from md_meta import meta, methods, networks  # noqa: the lists of valid values live with their owners
     _require(c.method in methods.names(), 'method', f'unknown method {c.method!r}; choose from {methods.names()}')

@@ -22,7 +22,7 @@ process then contributes its own share of every batch:
   materialises its own tasks and the batch is identical to the one-device batch.
 
 Only process 0 writes logs, metrics and checkpoints (``is_main_process``). ``make_mesh`` validates the
-config's device request and builds the mesh once (``training.build`` keeps it in ``Experiment.mesh``);
+config's device request and builds the mesh once (``experiment.build`` keeps it in ``Experiment.mesh``);
 every helper below takes that mesh, None meaning a single device, where every function here is the
 identity and the trainer runs exactly the code it ran before.
 """

@@ -1,7 +1,7 @@
 """Results files of runs (results.json of experiments.train, evaluation.json of experiments.evaluate), read
 without re-running anything already measured, and checked against the run's current state: a result
 whose checkpoint fingerprint (md_meta.workdirs.provenance) is no longer the run's best/last/final one is
-stale."""
+stale. ``result_table``: the Markdown table of result records (results.md)."""
 from __future__ import annotations
 
 import json
@@ -104,10 +104,17 @@ def curves_for(workdir: str, num_tasks: int, which: str = 'best', recompute: boo
     stored = None if recompute else stored_curves(workdir, num_tasks, which)
     if stored is not None:
         return stored
-    from md_meta import training
-    exp, meta, step = training.load_run(workdir, which, warn=lambda s: print(s, file=sys.stderr))
-    r = training.evaluate(exp, meta, 'test', num_tasks=num_tasks)
+    from md_meta import evaluation
+    exp, meta, step = evaluation.load_run(workdir, which, warn=lambda s: print(s, file=sys.stderr))
+    r = evaluation.evaluate(exp, meta, 'test', num_tasks=num_tasks)
     return {'method': exp.config.method, 'workdir': workdir, 'step': step, 'num_tasks': r['num_tasks'],
             'loss': r['curves']['loss'], 'grad_norm': r['curves']['grad_norm'], 'source': 'computed'}
 
 
+def result_table(rows: list) -> str:
+    """Markdown table: method, shots, metric mean +- 95% CI."""
+    lines = ['| method | shots | metric | mean +- 95% CI | tasks |', '| --- | --- | --- | --- | --- |']
+    for r in rows:
+        for name, s in r['metrics'].items():
+            lines.append(f"| {r['method']} | {r['shots']} | {name} | {s['mean']:.4f} +- {s['ci']:.4f} | {s['n']} |")
+    return '\n'.join(lines)

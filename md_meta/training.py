@@ -1,8 +1,8 @@
-"""Building an experiment from a config, the training loop and the final evaluation.
+"""The training loop: meta-steps of an ``Experiment`` (md_meta.experiment) with progress, metrics,
+meta-validation and checkpoints.
 
-Data flow: config -> (TaskSource, Geometry, Model) -> MetaLearner -> jitted meta-step -> metrics,
-results. On-device task samplers run ``train.steps_per_call`` meta-steps in one jitted ``lax.scan``
-(sampling included); host samplers feed one jitted meta-step at a time.
+On-device task samplers run ``train.steps_per_call`` meta-steps in one jitted ``lax.scan`` (sampling
+included); host samplers feed one jitted meta-step at a time.
 
 With a workdir, ``train`` is resumable: the workdir holds the resolved config (config.json, checked by
 ``workdirs.prepare``: a run of another config is refused), split.json for image tasks (the data's split and
@@ -19,36 +19,18 @@ of the chunk it arrives in, with a checkpoint there (``Preempted``).
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
-import os
 import signal
-import sys
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import Mesh
 
 from md_meta import checkpoint as checkpoint_lib
-from md_meta import config as config_lib
-from md_meta import distributed
-from md_meta import evaluation, methods, metric_writers, tasks, workdirs
-from md_meta.inner import InnerConfig
-from md_meta.meta import MetaLearner, init_meta_params, init_optimizer_state, make_evaluate, meta_update
-from md_meta.networks import Model, make_model, model_from_module
-
-
-class Experiment(NamedTuple):
-    config: Any
-    learner: MetaLearner
-    optimizer: optax.GradientTransformation
-    source: tasks.TaskSource
-    mesh: Optional[Mesh] = None   # the task mesh (md_meta.distributed); None: one device
+from md_meta import distributed, evaluation, experiment, metric_writers, tasks, workdirs
+from md_meta.meta import make_evaluate, meta_update
 
 
 class NonFiniteError(RuntimeError):
@@ -65,69 +47,11 @@ class Preempted(KeyboardInterrupt):
         self.step, self.signum, self.status = step, signum, 128 + signum
 
 
-def make_optimizer(meta_cfg) -> optax.GradientTransformation:
-    """Adam(lr), or SGD with Nesterov momentum 0.9, weight decay and x0.1 step decay (the reference's). It
-    updates the meta-parameters raveled into one vector (``meta.meta_update``): its state holds one vector
-    per moment."""
-    if meta_cfg.optimizer == 'adam':
-        return optax.adam(meta_cfg.lr)
-    lr = meta_cfg.lr
-    if meta_cfg.lr_decay_every:
-        lr = optax.exponential_decay(meta_cfg.lr, meta_cfg.lr_decay_every, 0.1, staircase=True)
-    return optax.chain(optax.add_decayed_weights(meta_cfg.weight_decay), optax.sgd(lr, momentum=0.9, nesterov=True))
-
-
-def build(config, source: tasks.TaskSource | None = None, model=None, loss=None) -> Experiment:
-    """Validates the config (one-line ConfigError naming the field) and builds the experiment.
-
-    Bring your own: ``source`` a ``tasks.TaskSource`` instead of config.task; ``model`` a Flax module
-    (or ``networks.Model``) mapping a batch of one task's inputs to outputs, instead of config.model;
-    ``loss`` 'mse', 'xent' or a callable (outputs, targets) -> scalar instead of the source's. Methods that
-    insert layers into md-meta's own networks (tnet, mtnet, warpgrad) need config.model. The device
-    request (config.dist) and the global batch are checked against this machine's devices and the task
-    mesh is built here, once (``Experiment.mesh``)."""
-    exp = _build(config, source, model, loss)
-    return exp._replace(mesh=distributed.make_mesh(config))
-
-
-def _build(config, source, model, loss) -> Experiment:
-    """``build`` without a mesh (one device)."""
-    config_lib.validate(config, own_source=source is not None, own_model=model is not None)
-    source = source if source is not None else tasks.make_source(config)
-    geometry = methods.make_geometry(config)
-    if model is None:
-        model = make_model(config.model.name, layer=geometry.layer, conv_impl=config.model.conv_impl,
-                           hidden=tuple(config.model.hidden), out=source.out_dim, num_classes=config.task.ways,
-                           features=config.model.features, init=config.model.init)
-    else:
-        if geometry.layer is not None:
-            raise config_lib.ConfigError(
-                f'config.method: {config.method!r} inserts layers into md-meta\'s networks (config.model); with '
-                'your own model use a method that does not (maml, metasgd, metacurvature, metakfo, ecml, md)')
-        model = model if isinstance(model, Model) else model_from_module(model)
-    if loss is not None:
-        source = source._replace(loss=loss)
-    inner = InnerConfig(config.inner.steps, config.inner.first_order, config.inner.unroll, config.inner.remat)
-    eval_steps = config.inner.eval_steps if config.inner.eval_steps > 0 else config.inner.steps
-    eval_inner = InnerConfig(eval_steps, True, config.inner.unroll, False)
-    learner = MetaLearner(geometry, model, source.loss, inner, eval_inner, config.meta.task_batching,
-                          config.meta.compute_dtype, config.meta.task_gradients, config.meta.task_chunk,
-                          config.model.norm_stats)
-    return Experiment(config, learner, make_optimizer(config.meta), source)
-
-
-def init_state(exp: Experiment):
-    """(meta, opt_state) from config.seed."""
-    key = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed), 1000)
-    meta = init_meta_params(exp.learner, key, jnp.asarray(exp.source.example_x))
-    return meta, jax.jit(functools.partial(init_optimizer_state, exp.optimizer))(meta)
-
-
 def _step_key(config, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2000), step)
 
 
-def make_train_chunk(exp: Experiment, num_steps: int):
+def make_train_chunk(exp: experiment.Experiment, num_steps: int):
     """jit: (meta, opt_state, step0) -> (meta, opt_state, metrics stacked over ``num_steps`` meta-steps),
     sampling each step's tasks on device from fold_in(train key, step)."""
     cfg, learner, source = exp.config, exp.learner, exp.source
@@ -149,7 +73,7 @@ def make_train_chunk(exp: Experiment, num_steps: int):
     return distributed.jit_step(chunk, exp.mesh, num_args=3)  # jax.jit(chunk, donate_argnums=(0, 1)) on one device
 
 
-def make_host_step(exp: Experiment):
+def make_host_step(exp: experiment.Experiment):
     """jit: (meta, opt_state, batch, step) -> one meta-step on a host-sampled batch (metrics with a
     leading axis of length 1, like a chunk)."""
     cfg = exp.config
@@ -161,91 +85,35 @@ def make_host_step(exp: Experiment):
     return distributed.jit_step(step_fn, exp.mesh, num_args=4, batch_argnum=2)  # plain jit on one device
 
 
-def evaluate(exp: Experiment, meta, split: str = 'test', num_tasks: int | None = None,
-             query: int | None = None, seed_offset: int = 0, eval_fn: Callable | None = None,
-             shots: int | None = None) -> dict:
-    """Adapts to ``num_tasks`` new tasks of ``split``; returns summaries (mean, 95% CI) of the query
-    metrics and the mean inner-loop curves (support loss and gradient norm at k = 0..K). The tasks are a
-    fixed set for a given (seed, split, seed_offset); pass ``eval_fn = make_evaluate(exp.learner)`` to
-    reuse one compiled evaluator across calls. ``shots`` adapts on that many support examples (per
-    class) instead of config.task.shots, e.g. to evaluate a 10-shot meta-training run at 5 and 20 shots."""
-    cfg = exp.config
-    source = exp.source
-    if shots is not None and shots != cfg.task.shots:
-        other = cfg.copy_and_resolve_references()
-        other.task.shots = shots
-        source = tasks.make_source(other)
-    n = num_tasks or cfg.eval.num_tasks
-    q = query or (cfg.eval.query if cfg.eval.query > 0 else cfg.task.query)
-    bs = min(cfg.eval.batch_size, n)
-    eval_fn = eval_fn or make_evaluate(exp.learner)
-    per_task, curves = {}, {}
-    try:
-        for i in range(-(-n // bs)):
-            batch = source.sample(10_000_000 * (1 + seed_offset) + i, bs, split, q)
-            metrics, c = eval_fn(meta, batch, jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 7), i))
-            for name, v in metrics.items():
-                per_task.setdefault(name, []).append(np.asarray(v))
-            for name, v in c.items():
-                curves.setdefault(name, []).append(np.asarray(v))
-    finally:
-        if source is not exp.source:  # a source built here for other shots: stop its prefetch thread
-            getattr(source.sample, 'close', lambda: None)()
-    per_task = {k: np.concatenate(v)[:n] for k, v in per_task.items()}
-    curves = {k: np.concatenate(v)[:n].mean(0).tolist() for k, v in curves.items()}
-    return {'split': split, 'num_tasks': n, 'shots': shots or cfg.task.shots,
-            'metrics': evaluation.summarize(per_task), 'curves': curves}
-
-
-# ----------------------------------------------------------------------------- a run from its workdir
-EVAL_OVERRIDES = ('inner.eval_steps', 'inner.step_size', 'model.norm_stats')
-
-
-def load_run(workdir: str, which: str = 'best', warn: Callable = None, overrides: dict | None = None):
-    """(exp, meta, step) from a workdir's config.json and its best (or 'last') good checkpoint. The
-    experiment is for evaluation, on one device (``exp.mesh`` None): the devices the run was trained on
-    need not fit this machine. ``overrides``: {field: value} of EVAL_OVERRIDES, the inner loop at test (K,
-    alpha) or batch norm's statistics for the query changed without retraining."""
-    if which not in ('best', 'last'):
-        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    config = workdirs.load_config(workdir)
-    for field, value in (overrides or {}).items():
-        if field not in EVAL_OVERRIDES:
-            raise ValueError(f'{field}: not a field evaluation may override (only {EVAL_OVERRIDES})')
-        if field == 'inner.step_size' and methods.learns_step_sizes(config):
-            raise config_lib.ConfigError(f'inner.step_size: {config.method} learns its inner step sizes; alpha at '
-                                         'test cannot change them (it only initialised them)')
-        group, name = field.split('.')
-        config[group][name] = value
-    exp = _build(config, None, None, None)
-    if exp.source.split_record is not None:   # the data the run was trained on (recorded at its first run)
-        workdirs.check_data(workdir, exp.source.split_record(), write=False)
-    template = init_state(exp)
-    found = checkpoint_lib.Checkpointer(workdir, warn=warn).restore_latest(
-        {'meta': template[0], 'opt_state': template[1]}, which=which)
-    if found is None:
-        raise FileNotFoundError(f'no readable checkpoint in {os.path.join(workdir, "checkpoints")}')
-    step, state, _ = found
-    return exp, state['meta'], step
-
-
-# ----------------------------------------------------------------------------- training loop
-def train(exp: Experiment, workdir: str | None = None, log: Callable = print, state=None, resume: bool = True,
-          timings: dict | None = None, writers: Sequence = ()):
-    """Runs up to config.meta.steps meta-steps with progress, rate and ETA; returns (meta, opt_state,
-    history). With a workdir (see the module docstring) it holds the workdir's lock, writes config.json
-    (refusing a workdir of another run: md_meta.workdirs.claim), checkpoints, meta-validates, writes
-    metrics and, unless ``state`` is given or ``resume`` is False, resumes from the last good checkpoint.
-    ``timings``, if given, receives the wall time and the harness overhead by kind, in seconds."""
-    owner = workdir and distributed.is_main_process()  # only process 0 writes the workdir
-    with workdirs.claim(exp.config, workdir) if owner else contextlib.nullcontext():
-        if owner and exp.source.split_record is not None:   # the data set of the run's first start, or refused
+@contextlib.contextmanager
+def claim(exp: experiment.Experiment, workdir: str | None):
+    """``with training.claim(exp, workdir): ...``: the workdir held for a run by the process that writes it
+    (process 0; a no-op on the others and without a workdir): its lock and config.json (``workdirs.claim``:
+    a run of another config, or one still training, is refused) and split.json for image tasks
+    (``workdirs.check_data``: the data set of the run's first start, or refused)."""
+    if not (workdir and distributed.is_main_process()):
+        yield
+        return
+    with workdirs.claim(exp.config, workdir):
+        if exp.source.split_record is not None:
             workdirs.check_data(workdir, exp.source.split_record())
+        yield
+
+
+def train(exp: experiment.Experiment, workdir: str | None = None, log: Callable = print, state=None,
+          resume: bool = True, timings: dict | None = None, writers: Sequence = (), claimed: bool = False):
+    """Runs up to config.meta.steps meta-steps with progress, rate and ETA; returns (meta, opt_state,
+    history). With a workdir (see the module docstring) it holds the workdir's ``claim`` for the run,
+    checkpoints, meta-validates, writes metrics and, unless ``state`` is given or ``resume`` is False, resumes
+    from the last good checkpoint. ``claimed``: the caller holds ``claim(exp, workdir)`` already, to keep the
+    workdir over what follows training (experiments.train's evaluation). ``timings``, if given, receives the
+    wall time and the harness overhead by kind, in seconds."""
+    with contextlib.nullcontext() if claimed else claim(exp, workdir):
         return _train(exp, workdir, log, state, resume, timings, writers)
 
 
-def _train(exp: Experiment, workdir: str | None, log: Callable, state, resume: bool, timings: dict | None,
-           extra_writers: Sequence = ()):
+def _train(exp: experiment.Experiment, workdir: str | None, log: Callable, state, resume: bool,
+           timings: dict | None, extra_writers: Sequence = ()):
     """The loop: a chunk of meta-steps (the pure step), its per-step bookkeeping (non-finite count,
     metrics), then the periodic actions due at the chunk's end (validate, checkpoint, report progress)."""
     cfg, total = exp.config, exp.config.meta.steps
@@ -311,12 +179,12 @@ def chunk_end(cfg, step: int, total: int, fused: bool) -> int:
     return min(ends)
 
 
-def _initial_state(exp: Experiment, ckpt, state, resume: bool, log: Callable):
+def _initial_state(exp: experiment.Experiment, ckpt, state, resume: bool, log: Callable):
     """(step, (meta, opt_state), checkpoint record): ``state``, the last good checkpoint, or init_state."""
     if state is not None:
         meta, opt_state = state
         return 0, (meta, opt_state), {}
-    meta, opt_state = init_state(exp)
+    meta, opt_state = experiment.init_state(exp)
     if ckpt is None or not resume:
         return 0, (meta, opt_state), {}
     had = ckpt.steps()
@@ -370,7 +238,7 @@ class _Preemption:
 class _StepRunner:
     """Runs the meta-steps [step, end): a fused chunk (compiled once per length) or one host-sampled step."""
 
-    def __init__(self, exp: Experiment):
+    def __init__(self, exp: experiment.Experiment):
         self.exp = exp
         self.fused = exp.source.device_sample is not None
         self.chunks = {}
@@ -478,7 +346,7 @@ class _MetricLog:
 class _Validation:
     """Meta-validation on the fixed set of train.val_tasks 'val' tasks, written to the metrics."""
 
-    def __init__(self, exp: Experiment, writers: _Writers, enabled: bool):
+    def __init__(self, exp: experiment.Experiment, writers: _Writers, enabled: bool):
         self.exp, self.writers = exp, writers
         self.every = exp.config.train.eval_every if enabled else 0
         self.eval_fn = make_evaluate(exp.learner) if self.every else None   # compiled once
@@ -490,8 +358,8 @@ class _Validation:
 
     def __call__(self, step: int, meta) -> None:
         """Validates ``meta`` and writes the means and CIs as val/* at ``step``."""
-        r = evaluate(self.exp, distributed.to_local(meta), 'val', num_tasks=self.exp.config.train.val_tasks,
-                     eval_fn=self.eval_fn)
+        r = evaluation.evaluate(self.exp, distributed.to_local(meta), 'val',
+                                num_tasks=self.exp.config.train.val_tasks, eval_fn=self.eval_fn)
         self.last = {k: v['mean'] for k, v in r['metrics'].items()}
         self.writers.write({'step': step, **{f'val/{k}': v for k, v in self.last.items()},
                             **{f'val/{k}_ci': v['ci'] for k, v in r['metrics'].items()}})
@@ -560,11 +428,3 @@ class _Progress:
                  f'compilation {self.compile_t:.1f} s); harness overhead {over:.2f} s = {100 * over / wall:.1f}% ('
                  + ', '.join(f'{k} {v:.2f} s' for k, v in overhead.items()) + ')')
 
-
-def result_table(rows: list) -> str:
-    """Markdown table: method, shots, metric mean +- 95% CI."""
-    lines = ['| method | shots | metric | mean +- 95% CI | tasks |', '| --- | --- | --- | --- | --- |']
-    for r in rows:
-        for name, s in r['metrics'].items():
-            lines.append(f"| {r['method']} | {r['shots']} | {name} | {s['mean']:.4f} +- {s['ci']:.4f} | {s['n']} |")
-    return '\n'.join(lines)

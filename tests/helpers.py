@@ -63,10 +63,10 @@ def tree_vdot(a, b):
 
 
 def nan_build(config, at, count):
-    """``training.build(config)`` whose task source serves NaN query inputs to the meta-steps
+    """``experiment.build(config)`` whose task source serves NaN query inputs to the meta-steps
     [at, at + count) (0-based), so that those meta-updates are non-finite; sampled on the host, one
     meta-step per call (``nan_build(c, 0, 0)`` is the same run without NaN)."""
-    from md_meta import tasks, training
+    from md_meta import experiment, tasks
     source = tasks.make_source(config)
 
     def sample(step, num_tasks, split, query):
@@ -74,7 +74,7 @@ def nan_build(config, at, count):
         if split == 'train' and at <= step < at + count:
             batch = batch._replace(query_x=jnp.full_like(batch.query_x, jnp.nan))
         return batch
-    return training.build(config, source=source._replace(sample=sample, device_sample=None))
+    return experiment.build(config, source=source._replace(sample=sample, device_sample=None))
 
 
 # Small CNN4 learners and episodes for the equivalence tests (tests/test_networks.py, tests/test_meta.py).

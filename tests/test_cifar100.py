@@ -81,7 +81,7 @@ def test_config_trains_a_few_meta_steps(name, tmp_path):
     """The config file as shipped (5-way 1-shot CNN4 at 32x32), shrunk to a tiny network and 2 meta-steps on the
     small archive: build, train, evaluate; the argument picks shots and ResNet-12."""
     import importlib
-    from md_meta import training
+    from md_meta import evaluation, experiment, training
     mod = importlib.import_module(f'experiments.configs.{name}')
     assert (mod.get_config('5').task.shots, mod.get_config('1,resnet12').model.name) == (5, 'resnet12')
     with pytest.raises(ValueError, match='SHOTS,MODEL'):
@@ -97,13 +97,13 @@ def test_config_trains_a_few_meta_steps(name, tmp_path):
     c.eval.num_tasks, c.eval.batch_size = 4, 2
     c.train.eval_every, c.train.checkpoint_every, c.train.log_every, c.train.tensorboard = 0, 0, 1, False
     validate(c)
-    exp = training.build(c)
+    exp = experiment.build(c)
     assert exp.source.example_x.shape == (5, 32, 32, 3)
     meta, _, hist = training.train(exp, str(tmp_path / 'run'), log=lambda s: None)
     assert len(hist) == 2 and all(np.isfinite(h['meta_loss']) for h in hist)
-    r = training.evaluate(exp, meta, 'test')
+    r = evaluation.evaluate(exp, meta, 'test')
     assert 0.0 <= r['metrics']['accuracy']['mean'] <= 1.0
     getattr(exp.source.sample, 'close', lambda: None)()
     c.task.data_dir = str(tmp_path / 'missing')
     with pytest.raises(ConfigError, match='missing'):
-        training.build(c)
+        experiment.build(c)

@@ -514,14 +514,14 @@ def test_miniimagenet_errors(tmp_path):
 
 
 def test_split_too_small_stops_build_before_training(tmp_path):
-    from md_meta import training
+    from md_meta import experiment
     root = make_mini(str(tmp_path / 'p'), 'pickle')
     cfg = image_config('miniimagenet', root, ways=5, shots=1, query=15)
     with pytest.raises(DataError, match=r"cache-train.pkl: class .* has 4 images, fewer than the 16 needed"):
-        training.build(cfg)
+        experiment.build(cfg)
     cfg = image_config('miniimagenet', str(tmp_path / 'missing'))
     with pytest.raises(DataError, match='missing: no such directory'):
-        training.build(cfg)
+        experiment.build(cfg)
 
 
 def test_tfds_builder_without_tensorflow(tmp_path):
@@ -675,13 +675,13 @@ def test_lake_layout_errors(shared_pools, tmp_path):
 def test_omniglot_meta_training_then_lake_runs(shared_pools, tmp_path):
     """A 20-way 1-shot source on the shared data through the trainer (2 meta-steps), then the Omniglot
     one-shot evaluator with the adapted tiny network on runs built from held-out characters."""
-    from md_meta import training
+    from md_meta import experiment, training
     from md_meta.tasks import images
     cfg = image_config('omniglot', OMNIGLOT_DIR, ways=20, shots=1, query=1, features=4)
     images_load = images.load_pools
     images.load_pools = lambda c: shared_pools
     try:
-        exp = training.build(cfg)
+        exp = experiment.build(cfg)
     finally:
         images.load_pools = images_load
     assert exp.source.example_x.shape == (20, 28, 28, 1)

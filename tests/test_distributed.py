@@ -74,13 +74,13 @@ def _free_port():
 def _devices_main(out_path):
     """4 forced devices: the same N meta-steps on 1 device (dist.devices=1) and sharded over 4."""
     import jax
-    from md_meta import distributed, training
+    from md_meta import distributed, experiment, training
     assert jax.device_count() == 4, jax.devices()
     result = {}
     for method, host in (('maml', False), ('maml', True), ('md', False)):
         params = {}
         for n in (1, 4):
-            exp = training.build(_config(method, **{'dist.devices': n}))
+            exp = experiment.build(_config(method, **{'dist.devices': n}))
             assert distributed.num_devices(exp.mesh) == n
             exp = _host_only(exp) if host else exp
             meta, opt_state, hist = training.train(exp, None, log=lambda s: None)
@@ -90,8 +90,8 @@ def _devices_main(out_path):
             'max_abs_change': max(float(np.max(np.abs(a))) for a in params[4]),
             'finite': bool(all(np.all(np.isfinite(a)) for a in params[4]))}
     # The sharded step really is partitioned: XLA inserted the cross-device reduction of the task mean.
-    exp = _host_only(training.build(_config('maml')))
-    meta, opt_state = distributed.replicate(training.init_state(exp), exp.mesh)
+    exp = _host_only(experiment.build(_config('maml')))
+    meta, opt_state = distributed.replicate(experiment.init_state(exp), exp.mesh)
     batch = distributed.host_batch(exp.source, 0, BATCH, 'train', exp.config.task.query, exp.mesh)
     step0 = distributed.step_scalar(0, exp.mesh)
     hlo = training.make_host_step(exp).lower(meta, opt_state, batch, step0).compile().as_text()
@@ -99,7 +99,7 @@ def _devices_main(out_path):
     result['batch_shards'] = [list(s.index[0].indices(BATCH)) for s in batch.support_x.addressable_shards]
     # A global batch that does not divide by the device count is refused (by build, which builds the mesh).
     try:
-        training.build(_config('md', **{'meta.batch_size': 6}))
+        experiment.build(_config('md', **{'meta.batch_size': 6}))
         result['refusal'] = None
     except Exception as e:  # noqa: BLE001
         result['refusal'] = f'{type(e).__name__}: {e}'
@@ -116,16 +116,16 @@ def _worker_main(process_id, port, out_path):
     cfg = _config('maml', **dist)
     assert distributed.initialize_from_config(cfg)
     import jax
-    from md_meta import training
+    from md_meta import experiment, training
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
-    exp = training.build(cfg)   # validates the device request and the batch, builds the mesh
+    exp = experiment.build(cfg)   # validates the device request and the batch, builds the mesh
     fused, _, _ = training.train(exp, None, log=lambda s: None)
     host, _, _ = training.train(_host_only(exp), None, log=lambda s: None)
     if distributed.is_main_process():
         np.savez(out_path + '.tmp.npz', *(_leaves(fused) + _leaves(host)))
         os.replace(out_path + '.tmp.npz', out_path)
     print(f'READY {process_id}', flush=True)
-    forever = _host_only(training.build(_config('maml', **dist, **{'meta.steps': 10 ** 7, 'train.log_every': 1})))
+    forever = _host_only(experiment.build(_config('maml', **dist, **{'meta.steps': 10 ** 7, 'train.log_every': 1})))
     training.train(forever, None, log=lambda s: print(f'{process_id} {s}', flush=True))
 
 
@@ -157,9 +157,9 @@ def _reference(exp, num_processes):
     program on one device; the host-sampled global batch is the concatenation of the processes' shares."""
     import jax
     import jax.numpy as jnp
-    from md_meta import distributed, training
+    from md_meta import distributed, experiment, training
     fused, _, _ = training.train(exp, None, log=lambda s: None)
-    meta, opt_state = training.init_state(exp)
+    meta, opt_state = experiment.init_state(exp)
     step_fn = training.make_host_step(exp)
     cfg = exp.config
     for step in range(cfg.meta.steps):
@@ -171,7 +171,7 @@ def _reference(exp, num_processes):
 
 
 def test_two_processes_match_one_process_and_a_killed_peer_stops_the_other(tmp_path):
-    from md_meta import training
+    from md_meta import experiment
     out = tmp_path / 'two.npz'
     port = _free_port()
     logs = [tmp_path / f'p{i}.log' for i in range(2)]
@@ -182,7 +182,7 @@ def test_two_processes_match_one_process_and_a_killed_peer_stops_the_other(tmp_p
     text = lambda i: logs[i].read_text(errors='replace')
     try:
         # Meanwhile, the reference in this (one-device) process.
-        expected = _reference(training.build(_config('maml')), 2)
+        expected = _reference(experiment.build(_config('maml')), 2)
         # Wait until both processes finished the N steps (process 0 saved them) and train on.
         deadline = time.time() + 400
         while not all(f'READY {i}' in text(i) for i in range(2)) and time.time() < deadline:

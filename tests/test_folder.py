@@ -95,12 +95,12 @@ def folder_config(data_dir, **overrides):
 
 def test_too_large_eval_shots_are_refused_when_built_naming_eval_shots(tmp_path, monkeypatch):
     """config.eval.shots larger than the classes hold was found only after training, naming task.shots."""
-    from md_meta import training
+    from md_meta import experiment
     monkeypatch.setenv('MD_META_CACHE', str(tmp_path / 'cache'))
     make_image_folder(str(tmp_path / 'd'), classes=10, per_class=6)
-    training.build(folder_config(str(tmp_path / 'd'), **{'eval.shots': (2,)}))   # fits
+    experiment.build(folder_config(str(tmp_path / 'd'), **{'eval.shots': (2,)}))   # fits
     with pytest.raises(DataError, match=r'config\.eval\.shots=\(1, 9\)'):
-        training.build(folder_config(str(tmp_path / 'd'), **{'eval.shots': (1, 9)}))
+        experiment.build(folder_config(str(tmp_path / 'd'), **{'eval.shots': (1, 9)}))
 
 
 def test_decode_by_mode_16bit_alpha_and_exif(tmp_path):
@@ -166,16 +166,16 @@ def test_a_changed_data_set_is_refused_on_resume_and_evaluation(tmp_path, monkey
     """Removing one of 20 class folders moved the seeded split (3 of the 4 test classes had been meta-train
     classes) and resume and evaluate accepted it. The workdir records the split at its first run."""
     import shutil
-    from md_meta import training, workdirs
+    from md_meta import evaluation, experiment, training, workdirs
     monkeypatch.setenv('MD_META_CACHE', str(tmp_path / 'cache'))
     data, wd = str(tmp_path / 'd'), str(tmp_path / 'w')
     make_image_folder(data, classes=20, per_class=2)
     c = folder_config(data, **{'meta.steps': 1, 'train.checkpoint_every': 1, 'train.eval_every': 0,
                                'meta.batch_size': 1, 'eval.num_tasks': 2, 'eval.batch_size': 2})
-    training.train(training.build(c), wd, log=lambda s: None)
+    training.train(experiment.build(c), wd, log=lambda s: None)
     record = json.load(open(os.path.join(wd, 'split.json')))
     assert sorted(len(v) for v in record['splits'].values()) == [3, 4, 13]
-    training.load_run(wd)   # the same data: accepted
+    evaluation.load_run(wd)   # the same data: accepted
     before = folder.list_classes(data)
     shutil.rmtree(os.path.join(data, 'class_00'))
     after = folder.list_classes(data)
@@ -185,9 +185,9 @@ def test_a_changed_data_set_is_refused_on_resume_and_evaluation(tmp_path, monkey
                                 'meta.batch_size': 1, 'eval.num_tasks': 2, 'eval.batch_size': 2})
     with pytest.raises(workdirs.WorkdirMismatchError, match=r"trained on other data .*moved between splits .*"
                                                             r"1 class removed \(e\.g\. 'class_00'"):
-        training.train(training.build(c2), wd, log=lambda s: None)
+        training.train(experiment.build(c2), wd, log=lambda s: None)
     with pytest.raises(workdirs.WorkdirMismatchError, match='moved between splits'):
-        training.load_run(wd)
+        evaluation.load_run(wd)
     # the same class names with other pixels: named as such
     make_image_folder(str(tmp_path / 'd2'), classes=20, per_class=2)
     shutil.rmtree(data)
@@ -195,4 +195,4 @@ def test_a_changed_data_set_is_refused_on_resume_and_evaluation(tmp_path, monkey
     from PIL import Image
     Image.fromarray(np.zeros((30, 26, 3), np.uint8)).save(os.path.join(data, 'class_05', '0.png'))
     with pytest.raises(workdirs.WorkdirMismatchError, match=r"1 class with other images \(e\.g\. 'class_05'"):
-        training.load_run(wd)
+        evaluation.load_run(wd)

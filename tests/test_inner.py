@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from md_meta import training
+from md_meta import experiment
 from md_meta.geometry import InnerLoop, sgd_step
 from md_meta.inner import InnerConfig, adapt
 from md_meta.meta import init_meta_params, meta_loss
@@ -19,7 +19,7 @@ def mlp_params(key=0, hidden=(8, 8)):
 
 def _learner(method, steps=2, first_order=False, hidden=(8, 8)):
     cfg = tiny_config(method, **{'inner.steps': steps, 'inner.first_order': first_order, 'model.hidden': hidden})
-    return training.build(cfg)
+    return experiment.build(cfg)
 
 
 def _batch(key=0, tasks=3, shots=4):

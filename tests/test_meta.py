@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from md_meta import training
+from md_meta import experiment
 from md_meta.config import ConfigError, validate
 from md_meta.meta import (Task, chunk_size, init_meta_params, init_optimizer_state, make_evaluate, make_meta_step,
                           meta_loss, meta_value_and_grad, resolve_task_batching, resolve_task_gradients,
@@ -19,7 +19,7 @@ from tests.helpers import (image_batch, image_learner, meta_grad, perturbed, ran
 
 def _learner(method, steps=2, first_order=False, hidden=(8, 8)):
     cfg = tiny_config(method, **{'inner.steps': steps, 'inner.first_order': first_order, 'model.hidden': hidden})
-    return training.build(cfg)
+    return experiment.build(cfg)
 
 
 def _batch(key=0, tasks=3, shots=4):
@@ -81,7 +81,7 @@ def test_meta_update_on_the_raveled_theta_is_the_update_leaf_by_leaf(optimizer):
     two steps equal the optimizer applied leaf by leaf to the meta-gradient (weight decay reads theta too); a
     state made leaf by leaf is refused with one line."""
     cfg = tiny_config('maml', **{'meta.optimizer': optimizer, 'meta.weight_decay': 0.1})
-    exp = training.build(cfg)
+    exp = experiment.build(cfg)
     opt, learner = exp.optimizer, exp.learner
     meta = init_meta_params(learner, jax.random.PRNGKey(0), jnp.zeros((4, 1)))
     step, grad_fn = make_meta_step(learner, opt), jax.jit(lambda m, b, k: meta_value_and_grad(learner, m, b, k)[1])
@@ -130,7 +130,7 @@ def test_remat_same_meta_gradient_cnn():
 
 
 def test_remat_and_unroll_same_meta_gradient_md_mlp():
-    from md_meta.training import build
+    from md_meta.experiment import build
     exp = build(tiny_config('md', **{'inner.steps': 4}))
     batch = exp.source.sample(0, 3, 'train', 4)
     base = exp.learner._replace(inner=exp.learner.inner._replace(remat=False, unroll=1))
@@ -143,7 +143,7 @@ def test_remat_and_unroll_same_meta_gradient_md_mlp():
 @pytest.mark.parametrize('method', ['md', 'mtnet', 'ecml'])  # blockIAF; per-task random masks; a penalty
 def test_per_task_meta_gradient_matches_batched_mlp(method):
     """meta.task_gradients: mean_t grad L_t (per_task) == grad mean_t L_t (batched), value and metrics too."""
-    from md_meta.training import build
+    from md_meta.experiment import build
     # ECML's conditioning penalty amplifies float32 rounding by an amount that depends on the CPU (5e-5 apart on
     # one EPYC, 2.3e-4 on another), so it is compared in float64, where the two forms agree to ~1e-13.
     with jax.enable_x64(method == 'ecml'):

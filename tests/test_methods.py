@@ -220,17 +220,51 @@ def test_meta_steps_lower_meta_loss(method, net):
 @pytest.mark.parametrize('method', ALL)
 def test_config_switch_builds_every_method(method):
     """--config.method=NAME is the only switch: the trainer's build and init work for every method."""
-    from md_meta import training
-    exp = training.build(tiny_config(method))
-    meta, _ = training.init_state(exp)
+    from md_meta import experiment
+    exp = experiment.build(tiny_config(method))
+    meta, _ = experiment.init_state(exp)
     assert set(meta) == {'init', 'geom', 'net'}
     assert (('warp' in meta['net']) == (exp.learner.geometry.layer is not None))
 
 
+def test_each_method_section_of_the_config_is_its_modules():
+    """base_config's method sections are the method modules' config_section(), in the registry's order, and
+    a config.json written with the sections in another order (before they moved into the modules) reads back
+    as the same run."""
+    import json
+    from md_meta import workdirs
+    c = config_lib.base_config()
+    sections = methods.config_sections()
+    assert list(sections) == [m for m in ALL if m in ('md', 'mtnet', 'anil', 'ecml')]
+    for name, section in sections.items():
+        assert c[name].to_json() == section.to_json() == methods.module(name).config_section().to_json()
+    d = json.loads(c.to_json())
+    d = {k: d[k] for k in ('method', 'seed', 'task', 'model', 'inner', 'meta', 'md', 'mtnet', 'anil', 'ecml', 'eval',
+                           'train', 'dist')}
+    assert workdirs.config_differences(workdirs.config_from_dict(d), c) == []
+    c.md.shift_lipschitz = 0.5   # a float field that defaults to None
+    with pytest.raises(TypeError):
+        c.md.shift_lipschitz = 'big'
+
+
+def test_own_model_refusal_names_the_methods_that_insert_no_layer():
+    import flax.linen as nn
+    from md_meta import experiment
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(x)
+
+    fit = [m for m in ALL if m not in TRANSFORMED]
+    with pytest.raises(config_lib.ConfigError, match=rf"'tnet' inserts layers .* \({', '.join(fit)}\)"):
+        experiment.build(tiny_config('tnet'), model=Net())
+
+
 def test_adding_a_method_is_one_module_and_one_registry_line(tmp_path, monkeypatch):
     """WORKSPACE.md's "How to add a method", followed literally for a throwaway method (sign descent with a
-    meta-learned step size): a module with make(config) -> Geometry and a line in methods._MODULES; the
-    config, trainer, evaluator and results then take it like any other method."""
+    meta-learned step size): a module with make(config) -> Geometry, its config section and its checks, and a
+    line in methods._MODULES; the config, trainer, evaluator and results then take it like any other method."""
     pkg = tmp_path / 'throwaway_methods'
     pkg.mkdir()
     (pkg / '__init__.py').write_text('')
@@ -238,21 +272,29 @@ def test_adding_a_method_is_one_module_and_one_registry_line(tmp_path, monkeypat
         '"""Sign descent: phi <- phi - exp(log_alpha) * sign(grad L(phi)); log_alpha is meta-learned."""\n'
         'import jax\n'
         'import jax.numpy as jnp\n'
+        'import ml_collections\n'
         'from md_meta.geometry import Geometry, InnerLoop\n\n\n'
         'def make(config):\n'
         '    def inner(theta):\n'
         '        alpha = jnp.exp(theta["log_alpha"])\n'
         '        return InnerLoop(update=lambda phi, grad: jax.tree_util.tree_map(\n'
         '            lambda p, g: p - alpha * jnp.sign(g), phi, grad))\n'
-        '    return Geometry(init=lambda key, params: (params, {"log_alpha": jnp.log(0.01)}), inner=inner)\n')
+        '    start = jnp.log(config.signgd.alpha)\n'
+        '    return Geometry(init=lambda key, params: (params, {"log_alpha": start}), inner=inner)\n\n\n'
+        'def config_section():\n'
+        '    return ml_collections.ConfigDict({"alpha": 0.01})\n\n\n'
+        'def validate(config, require):\n'
+        '    require(config.signgd.alpha > 0, "signgd.alpha", "must be positive")\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(methods._MODULES, 'signgd', 'throwaway_methods.signgd')
-    from md_meta import training
+    from md_meta import evaluation, experiment, training
     c = tiny_config('signgd', **{'meta.steps': 30, 'meta.lr': 1e-2})
     config_lib.validate(c)
-    exp = training.build(c)
+    with pytest.raises(config_lib.ConfigError, match='signgd.alpha: must be positive'):
+        config_lib.validate(tiny_config('signgd', **{'signgd.alpha': 0.0}))
+    exp = experiment.build(c)
     meta, _, hist = training.train(exp, str(tmp_path / 'run'), log=lambda s: None)
     assert float(meta['geom']['log_alpha']) != float(jnp.log(0.01))   # the step size is meta-learned
     assert all(np.isfinite(h['meta_loss']) for h in hist)
-    r = training.evaluate(exp, meta, 'test', num_tasks=20)
+    r = evaluation.evaluate(exp, meta, 'test', num_tasks=20)
     assert np.isfinite(r['metrics']['loss']['mean'])

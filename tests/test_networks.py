@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from md_meta import training
+from md_meta import experiment
 from md_meta.methods import tnet, warpgrad
 from md_meta.networks import (ConvBlock, batch_stats, channel_sign, conv3x3_lax, conv3x3_patches, make_model,
                               max_pool_2x2, pool_bn_relu)
@@ -24,7 +24,7 @@ def test_cnn4_torch_init_is_pytorch_default():
     assert np.all(np.asarray(params['layer_2']['norm']['scale']) == 1)
     assert np.all(np.asarray(params['layer_2']['norm']['bias']) == 0)
     with pytest.raises(Exception, match='model.init'):
-        training.build(tiny_config('maml', **{'model.init': 'torch'}))  # the sinusoid MLP has no 'torch' init
+        experiment.build(tiny_config('maml', **{'model.init': 'torch'}))  # the sinusoid MLP has no 'torch' init
 
 
 def _rel(a, b):

@@ -1,7 +1,8 @@
-"""The trainer and its workdir (md_meta.training, md_meta.workdirs, md_meta.checkpoint) and the entry points
-around it: resumable training (kill -9 and rerun, bitwise), checkpoints without NaN and with checksums,
-the non-finite counter and stop, evaluation against a hand computation and its confidence interval,
-refusing a workdir of another config or a second process, one-line errors, reports of stale results."""
+"""The trainer and its workdir (md_meta.training, md_meta.workdirs, md_meta.checkpoint), the experiment it
+trains (md_meta.experiment), its evaluation (md_meta.evaluation) and the entry points around it: resumable
+training (kill -9 and rerun, bitwise), checkpoints without NaN and with checksums, the non-finite counter and
+stop, evaluation against a hand computation and its confidence interval, refusing a workdir of another config
+or a second process (one claim per run), one-line errors, reports of stale results."""
 import glob
 import json
 import os
@@ -19,7 +20,7 @@ import pytest
 
 from experiments.harness import compilation_cache_dir
 from md_meta import checkpoint as checkpoint_lib
-from md_meta import methods, training, workdirs
+from md_meta import evaluation, experiment, methods, training, workdirs
 from md_meta.config import ConfigError
 from tests.helpers import nan_build, random_like, tiny_config
 
@@ -47,8 +48,8 @@ def _leaves_equal(a, b):
 
 
 def _last_state(workdir):
-    exp = training.build(workdirs.load_config(workdir))
-    meta, opt = training.init_state(exp)
+    exp = experiment.build(workdirs.load_config(workdir))
+    meta, opt = experiment.init_state(exp)
     step, state, record = checkpoint_lib.Checkpointer(workdir).restore_latest({'meta': meta, 'opt_state': opt})
     return step, state, record
 
@@ -100,7 +101,7 @@ def test_checkpoint_during_nan_updates_holds_no_nan_and_counts(tmp_path):
     exp = nan_build(c, 8, 4)
     _, _, hist = training.train(exp, wd, log=lambda s: None)
     ck = checkpoint_lib.Checkpointer(wd)
-    meta, opt = training.init_state(exp)
+    meta, opt = experiment.init_state(exp)
     state, record = ck.restore(10, {'meta': meta, 'opt_state': opt})
     assert checkpoint_lib.all_finite(state)
     assert record['consecutive_nonfinite'] == 2 and record['skipped_total'] == 2
@@ -133,8 +134,8 @@ def test_evaluate_ci_matches_hand_computation(tmp_path):
     c = tiny_config('maml', **{'inner.step_size': 0.0})
     wd = str(tmp_path / 'w')
     workdirs.prepare(c, wd)
-    exp = training.build(c)
-    meta, opt = training.init_state(exp)
+    exp = experiment.build(c)
+    meta, opt = experiment.init_state(exp)
     zero = jax.tree_util.tree_map(jnp.zeros_like, meta)
     checkpoint_lib.Checkpointer(wd).save(10, {'meta': zero, 'opt_state': opt}, {})
     n = 30
@@ -157,7 +158,7 @@ def test_evaluate_ci_matches_hand_computation(tmp_path):
     assert moved['eval_inner_steps'] == 3 and moved['eval_step_size'] == 0.1 and r['eval_step_size'] == 0.0
     assert abs(moved['metrics']['loss']['mean'] - mean) > 1e-3, 'alpha > 0 at test adapts the zero model'
     with pytest.raises(ValueError, match=r'meta.lr: not a field evaluation may override'):
-        training.load_run(wd, 'last', overrides={'meta.lr': 0.1})
+        evaluation.load_run(wd, 'last', overrides={'meta.lr': 0.1})
 
 
 @pytest.mark.parametrize('method,extra', [('metasgd', {}), ('ecml', {'ecml.preconditioner': 'metasgd'})])
@@ -167,7 +168,7 @@ def test_alpha_at_test_is_refused_where_step_sizes_are_learned(tmp_path, method,
     wd = str(tmp_path / method)
     workdirs.prepare(tiny_config(method, **extra), wd)
     with pytest.raises(ConfigError, match=rf'inner.step_size: {method} learns its inner step sizes'):
-        training.load_run(wd, 'last', overrides={'inner.step_size': 0.1})
+        evaluation.load_run(wd, 'last', overrides={'inner.step_size': 0.1})
     assert not methods.learns_step_sizes(tiny_config('ecml'))
 
 
@@ -238,7 +239,7 @@ def _run_with_checkpoints_at_10_and_20(tmp_path):
     over = {'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 0}
     c = tiny_config('maml', **over)
     workdirs.prepare(c, wd)
-    training.train(training.build(c), wd, log=lambda s: None)
+    training.train(experiment.build(c), wd, log=lambda s: None)
     return wd, over, c, checkpoint_lib.Checkpointer(wd)
 
 
@@ -253,13 +254,13 @@ def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path):
     c30 = tiny_config('maml', **dict(over, **{'meta.steps': 30}))
     workdirs.prepare(c30, wd)
     logs = []
-    meta, _, _ = training.train(training.build(c30), wd, log=logs.append)
+    meta, _, _ = training.train(experiment.build(c30), wd, log=logs.append)
     warn = [l for l in logs if l.startswith('warning:')]
     assert len(warn) == 1 and bad in warn[0] and 'truncated' in warn[0], logs
     assert any(l.startswith('resuming from') and l.rstrip().endswith('(step 10/30)') or
                ('ckpt_000000010' in l and l.startswith('resuming')) for l in logs), logs
     assert os.path.isdir(bad + '.corrupt')
-    ref, _, _ = training.train(training.build(c30), None, log=lambda s: None)
+    ref, _, _ = training.train(experiment.build(c30), None, log=lambda s: None)
     assert _leaves_equal(meta, ref)
 
 
@@ -268,7 +269,7 @@ def test_checkpoint_of_another_parameter_layout_is_refused_and_kept(tmp_path):
     """A model whose meta-parameters have other paths or shapes than the stored ones (another md-meta version
     wrote the run): one error naming the checkpoint, and no checkpoint is set aside as corrupt."""
     wd, over, c, ck = _run_with_checkpoints_at_10_and_20(tmp_path)
-    meta, opt_state = training.init_state(training.build(c))
+    meta, opt_state = experiment.init_state(experiment.build(c))
     other_paths = dict(meta, extra=np.zeros(3, np.float32))
     leaf_path, leaf = jax.tree_util.tree_flatten_with_path(meta)[0][0]
     other_shape = jax.tree_util.tree_map_with_path(
@@ -400,16 +401,16 @@ def test_corrupted_checkpoint_array_is_caught_by_its_checksum(tmp_path):
     c30 = tiny_config('maml', **dict(over, **{'meta.steps': 30}))
     workdirs.prepare(c30, wd)
     logs = []
-    meta, _, _ = training.train(training.build(c30), wd, log=logs.append)
+    meta, _, _ = training.train(experiment.build(c30), wd, log=logs.append)
     warn = [l for l in logs if l.startswith('warning:')]
     assert len(warn) == 1 and ck.path(20) in warn[0] and 'corrupted' in warn[0], logs
     assert any(l.startswith('resuming from') and '(step 10/30)' in l for l in logs), logs
-    ref, _, _ = training.train(training.build(c30), None, log=lambda s: None)
+    ref, _, _ = training.train(experiment.build(c30), None, log=lambda s: None)
     assert _leaves_equal(meta, ref)
     for s in checkpoint_lib.Checkpointer(wd).steps():
         corrupt(s)
     logs = []
-    training.train(training.build(c30), wd, log=logs.append)
+    training.train(experiment.build(c30), wd, log=logs.append)
     assert any('no readable checkpoint is left' in l and 'restarts from step 0' in l for l in logs), logs
 
 
@@ -438,6 +439,32 @@ def test_second_process_in_one_workdir_is_refused_and_evaluate_warns(tmp_path):
         pass
 
 
+def _locked(workdir):
+    """Whether some open file holds the workdir's lock (another open file in this process counts too)."""
+    import fcntl
+    with open(os.path.join(workdir, workdirs.LOCK_NAME)) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def test_a_run_claims_its_workdir_once_and_the_cli_keeps_it_over_its_evaluation(tmp_path, monkeypatch):
+    claims = []
+    claim = workdirs.claim
+    monkeypatch.setattr(workdirs, 'claim', lambda config, wd: (claims.append(wd), claim(config, wd))[1])
+    wd = str(tmp_path / 'run')
+    exp = experiment.build(tiny_config('maml', **{'meta.steps': 5}))
+    training.train(exp, wd, log=lambda s: None)   # a library user's call: train claims the workdir
+    assert claims == [wd] and not _locked(wd) and os.path.exists(os.path.join(wd, 'config.json'))
+    with training.claim(exp, wd):   # as experiments.train: train, then evaluate, under one claim
+        training.train(exp, wd, log=lambda s: None, claimed=True)
+        assert _locked(wd)
+    assert claims == [wd, wd] and not _locked(wd)
+
+
 def test_report_skips_a_stale_evaluation_and_marks_an_unfinished_run(tmp_path):
     from experiments.evaluate import evaluate_workdir
     from experiments.report import table
@@ -446,10 +473,10 @@ def test_report_skips_a_stale_evaluation_and_marks_an_unfinished_run(tmp_path):
     done, paused = str(tmp_path / 'done'), str(tmp_path / 'paused')
     c20 = tiny_config('maml', **over)
     workdirs.prepare(c20, done)
-    training.train(training.build(c20), done, log=lambda s: None)
+    training.train(experiment.build(c20), done, log=lambda s: None)
     evaluate_workdir(done, num_tasks=10, which='last', log=lambda s: None)
     # paused: trained to step 20, then config.json plans 40 steps (as a rerun does before it resumes)
-    training.train(training.build(tiny_config('metasgd', **over)), paused, log=lambda s: None)
+    training.train(experiment.build(tiny_config('metasgd', **over)), paused, log=lambda s: None)
     workdirs.prepare(tiny_config('metasgd', **dict(over, **{'meta.steps': 40})), paused)
     logs = []
     r = evaluate_workdir(paused, num_tasks=10, which='last', log=logs.append)
@@ -464,7 +491,7 @@ def test_report_skips_a_stale_evaluation_and_marks_an_unfinished_run(tmp_path):
     # the done run goes on to 30 steps: its evaluation.json no longer describes its last checkpoint
     c30 = tiny_config('maml', **dict(over, **{'meta.steps': 30}))
     workdirs.prepare(c30, done)
-    training.train(training.build(c30), done, log=lambda s: None)
+    training.train(experiment.build(c30), done, log=lambda s: None)
     with open(os.path.join(paused, 'evaluation.json'), 'a') as f:
         f.write('garbage')   # a damaged file among several
     warns = []
@@ -486,8 +513,8 @@ def test_sigint_during_a_checkpoint_save_completes_it(tmp_path, monkeypatch):
 
 def _sigint_during_save(tmp_path, monkeypatch):
     c = tiny_config('maml')
-    exp = training.build(c)
-    meta, opt = training.init_state(exp)
+    exp = experiment.build(c)
+    meta, opt = experiment.init_state(exp)
     ck = checkpoint_lib.Checkpointer(str(tmp_path / 'w'))
     real_save = ck._manager.save
 
@@ -648,7 +675,7 @@ def test_plot_convergence_reads_stored_curves_and_they_match_a_recomputation(tmp
     wd = str(tmp_path / 'w')
     c = tiny_config('maml', **{'meta.steps': 10, 'train.checkpoint_every': 10, 'train.eval_every': 10,
                                'train.val_tasks': 10})
-    training.train(training.build(c), wd, log=lambda s: None)
+    training.train(experiment.build(c), wd, log=lambda s: None)
     evaluate_workdir(wd, num_tasks=10, which='best', log=lambda s: None)
     stored = curves_for(wd, 10, 'best')
     assert stored['source'] == 'stored' and stored['step'] == 10
@@ -665,7 +692,7 @@ def test_a_workdir_of_the_earlier_checkpoint_layout_resumes(tmp_path):
     import orbax.checkpoint as ocp
     wd = str(tmp_path / 'w')
     c = tiny_config('maml', **{'meta.steps': 10, 'train.checkpoint_every': 10, 'train.eval_every': 0})
-    meta10, opt10, _ = training.train(training.build(c), None, log=lambda s: None)
+    meta10, opt10, _ = training.train(experiment.build(c), None, log=lambda s: None)
     workdirs.prepare(c, wd)
     stored = json.load(open(os.path.join(wd, 'config.json')))
     stored['train']['inject_nan_at_step'] = -1   # a knob that earlier versions had: ignored, not a mismatch
@@ -678,9 +705,9 @@ def test_a_workdir_of_the_earlier_checkpoint_layout_resumes(tmp_path):
     c40 = tiny_config('maml', **{'meta.steps': 40, 'train.checkpoint_every': 10, 'train.eval_every': 0,
                                  'train.keep': 2})
     logs = []
-    meta, _, _ = training.train(training.build(c40), wd, log=logs.append)
+    meta, _, _ = training.train(experiment.build(c40), wd, log=logs.append)
     assert any(l.startswith('resuming from') and '(step 10/40)' in l for l in logs), logs
-    ref, _, _ = training.train(training.build(c40), None, log=lambda s: None)
+    ref, _, _ = training.train(experiment.build(c40), None, log=lambda s: None)
     assert _leaves_equal(meta, ref)
     assert checkpoint_lib.Checkpointer(wd).steps() == [30, 40]
 
@@ -711,12 +738,12 @@ def _numpy_one_step_mse(init, task, alpha):
 
 
 def test_maml_evaluation_matches_hand_written_numpy():
-    """training.evaluate (here at another support size than meta-training's) equals a hand-written
+    """evaluation.evaluate (here at another support size than meta-training's) equals a hand-written
     float64 one-step GD adaptation on the same tasks: the reported sinusoid MSE is what it claims."""
-    exp = training.build(tiny_config('maml', **{'eval.num_tasks': 12, 'eval.batch_size': 12}))
-    meta, _ = training.init_state(exp)
+    exp = experiment.build(tiny_config('maml', **{'eval.num_tasks': 12, 'eval.batch_size': 12}))
+    meta, _ = experiment.init_state(exp)
     meta = dict(meta, init=random_like(jax.random.PRNGKey(5), meta['init'], 0.5))
-    r = training.evaluate(exp, meta, 'test', shots=6)
+    r = evaluation.evaluate(exp, meta, 'test', shots=6)
     assert r['shots'] == 6 and r['metrics']['loss']['n'] == 12
     other = exp.config.copy_and_resolve_references()
     other.task.shots = 6
@@ -731,13 +758,13 @@ def test_a_damaged_metrics_line_is_skipped_with_a_warning_on_resume(tmp_path):
     """A non-UTF-8 byte in metrics.jsonl stopped the resume with a UnicodeDecodeError traceback."""
     wd = str(tmp_path / 'w')
     over = {'meta.steps': 10, 'train.checkpoint_every': 10, 'train.eval_every': 0}
-    training.train(training.build(tiny_config('maml', **over)), wd, log=lambda s: None)
+    training.train(experiment.build(tiny_config('maml', **over)), wd, log=lambda s: None)
     with open(os.path.join(wd, 'metrics.jsonl'), 'rb') as f:
         lines = f.read().splitlines(keepends=True)
     with open(os.path.join(wd, 'metrics.jsonl'), 'wb') as f:
         f.write(lines[0] + b'{"step": 7, "meta_loss": \xff}\n' + b''.join(lines[1:]))
     logs = []
-    training.train(training.build(tiny_config('maml', **dict(over, **{'meta.steps': 20}))), wd, log=logs.append)
+    training.train(experiment.build(tiny_config('maml', **dict(over, **{'meta.steps': 20}))), wd, log=logs.append)
     assert any('metrics.jsonl: skipped 1 damaged line' in l for l in logs), logs
     steps = [json.loads(l)['step'] for l in open(os.path.join(wd, 'metrics.jsonl'))]
     assert steps == [5, 10, 15, 20]
@@ -766,7 +793,7 @@ def test_evaluation_json_is_strict_and_a_finished_runs_earlier_best_is_not_unfin
     wd = str(tmp_path / 'w')
     c = tiny_config('maml', **{'meta.steps': 20, 'train.checkpoint_every': 10, 'train.eval_every': 10,
                                'train.val_tasks': 10})
-    training.train(training.build(c), wd, log=lambda s: None)
+    training.train(experiment.build(c), wd, log=lambda s: None)
     monkeypatch.setattr(checkpoint_lib.Checkpointer, 'best_step', lambda self: 10)
     logs = []
     r = evaluate_workdir(wd, num_tasks=10, which='best', log=logs.append,
@@ -793,11 +820,11 @@ def test_best_checkpoint_when_every_validation_is_nan_is_the_last_and_says_so(tm
     def sample(step, num_tasks, split, query):   # meta-validation sees NaN inputs, training does not
         batch = source.sample(step, num_tasks, split, query)
         return batch._replace(query_x=jnp.full_like(batch.query_x, jnp.nan)) if split == 'val' else batch
-    training.train(training.build(c, source=source._replace(sample=sample)), wd, log=lambda s: None)
+    training.train(experiment.build(c, source=source._replace(sample=sample)), wd, log=lambda s: None)
     ck = checkpoint_lib.Checkpointer(wd)
     assert ck.steps()[-1] == 30 and ck.best_step() is None
     warns = []
-    _, _, step = training.load_run(wd, 'best', warn=warns.append)
+    _, _, step = evaluation.load_run(wd, 'best', warn=warns.append)
     assert step == 30, step
     assert any('every meta-validation' in w and 'NaN' in w and "'best' is the last one" in w for w in warns), warns
 
@@ -876,7 +903,7 @@ def test_sighup_in_process_stops_at_a_chunk_end_with_a_checkpoint(tmp_path):
         if line.startswith('[maml] step 10/'):
             os.kill(os.getpid(), signal.SIGHUP)
     with pytest.raises(training.Preempted) as e:
-        training.train(training.build(c), wd, log=log)
+        training.train(experiment.build(c), wd, log=log)
     assert e.value.status == 129 and e.value.step == 10 and 'preempted at step 10' in str(e.value)
     assert checkpoint_lib.Checkpointer(wd).steps() == [10]
     assert signal.getsignal(signal.SIGHUP) is before
@@ -905,7 +932,7 @@ def test_a_writer_passed_to_train_receives_what_metrics_jsonl_holds(tmp_path):
 
     wd, rec = str(tmp_path / 'w'), Recorder()
     c = tiny_config('maml', **{'meta.steps': 10, 'train.eval_every': 5, 'train.val_tasks': 10})
-    training.train(training.build(c), wd, log=lambda s: None, writers=[rec])
+    training.train(experiment.build(c), wd, log=lambda s: None, writers=[rec])
     stored = [json.loads(l) for l in open(os.path.join(wd, 'metrics.jsonl'))]
     assert rec.records == stored and rec.closed
     assert any('val/loss' in r for r in stored) and any('meta_loss' in r for r in stored)

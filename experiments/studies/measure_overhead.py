@@ -26,9 +26,9 @@ def main(argv):
     del argv
     from ..harness import prepare_process
     prepare_process(compilation_cache=False)  # before any JAX computation; times compilation
-    from md_meta import training
+    from md_meta import experiment, training
     config = _CONFIG.value
-    exp = training.build(config)
+    exp = experiment.build(config)
     rows = []
     for r in range(_REPEATS.value):
         for with_harness in (False, True):

@@ -75,8 +75,8 @@ def md_step_factors(theta, z, spec) -> np.ndarray:
 
 def run_step_factors(workdir: str) -> tuple:
     """(method, diag(S), mixing(S)) of a finished run's last checkpoint."""
-    from md_meta import training
-    exp, meta, _ = training.load_run(workdir, which='last')
+    from md_meta import evaluation
+    exp, meta, _ = evaluation.load_run(workdir, which='last')
     c = exp.config
     if c.method not in LINEAR_STEPS:
         raise ValueError(f'{workdir}: a {c.method} run; the step matrix is defined for {LINEAR_STEPS}')

@@ -153,7 +153,7 @@ def build_runs(pool: ClassPool, root: str, num_runs: int = 20, seed: int = 0, sa
 
 
 def model_classifier(exp, meta, key=None) -> Callable:
-    """classify(support_x, support_y, query_x) -> labels for a md_meta.training.Experiment whose network
+    """classify(support_x, support_y, query_x) -> labels for a md_meta.experiment.Experiment whose network
     has 20 outputs (config.task.ways = 20): adapt with the evaluation inner loop, then argmax (jitted)."""
     import jax
     import jax.numpy as jnp

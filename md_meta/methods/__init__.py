@@ -1,7 +1,8 @@
 """The method registry: ``--config.method=NAME`` picks one module with ``make(config) -> Geometry``.
 
 A method module may also define ``LOWER_LEVEL`` and ``LOSS_GEOMETRY`` (its row of the paper's Table 1,
-shown by ``experiments.report``), ``validate(config, require)`` for its own config section
+shown by ``experiments.report``), ``config_section()`` (its knobs with their defaults: config.<name>, which
+``config.base_config`` assembles from the registry), ``validate(config, require)`` for that section
 (``require(condition, field, message)`` raises the one-line ConfigError) and ``learns_step_sizes(config)``
 (True where inner.step_size only initialises meta-learned step sizes, so that evaluation may not change it).
 Shared code asks these, never a method's name."""
@@ -36,6 +37,12 @@ def module(name: str) -> ModuleType:
         raise ValueError(f'unknown method {name!r}; choose from {names()}')
     path = _MODULES[name]
     return importlib.import_module(path if '.' in path else f'md_meta.methods.{path}')
+
+
+def config_sections() -> dict:
+    """{name: config section} of the methods whose module has ``config_section()``, in the registry's order."""
+    modules = {name: module(name) for name in names()}
+    return {name: m.config_section() for name, m in modules.items() if hasattr(m, 'config_section')}
 
 
 def make_geometry(config) -> Geometry:

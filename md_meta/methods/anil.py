@@ -26,6 +26,7 @@ import re
 from typing import Callable
 
 import jax
+import ml_collections
 
 from md_meta.config import ConfigError
 from md_meta.geometry import Geometry, InnerLoop
@@ -74,6 +75,13 @@ def make(config) -> Geometry:
 
     return Geometry(init=init, inner=masked_gradient_descent(float(config.inner.step_size),
                                                              lambda phi: head_mask(phi, head)))
+
+
+def config_section() -> ml_collections.ConfigDict:
+    """config.anil: which entry of the parameters is the head (``head_of``)."""
+    c = ml_collections.ConfigDict()
+    c.head = 'auto'           # the top-level parameter entry adapted: 'auto' = the last layer (layer_N)
+    return c
 
 
 def validate(config, require) -> None:

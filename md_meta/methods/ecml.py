@@ -27,6 +27,7 @@ Choices:
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from md_meta.geometry import Geometry
@@ -91,6 +92,16 @@ def make(config) -> Geometry:
         return weight * conditioning_penalty(phi0, apply_support, support_y, layers, diag(theta), eps)
 
     return base._replace(penalty=penalty)
+
+
+def config_section() -> ml_collections.ConfigDict:
+    """config.ecml: the conditioning penalty and the optional learned preconditioner."""
+    c = ml_collections.ConfigDict()
+    c.penalty_weight = 0.01   # lambda: weight of the conditioning penalty in the meta-loss
+    c.layers = 'last'         # parameters whose Gauss-Newton curvature is conditioned: 'last' | 'all'
+    c.preconditioner = 'none'  # 'none' (no extra meta-parameters, as in ECML) | 'metasgd' (learned diagonal)
+    c.eps = 1e-6              # eigenvalue floor, relative to the largest eigenvalue
+    return c
 
 
 def learns_step_sizes(config) -> bool:

@@ -33,6 +33,7 @@ the blockIAF's explicit inverse, so that the map's parameters change the steps a
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from md_meta import blockiaf
 from md_meta.geometry import Geometry, InnerLoop, sgd_step
@@ -163,6 +164,25 @@ def make(config) -> Geometry:
         return InnerLoop(update=update, params_of=params_of)
 
     return Geometry(init=init, inner=inner)
+
+
+def config_section() -> ml_collections.ConfigDict:
+    """config.md: the blockIAF map (``spec_from_config``) and its Kronecker forms."""
+    c = ml_collections.ConfigDict()
+    c.scale = 'bounded'
+    c.s_min = 0.1
+    c.s_max = 2.0
+    c.monotone = True       # Theorem 1 by construction (docs/monotonicity.md); False: the paper's/reference's form
+    c.shift_lipschitz = ml_collections.FieldReference(None, field_type=float)
+    c.encoder_layers = 3
+    c.head_init = 'zero'    # decoder heads: 'zero' (paper/authors: kernels' factors never learn) | 'learnable'
+    c.group_cost_max = 1.5  # how g is computed, not what: higher, fewer kernels for more FLOPs (docs/benchmarks.md)
+    c.activation = 'relu'   # of the map's encoders / link / decoders: 'relu' (authors) | 'elu' (no dead codes)
+    c.kronecker = 'dual_step'  # mixing each tensor's entries: 'dual_step' | 'none' (the map alone, the paper's)
+    #                          | 'sandwich' | 'kfo_step' (docs/methods.md)
+    c.kronecker_eps = 0.01  # 'sandwich': each factor is L L^T + eps I
+    c.start = 'dual'        # meta-learned start: 'dual' (z_0, the paper) | 'primal' (phi_0; z_0 = g^-1(phi_0))
+    return c
 
 
 def validate(config, require) -> None:

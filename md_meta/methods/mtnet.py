@@ -18,6 +18,7 @@ finite differences cannot check it; the other meta-gradients are exact.
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from md_meta.geometry import Geometry, InnerLoop
 from md_meta.methods import _tensor, tnet
@@ -77,6 +78,14 @@ def make(config) -> Geometry:
         return InnerLoop(update=update, params_of=lambda state: state['phi'], start=start)
 
     return Geometry(init=init, inner=inner, layer=tnet.TLayer)
+
+
+def config_section() -> ml_collections.ConfigDict:
+    """config.mtnet: the masks' logits at start and the Gumbel-softmax temperature."""
+    c = ml_collections.ConfigDict()
+    c.init_logit = 0.0       # mask logits at start (0: each unit adapts w.p. 1/2; >= 50: all on)
+    c.temperature = 1.0      # Gumbel-softmax temperature
+    return c
 
 
 def validate(config, require) -> None:
