@@ -327,7 +327,7 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
     import jax.numpy as jnp
     import numpy as np
     torch, models, ref_md, ref_mc, ref_msgd = load_reference(reference_dir)
-    from md_meta import blockiaf, losses, methods, networks
+    from md_meta import blockiaf, blockiaf_engine, losses, methods, networks
     from md_meta.config import base_config
     from md_meta import meta as meta_lib
     from md_meta.inner import InnerConfig, adapt
@@ -406,10 +406,10 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
         geometry = methods.make_geometry(cfg)
         cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jdtype), t)
         z0 = cast(network_to_md(OrderedDict(init.named_parameters()), template))
-        if method == 'md':  # md-meta meta-learns the map's weights in the packed layout (blockiaf.pack)
+        if method == 'md':  # md-meta meta-learns the map's weights in the packed layout (blockiaf_engine.pack)
             spec = blockiaf.make_spec(template, scale='exp', monotone=False)
             theta = cast(blockiaf_to_md(extra, template))
-            geom = blockiaf.pack(theta, spec)
+            geom = blockiaf_engine.pack(theta, spec)
         elif method == 'metacurvature':
             geom = {'factors': cast(metacurvature_to_md(extra, template))}
         else:
@@ -450,7 +450,7 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
 
         if method == 'md':
             geom_md = lambda g: g
-            geom_ref = lambda m: blockiaf.pack(blockiaf_to_md(m, template), spec)
+            geom_ref = lambda m: blockiaf_engine.pack(blockiaf_to_md(m, template), spec)
         else:
             key = 'factors' if method == 'metacurvature' else 'log_lr'
             geom_md = lambda g: g[key]
@@ -470,7 +470,7 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
         if method == 'md':
             named = OrderedDict(init.named_parameters())
             g_ref = extra(named)
-            check('g(z)', blockiaf.forward(theta, z0, spec), network_to_md(g_ref, template))
+            check('g(z)', blockiaf_engine.forward(theta, z0, spec), network_to_md(g_ref, template))
             result['g(z)-z'] = rel_error(network_to_md(g_ref, template), z0)  # how far from the identity
             phi_any = jax.tree_util.tree_map(lambda a: a + 0.05, z0)
             z_md = blockiaf.inverse(theta, phi_any, spec)
