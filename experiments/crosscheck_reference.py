@@ -327,7 +327,7 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
     import jax.numpy as jnp
     import numpy as np
     torch, models, ref_md, ref_mc, ref_msgd = load_reference(reference_dir)
-    from md_meta import blockiaf, blockiaf_engine, losses, methods, networks
+    from md_meta import blockiaf, blockiaf_engine, losses, methods, networks, strategies
     from md_meta.config import base_config
     from md_meta import meta as meta_lib
     from md_meta.inner import InnerConfig, adapt
@@ -437,8 +437,8 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
         batch = Task(jnp.stack([jxs, jxs2]), jnp.stack([jys, jys]), jnp.stack([jxq, jxq2]), jnp.stack([jyq, jyq]))
         (step_loss_md, _), step_grads_md = jax.jit(functools.partial(meta_lib.meta_value_and_grad, learner))(
             {'init': z0, 'geom': geom, 'net': variables}, batch, jax.random.PRNGKey(0))
-        modes = {'tasks': 2, 'task_batching': list(meta_lib.task_batching_for(learner, batch)),
-                 'task_gradients': meta_lib.task_gradients_for(learner, batch), 'remat': True,
+        modes = {'tasks': 2, 'task_batching': list(strategies.task_batching_for(learner, batch)),
+                 'task_gradients': strategies.task_gradients_for(learner, batch), 'remat': True,
                  'conv_impl': networks.resolve_conv_impl(cfg.model.conv_impl)}
 
         def grad_tree(grads, p_to_md):  # the authors' gradients in md-meta's layout (the same permutation)
@@ -586,8 +586,8 @@ if __name__ == '__main__':
     flags.DEFINE_integer('steps', 5, 'K, inner steps')
     flags.DEFINE_float('step_size', 0.01, 'alpha, the inner step size')
     flags.DEFINE_list('seeds', ['0'], 'seeds of the random parameters and episodes, one comparison each')
-    flags.DEFINE_string('task_batching', 'auto', 'md_meta.meta task_batching of the meta-step comparison')
-    flags.DEFINE_string('task_gradients', 'auto', 'md_meta.meta task_gradients of the meta-step comparison')
+    flags.DEFINE_string('task_batching', 'auto', 'md_meta.strategies task_batching of the meta-step comparison')
+    flags.DEFINE_string('task_gradients', 'auto', 'md_meta.strategies task_gradients of the meta-step comparison')
     flags.DEFINE_list('methods', ['md', 'metacurvature', 'metasgd'], 'methods to compare')
     flags.DEFINE_list('dtypes', ['float64', 'float32'], 'precisions to compare in')
     flags.DEFINE_float('rtol', 1e-9, 'tolerance in float64')
