@@ -47,7 +47,7 @@ import numpy as np
 
 from md_meta import config as config_lib
 from md_meta import experiment, methods, tasks, training
-from md_meta.meta import task_batching_for, task_gradients_for
+from md_meta.strategies import task_batching_for, task_gradients_for
 from md_meta.tasks import Task
 
 FLAGS = flags.FLAGS

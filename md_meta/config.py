@@ -63,9 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.meta.lr = 1e-3
     c.meta.batch_size = 25
     c.meta.steps = 70000
-    c.meta.task_batching = 'auto'    # 'vmap' | 'map' | 'auto' (meta.resolve_task_batching)
+    c.meta.task_batching = 'auto'    # 'vmap' | 'map' | 'auto' (strategies.resolve_task_batching)
     c.meta.task_chunk = 2            # at most this many tasks per vmapped chunk under 'map' (a divisor of batch_size)
-    c.meta.task_gradients = 'auto'   # 'batched' | 'per_task' | 'auto' (per_task for image tasks on CPU; md_meta.meta.meta_value_and_grad)
+    c.meta.task_gradients = 'auto'   # 'batched' | 'per_task' | 'auto' (per_task for image tasks on CPU; strategies.resolve_task_gradients)
     c.meta.compute_dtype = 'float32'  # 'bfloat16': bf16 network compute, fp32 params and optimizer state
     c.meta.lr_decay_every = 0  # sgd_nesterov: x0.1 every N steps (0: never)
     c.meta.weight_decay = 0.0
@@ -114,7 +114,7 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
     """Raises ConfigError naming the first invalid field. ``own_source`` / ``own_model``: the task source
     or the network are given to ``experiment.build`` directly, so config.task.name / config.model are not
     checked against md-meta's own."""
-    from md_meta import meta, methods, networks  # noqa: the lists of valid values live with their owners
+    from md_meta import methods, networks, strategies  # noqa: the lists of valid values live with their owners
     _require(c.method in methods.names(), 'method', f'unknown method {c.method!r}; choose from {methods.names()}')
     if not own_source:
         _require(c.task.name in TASKS, 'task.name', f'unknown task {c.task.name!r}; choose from {TASKS}')
@@ -139,11 +139,11 @@ def validate(c: ml_collections.ConfigDict, own_source: bool = False, own_model: 
     _require(len(hidden) > 0 and all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden),
              'model.hidden', f'must be positive integers, got {hidden}')
     _require(c.meta.optimizer in OPTIMIZERS, 'meta.optimizer', f'must be one of {OPTIMIZERS}, got {c.meta.optimizer!r}')
-    _require(c.meta.task_batching in meta.TASK_BATCHING, 'meta.task_batching',
-             f'must be one of {meta.TASK_BATCHING}, got {c.meta.task_batching!r}')
+    _require(c.meta.task_batching in strategies.TASK_BATCHING, 'meta.task_batching',
+             f'must be one of {strategies.TASK_BATCHING}, got {c.meta.task_batching!r}')
     _pos_int(c, 'meta.task_chunk')
-    _require(c.meta.task_gradients in meta.TASK_GRADIENTS, 'meta.task_gradients',
-             f'must be one of {meta.TASK_GRADIENTS}, got {c.meta.task_gradients!r}')
+    _require(c.meta.task_gradients in strategies.TASK_GRADIENTS, 'meta.task_gradients',
+             f'must be one of {strategies.TASK_GRADIENTS}, got {c.meta.task_gradients!r}')
     _require(c.inner.eval_steps == -1 or c.inner.eval_steps > 0, 'inner.eval_steps',
              f'must be -1 (same as inner.steps) or positive, got {c.inner.eval_steps}')
     _require(c.eval.query == -1 or c.eval.query > 0, 'eval.query', f'must be -1 or positive, got {c.eval.query}')

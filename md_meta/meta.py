@@ -5,8 +5,9 @@ collections (e.g. warp layers)}. For a batch of tasks t (support D_trn, query D_
 
     meta_loss(theta) = mean_t [ L(phi_t^K(theta); D_val_t) + penalty_t ]
 
-whose gradient is the full second-order meta-gradient (``first_order`` stops the inner gradients).
-The per-task work is ``vmap``-ed or mapped in vmapped chunks (``task_batching``); the step is one ``jit``.
+whose gradient is the full second-order meta-gradient (``first_order`` stops the inner gradients). How the
+per-task work and its gradients are batched over tasks is ``md_meta.strategies`` (the same values); the step is
+one ``jit``.
 """
 from __future__ import annotations
 
@@ -19,14 +20,11 @@ import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
-from md_meta import losses
+from md_meta import losses, strategies
 from md_meta.geometry import Geometry
 from md_meta.inner import InnerConfig, adapt
 from md_meta.networks import Model
 from md_meta.tasks import Task
-
-TASK_BATCHING = ('auto', 'vmap', 'map')
-TASK_GRADIENTS = ('auto', 'batched', 'per_task')
 
 
 class MetaLearner(NamedTuple):
@@ -36,10 +34,10 @@ class MetaLearner(NamedTuple):
     loss: Any                        # a name in losses.LOSSES or a callable (outputs, targets) -> scalar
     inner: InnerConfig
     eval_inner: InnerConfig
-    task_batching: str = 'auto'      # how tasks are batched (``resolve_task_batching``)
+    task_batching: str = 'auto'      # how tasks are batched (``strategies.resolve_task_batching``)
     compute_dtype: str = 'float32'   # 'bfloat16': network forward/backward in bf16, parameters stay fp32
     task_gradients: str = 'auto'     # how the meta-gradient is batched over tasks (``meta_value_and_grad``)
-    task_chunk: int = 2              # at most this many tasks per vmapped chunk under 'map' (``chunk_size``)
+    task_chunk: int = 2              # at most this many tasks per chunk under 'map' (``strategies.chunk_size``)
     norm_stats: str = 'batch'        # batch norm's statistics for the query: 'batch' | 'support' (``query_outputs``)
 
 
@@ -101,45 +99,6 @@ def task_result(learner: MetaLearner, meta: dict, task: Task, key: jax.Array, in
     return metrics, curves, penalty
 
 
-def resolve_task_batching(task_batching: str, *, images: bool) -> str:
-    """'auto' -> 'map' for image tasks on a single CPU device, 'vmap' otherwise (docs/benchmarks.md, "Speed
-    switches"). On XLA:CPU, chunks of a few CNN tasks keep the step's temporaries small (MAML (c): 3271 MiB
-    vmapped, 124 MiB one task at a time) and run as fast or faster (chunks of 2: (c) 7-8% faster, (a) and
-    (b) the same); small vector tasks (sinusoid MLP) want one vmap (MD: 3.4 ms vmapped, 6.8 ms one task at
-    a time); accelerators want the whole batch in one vmap, and a task axis sharded over devices must not
-    be scanned. ``images``: the inputs are (examples, H, W, C) per task."""
-    if task_batching not in TASK_BATCHING:
-        raise ValueError(f'task_batching must be one of {TASK_BATCHING}, got {task_batching!r}')
-    if task_batching == 'auto':
-        single_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
-        return 'map' if single_cpu and images else 'vmap'
-    return task_batching
-
-
-def chunk_size(num_tasks: int, task_chunk: int) -> int:
-    """Tasks per chunk under 'map': the largest divisor of ``num_tasks`` that is <= ``task_chunk``. Chunks
-    of equal size put one copy of the task program in the step; a remainder (``lax.map``'s ``batch_size``
-    with num_tasks % task_chunk != 0) would add a second one and double the compile time."""
-    if task_chunk < 1:
-        raise ValueError(f'task_chunk must be a positive integer, got {task_chunk!r}')
-    return max(c for c in range(1, min(task_chunk, num_tasks) + 1) if num_tasks % c == 0)
-
-
-def task_batching_for(learner: MetaLearner, batch: Task) -> tuple:
-    """(mode, tasks per chunk or None) that ``_over_tasks`` uses for this batch of tasks."""
-    mode = resolve_task_batching(learner.task_batching, images=batch.support_x.ndim == 5)
-    return mode, chunk_size(batch.support_x.shape[0], learner.task_chunk) if mode == 'map' else None
-
-
-def _over_tasks(learner: MetaLearner, fn: Callable, batch: Task, keys: jax.Array):
-    """fn over the leading (task) axis of (batch, keys), outputs stacked: ``vmap``; ``map`` = ``lax.map``
-    over equal chunks of ``chunk_size`` tasks, each chunk vmapped (a scan: the same values, less memory)."""
-    mode, chunk = task_batching_for(learner, batch)
-    if mode == 'vmap':
-        return jax.vmap(fn)(batch, keys)
-    return jax.lax.map(lambda args: fn(*args), (batch, keys), batch_size=chunk)
-
-
 def meta_loss(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
     """Mean over tasks of query loss (+ the method's penalty); aux = mean query metrics."""
     num_tasks = batch.support_x.shape[0]
@@ -149,70 +108,41 @@ def meta_loss(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
         metrics, _, penalty = task_result(learner, meta, task, k, learner.inner)
         return metrics, penalty
 
-    metrics, penalty = _over_tasks(learner, one, batch, keys)
+    metrics, penalty = strategies.over_tasks(learner, one, batch, keys)
     metrics = jax.tree_util.tree_map(jnp.mean, metrics)
     total = metrics['loss'] + jnp.mean(penalty)
     return total, metrics
 
 
-def resolve_task_gradients(task_gradients: str, *, images: bool) -> str:
-    """'auto' -> 'per_task' for image tasks on CPU, 'batched' otherwise (docs/benchmarks.md, "Speed switches"):
-    per-task gradients are faster for CNN4 on XLA:CPU, but on the sinusoid MLP each task materialises its own
-    cotangent of MD's small kron matrices (MD's step there ~3x slower than batched). ``images``: the inputs
-    are (examples, H, W, C) per task."""
-    if task_gradients not in TASK_GRADIENTS:
-        raise ValueError(f'task_gradients must be one of {TASK_GRADIENTS}, got {task_gradients!r}')
-    if task_gradients == 'auto':
-        return 'per_task' if jax.default_backend() == 'cpu' and images else 'batched'
-    return task_gradients
-
-
-def task_gradients_for(learner: MetaLearner, batch: Task) -> str:
-    """The ``task_gradients`` mode ``meta_value_and_grad`` uses for this batch of tasks."""
-    return resolve_task_gradients(learner.task_gradients, images=batch.support_x.ndim == 5)
-
-
 def meta_value_and_grad(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
-    """((meta_loss, metrics), grad_theta meta_loss), two ways with the same value (``task_gradients``):
+    """((meta_loss, metrics), grad_theta meta_loss), two ways with the same value (``task_gradients``,
+    ``strategies.task_gradients_for``):
 
-    'batched':  grad of the mean over the vmapped tasks; the backward pass sums the task cotangents of
-                the shared theta inside the inner loop's backward scan, once per inner step;
-    'per_task': mean_t grad_theta [L_t + penalty_t], vmap of per-task gradients averaged once at the end
-                (XLA:CPU's reductions over the task axis are slow, so one at the end is cheaper there). Each
-                task's gradient is raveled into one vector first, so the task mean is one reduction, not one
-                per leaf of theta (MD's theta has 111 leaves on CNN4: one kernel each on an accelerator)."""
+    'batched':  grad of the mean over the tasks; the backward pass sums the task cotangents of the shared
+                theta inside the inner loop's backward scan, once per inner step;
+    'per_task': mean_t grad_theta [L_t + penalty_t], the per-task gradients averaged once at the end
+                (``strategies.mean_of_task_gradients``)."""
     value, flat_grad = _value_and_raveled_grad(learner, meta, batch, key)
     return value, jax.flatten_util.ravel_pytree(meta)[1](flat_grad)
 
 
 def _value_and_raveled_grad(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
-    """``meta_value_and_grad`` with the gradient as one vector (``ravel``'s order)."""
-    if task_gradients_for(learner, batch) == 'batched':
+    """``meta_value_and_grad`` with the gradient as one vector (``strategies.ravel``'s order)."""
+    if strategies.task_gradients_for(learner, batch) == 'batched':
         value, grad = jax.value_and_grad(meta_loss, argnums=1, has_aux=True)(learner, meta, batch, key)
-        return value, ravel(grad)
+        return value, strategies.ravel(grad)
     keys = jax.random.split(key, batch.support_x.shape[0])
 
-    def one(task, k):
-        def total(m):
-            metrics, _, penalty = task_result(learner, m, task, k, learner.inner)
-            return metrics['loss'] + penalty, metrics
-        value, grad = jax.value_and_grad(total, has_aux=True)(meta)
-        return value, ravel(grad)
+    def total(m, task, k):   # L_t + penalty_t
+        metrics, _, penalty = task_result(learner, m, task, k, learner.inner)
+        return metrics['loss'] + penalty, metrics
 
-    (totals, metrics), grads = _over_tasks(learner, one, batch, keys)
-    task_mean = lambda tree: jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), tree)
-    return (jnp.mean(totals), task_mean(metrics)), jnp.mean(grads, axis=0)
-
-
-def ravel(tree) -> jnp.ndarray:
-    """The leaves of a pytree as one vector (``jax.flatten_util.ravel_pytree``'s order), for work that is the
-    same for every element: one kernel instead of one per leaf."""
-    return jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+    return strategies.mean_of_task_gradients(learner, total, meta, batch, keys)
 
 
 def init_optimizer_state(optimizer: optax.GradientTransformation, meta):
     """The optimizer's state for ``meta_update``, which updates theta as one vector: init(ravel(theta))."""
-    return optimizer.init(ravel(meta))
+    return optimizer.init(strategies.ravel(meta))
 
 
 def meta_update(learner: MetaLearner, optimizer: optax.GradientTransformation, meta, opt_state,
@@ -254,5 +184,5 @@ def make_evaluate(learner: MetaLearner, final_stats: bool = True):
     def evaluate(meta, batch, key):
         keys = jax.random.split(key, batch.support_x.shape[0])
         fn = lambda task, k: task_result(learner, meta, task, k, learner.eval_inner, final_stats)[:2]
-        return _over_tasks(learner, fn, batch, keys)
+        return strategies.over_tasks(learner, fn, batch, keys)
     return jax.jit(evaluate)

@@ -14,7 +14,8 @@ the argument (the constrained map ``monotone=True`` is certified, the paper/refe
 * ``empirical_gap``: gap over random pairs around a point.
 * ``diagnose``: both, at points sampled around a point (e.g. a trained dual initialisation z0).
 
-Everything works on parameter pytrees; ``spec`` is a static ``blockiaf.BlockIAFSpec``. For certified
+Everything works on parameter pytrees; ``spec`` is a static ``blockiaf.BlockIAFSpec``; g is computed by
+``blockiaf_engine.forward``. For certified
 checks use float64 (``with jax.enable_x64(True):`` and float64 inputs).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from md_meta import blockiaf
+from md_meta import blockiaf, blockiaf_engine
 
 Params = Any
 
@@ -38,8 +39,8 @@ Params = Any
 def gap(theta: Params, z: Params, z_prime: Params, spec: blockiaf.BlockIAFSpec) -> jnp.ndarray:
     """(z - z')^T (g(z) - g(z')) / |z - z'|^2 (pytrees z, z' of the same structure)."""
     dz, _ = ravel_pytree(jax.tree_util.tree_map(jnp.subtract, z, z_prime))
-    dg, _ = ravel_pytree(jax.tree_util.tree_map(jnp.subtract, blockiaf.forward(theta, z, spec),
-                                                blockiaf.forward(theta, z_prime, spec)))
+    dg, _ = ravel_pytree(jax.tree_util.tree_map(jnp.subtract, blockiaf_engine.forward(theta, z, spec),
+                                                blockiaf_engine.forward(theta, z_prime, spec)))
     return jnp.vdot(dz, dg) / (jnp.vdot(dz, dz) + jnp.finfo(dz.dtype).tiny)
 
 
@@ -187,7 +188,7 @@ def falsify_map(fn: Callable, center: Params, key: jax.Array, *, restarts: int =
 def sym_jacobian_matvec(theta: Params, z: Params, spec: blockiaf.BlockIAFSpec) -> tuple[Callable, int]:
     """v -> (J + J^T) v / 2 on flat vectors, J = dg/dz at z (one jvp and one vjp; no dense J)."""
     z_flat, unravel = ravel_pytree(z)
-    f = lambda x: ravel_pytree(blockiaf.forward(theta, unravel(x), spec))[0]
+    f = lambda x: ravel_pytree(blockiaf_engine.forward(theta, unravel(x), spec))[0]
     _, vjp_fn = jax.vjp(f, z_flat)
 
     def matvec(v):

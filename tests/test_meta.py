@@ -9,9 +9,8 @@ import pytest
 
 from md_meta import experiment
 from md_meta.config import ConfigError, validate
-from md_meta.meta import (Task, chunk_size, init_meta_params, init_optimizer_state, make_evaluate, make_meta_step,
-                          meta_loss, meta_value_and_grad, resolve_task_batching, resolve_task_gradients,
-                          task_batching_for)
+from md_meta.meta import (init_meta_params, init_optimizer_state, make_evaluate, make_meta_step, meta_loss,
+                          meta_value_and_grad)
 from md_meta.tasks import sinusoid
 from tests.helpers import (image_batch, image_learner, meta_grad, perturbed, random_like, tiny_config,
                            tree_max_abs_diff, tree_vdot)
@@ -190,41 +189,6 @@ def test_task_map_matches_vmap_cnn():
     ev = [make_evaluate(learner)(meta, batch, key) for learner in learners[:2]]
     np.testing.assert_allclose(ev[1][0]['loss'], ev[0][0]['loss'], rtol=1e-5)
     np.testing.assert_allclose(ev[1][1]['loss'], ev[0][1]['loss'], rtol=1e-5)
-
-
-def test_resolve_task_batching_and_config():
-    single_cpu = jax.default_backend() == 'cpu' and jax.device_count() == 1
-    assert resolve_task_batching('auto', images=True) == ('map' if single_cpu else 'vmap')
-    assert resolve_task_batching('auto', images=False) == 'vmap'
-    assert resolve_task_batching('map', images=False) == 'map'
-    with pytest.raises(ValueError, match='task_batching'):
-        resolve_task_batching('pmap', images=True)
-    # equal chunks only (no remainder program): the largest divisor of the batch <= task_chunk
-    assert [chunk_size(n, 2) for n in (1, 2, 3, 4, 32)] == [1, 2, 1, 2, 2]
-    assert [chunk_size(n, 4) for n in (6, 7, 8, 3)] == [3, 1, 4, 3]
-    with pytest.raises(ValueError, match='task_chunk'):
-        chunk_size(4, 0)
-    images, vectors = image_batch(tasks=3), Task(*(jnp.zeros((25, 5, 1)),) * 4)
-    assert task_batching_for(image_learner(task_batching='map', task_chunk=2), images) == ('map', 1)
-    assert task_batching_for(image_learner(task_batching='auto', task_chunk=2), vectors) == ('vmap', None)
-    for field, value in (('task_batching', 'pmap'), ('task_chunk', 0)):
-        c = tiny_config('maml')
-        c.meta[field] = value
-        with pytest.raises(ConfigError, match=f'meta.{field}'):
-            validate(c)
-
-
-def test_resolve_task_gradients_and_config():
-    cpu = jax.default_backend() == 'cpu'
-    assert resolve_task_gradients('auto', images=True) == ('per_task' if cpu else 'batched')
-    assert resolve_task_gradients('auto', images=False) == 'batched'
-    assert resolve_task_gradients('per_task', images=False) == 'per_task'
-    with pytest.raises(ValueError, match='task_gradients'):
-        resolve_task_gradients('sum', images=True)
-    c = tiny_config('maml')
-    c.meta.task_gradients = 'sum'
-    with pytest.raises(ConfigError, match='meta.task_gradients'):
-        validate(c)
 
 
 def test_unroll_and_compute_dtype_config():

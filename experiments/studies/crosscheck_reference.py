@@ -327,7 +327,7 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
     import jax.numpy as jnp
     import numpy as np
     torch, models, ref_md, ref_mc, ref_msgd = load_reference(reference_dir)
-    from md_meta import blockiaf, losses, methods, networks
+    from md_meta import blockiaf, blockiaf_engine, losses, methods, networks, strategies
     from md_meta.config import base_config
     from md_meta import meta as meta_lib
     from md_meta.inner import InnerConfig, adapt
@@ -406,10 +406,10 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
         geometry = methods.make_geometry(cfg)
         cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jdtype), t)
         z0 = cast(network_to_md(OrderedDict(init.named_parameters()), template))
-        if method == 'md':  # md-meta meta-learns the map's weights in the packed layout (blockiaf.pack)
+        if method == 'md':  # md-meta meta-learns the map's weights in the packed layout (blockiaf_engine.pack)
             spec = blockiaf.make_spec(template, scale='exp', monotone=False)
             theta = cast(blockiaf_to_md(extra, template))
-            geom = blockiaf.pack(theta, spec)
+            geom = blockiaf_engine.pack(theta, spec)
         elif method == 'metacurvature':
             geom = {'factors': cast(metacurvature_to_md(extra, template))}
         else:
@@ -437,8 +437,8 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
         batch = Task(jnp.stack([jxs, jxs2]), jnp.stack([jys, jys]), jnp.stack([jxq, jxq2]), jnp.stack([jyq, jyq]))
         (step_loss_md, _), step_grads_md = jax.jit(functools.partial(meta_lib.meta_value_and_grad, learner))(
             {'init': z0, 'geom': geom, 'net': variables}, batch, jax.random.PRNGKey(0))
-        modes = {'tasks': 2, 'task_batching': list(meta_lib.task_batching_for(learner, batch)),
-                 'task_gradients': meta_lib.task_gradients_for(learner, batch), 'remat': True,
+        modes = {'tasks': 2, 'task_batching': list(strategies.task_batching_for(learner, batch)),
+                 'task_gradients': strategies.task_gradients_for(learner, batch), 'remat': True,
                  'conv_impl': networks.resolve_conv_impl(cfg.model.conv_impl)}
 
         def grad_tree(grads, p_to_md):  # the authors' gradients in md-meta's layout (the same permutation)
@@ -450,7 +450,7 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
 
         if method == 'md':
             geom_md = lambda g: g
-            geom_ref = lambda m: blockiaf.pack(blockiaf_to_md(m, template), spec)
+            geom_ref = lambda m: blockiaf_engine.pack(blockiaf_to_md(m, template), spec)
         else:
             key = 'factors' if method == 'metacurvature' else 'log_lr'
             geom_md = lambda g: g[key]
@@ -470,7 +470,7 @@ def compare(reference_dir, method, dtype_name, *, md_dtype=None, ways=5, shots=1
         if method == 'md':
             named = OrderedDict(init.named_parameters())
             g_ref = extra(named)
-            check('g(z)', blockiaf.forward(theta, z0, spec), network_to_md(g_ref, template))
+            check('g(z)', blockiaf_engine.forward(theta, z0, spec), network_to_md(g_ref, template))
             result['g(z)-z'] = rel_error(network_to_md(g_ref, template), z0)  # how far from the identity
             phi_any = jax.tree_util.tree_map(lambda a: a + 0.05, z0)
             z_md = blockiaf.inverse(theta, phi_any, spec)
@@ -586,8 +586,8 @@ if __name__ == '__main__':
     flags.DEFINE_integer('steps', 5, 'K, inner steps')
     flags.DEFINE_float('step_size', 0.01, 'alpha, the inner step size')
     flags.DEFINE_list('seeds', ['0'], 'seeds of the random parameters and episodes, one comparison each')
-    flags.DEFINE_string('task_batching', 'auto', 'md_meta.meta task_batching of the meta-step comparison')
-    flags.DEFINE_string('task_gradients', 'auto', 'md_meta.meta task_gradients of the meta-step comparison')
+    flags.DEFINE_string('task_batching', 'auto', 'md_meta.strategies task_batching of the meta-step comparison')
+    flags.DEFINE_string('task_gradients', 'auto', 'md_meta.strategies task_gradients of the meta-step comparison')
     flags.DEFINE_list('methods', ['md', 'metacurvature', 'metasgd'], 'methods to compare')
     flags.DEFINE_list('dtypes', ['float64', 'float32'], 'precisions to compare in')
     flags.DEFINE_float('rtol', 1e-9, 'tolerance in float64')

@@ -3,7 +3,7 @@
     z_k = z_{k-1} - alpha * grad_phi L(g(z_{k-1}); D_trn),     phi_hat = g(z_K),
 
 with the dual initialisation z_0 and the blockIAF parameters theta_g meta-learned (stored in
-``blockiaf.pack``'s layout: the leaves' encoder / decoder layers stacked per group). The gradient is
+``blockiaf_engine.pack``'s layout: the leaves' encoder / decoder layers stacked per group). The gradient is
 taken with respect to the primal phi = g(z), not through g (the reference implementation's choice).
 With g = identity this is exactly MAML.
 
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from md_meta import blockiaf
+from md_meta import blockiaf, blockiaf_engine
 from md_meta.geometry import Geometry, InnerLoop, sgd_step
 from md_meta.methods import _tensor, metakfo
 
@@ -46,12 +46,12 @@ STARTS = ('dual', 'primal')
 
 def spec_from_config(config, params) -> blockiaf.BlockIAFSpec:
     """The blockIAF's spec: one block per top-level entry of ``params`` (only its keys are read), in
-    ``blockiaf.default_blocks`` order, whatever the dict's key order."""
+    ``blockiaf.default_blocks`` order, whatever the dict's key order. (``md.group_cost_max``, how g's products
+    are grouped, is no part of the map: ``make`` gives it to ``blockiaf_engine``.)"""
     c = config.md
     return blockiaf.make_spec(params, scale=c.scale, s_min=c.s_min, s_max=c.s_max,
                               monotone=c.monotone, shift_lipschitz=c.shift_lipschitz,
-                              encoder_layers=c.encoder_layers, group_cost_max=c.group_cost_max,
-                              activation=c.activation)
+                              encoder_layers=c.encoder_layers, activation=c.activation)
 
 
 # ----------------------------------------------------------------------------- the Kronecker factors
@@ -130,9 +130,9 @@ def make(config) -> Geometry:
     def maps(geom):
         """(phi = g~(w), w = g~^-1(phi)) of MD's meta-parameters: g~ = g, or P g(P .) for the sandwich."""
         packed, kron = split_geom(geom)
-        weights = blockiaf.effective_packed(packed, c.monotone, c.group_cost_max)
-        g = lambda z: blockiaf.apply_packed(weights, z, spec_for(z))
-        g_inv = lambda phi: blockiaf.inverse(blockiaf.unpack(packed, spec_for(phi), phi), phi, spec_for(phi))
+        weights = blockiaf_engine.effective_packed(packed, c.monotone, c.group_cost_max)
+        g = lambda z: blockiaf_engine.apply_packed(weights, z, spec_for(z), c.group_cost_max)
+        g_inv = lambda phi: blockiaf.inverse(blockiaf_engine.unpack(packed, spec_for(phi), phi), phi, spec_for(phi))
         if kind != 'sandwich':
             return g, g_inv
         p = spd_factors(kron, eps)
@@ -142,7 +142,7 @@ def make(config) -> Geometry:
 
     def init(key, params):
         spec = spec_for(params)
-        geom = blockiaf.pack(blockiaf.init(key, params, spec, head_init=c.head_init), spec)
+        geom = blockiaf_engine.pack(blockiaf.init(key, params, spec, head_init=c.head_init), spec)
         if kind != 'none':
             geom = dict(geom, kron=init_kronecker(params, kind, eps))
         if primal:
