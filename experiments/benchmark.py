@@ -175,9 +175,9 @@ def measure(config, repeats: int, count_flops: bool = True, profile_peak_gflops:
     flops = _cost(compiled)
     flops_rolled = False
     learner = exp.learner
-    unroll = learner.inner.unroll
+    unroll = learner.inner_config.unroll
     task_batching, task_chunk = task_batching_for(learner, batch)
-    rolled = unroll < learner.inner.steps or task_batching == 'map'
+    rolled = unroll < learner.inner_config.steps or task_batching == 'map'
     flops_rolled = rolled and not count_flops   # a loop body counted once: not the step's FLOPs
     if count_flops and rolled:
         # XLA counts a while loop's body once: count the FLOPs of the same step with the inner loop fully

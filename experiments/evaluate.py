@@ -52,7 +52,7 @@ def evaluate_workdir(workdir: str, num_tasks: int = 1000, which: str = 'best', b
     fp = (ckpt.record(step) or {}).get('fingerprint')
     record = {**workdirs.provenance(cfg, step, which, fp, trained_to=reached), 'checkpoint': which,
               'shots': cfg.task.shots,
-              'seed_offset': seed_offset, 'eval_inner_steps': exp.learner.eval_inner.steps,
+              'seed_offset': seed_offset, 'eval_inner_steps': exp.learner.eval_inner_config.steps,
               'eval_step_size': cfg.inner.step_size, **result,
               'seconds': time.time() - t0}
     if lake_runs:

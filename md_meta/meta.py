@@ -32,8 +32,8 @@ class MetaLearner(NamedTuple):
     geometry: Geometry
     model: Model
     loss: Any                        # a name in losses.LOSSES or a callable (outputs, targets) -> scalar
-    inner: InnerConfig
-    eval_inner: InnerConfig
+    inner_config: InnerConfig        # the training inner loop (K, first order, unroll, remat)
+    eval_inner_config: InnerConfig   # the evaluation inner loop (inner.eval_steps, first order)
     task_batching: str = 'auto'      # how tasks are batched (``strategies.resolve_task_batching``)
     compute_dtype: str = 'float32'   # 'bfloat16': network forward/backward in bf16, parameters stay fp32
     task_gradients: str = 'auto'     # how the meta-gradient is batched over tasks (``meta_value_and_grad``)
@@ -105,7 +105,7 @@ def meta_loss(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
     keys = jax.random.split(key, num_tasks)
 
     def one(task, k):
-        metrics, _, penalty = task_result(learner, meta, task, k, learner.inner)
+        metrics, _, penalty = task_result(learner, meta, task, k, learner.inner_config)
         return metrics, penalty
 
     metrics, penalty = strategies.over_tasks(learner, one, batch, keys)
@@ -134,7 +134,7 @@ def _value_and_raveled_grad(learner: MetaLearner, meta: dict, batch: Task, key: 
     keys = jax.random.split(key, batch.support_x.shape[0])
 
     def total(m, task, k):   # L_t + penalty_t
-        metrics, _, penalty = task_result(learner, m, task, k, learner.inner)
+        metrics, _, penalty = task_result(learner, m, task, k, learner.inner_config)
         return metrics['loss'] + penalty, metrics
 
     return strategies.mean_of_task_gradients(learner, total, meta, batch, keys)
@@ -183,6 +183,6 @@ def make_evaluate(learner: MetaLearner, final_stats: bool = True):
     One jitted function per learner (cached), so meta-validation and the final evaluation compile once."""
     def evaluate(meta, batch, key):
         keys = jax.random.split(key, batch.support_x.shape[0])
-        fn = lambda task, k: task_result(learner, meta, task, k, learner.eval_inner, final_stats)[:2]
+        fn = lambda task, k: task_result(learner, meta, task, k, learner.eval_inner_config, final_stats)[:2]
         return strategies.over_tasks(learner, fn, batch, keys)
     return jax.jit(evaluate)

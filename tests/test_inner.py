@@ -44,7 +44,7 @@ def test_md_with_identity_map_is_maml_trajectory_and_meta_gradient():
     for exp, meta in ((maml, meta_maml), (md, meta_md)):
         apply = lambda phi: exp.learner.model.apply({'params': phi}, task.support_x)
         loss = lambda phi: jnp.mean((apply(phi) - task.support_y) ** 2)
-        phi, c = adapt(exp.learner.geometry.inner(meta['geom']), loss, meta['init'], key, exp.learner.inner, True)
+        phi, c = adapt(exp.learner.geometry.inner(meta['geom']), loss, meta['init'], key, exp.learner.inner_config, True)
         curves.append((phi, c))
     assert tree_max_abs_diff(curves[0][0], curves[1][0]) == 0.0
     np.testing.assert_array_equal(curves[0][1]['loss'], curves[1][1]['loss'])

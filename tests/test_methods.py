@@ -60,7 +60,7 @@ def batch_for(net, **kw):
 def trajectory(learner, meta, task, key):
     loss_fn = losses.get(learner.loss)
     loss = lambda phi: loss_fn(learner.model.apply({'params': phi, **meta['net']}, task.support_x), task.support_y)
-    return adapt(learner.geometry.inner(meta['geom']), loss, meta['init'], key, learner.inner, final_stats=True)
+    return adapt(learner.geometry.inner(meta['geom']), loss, meta['init'], key, learner.inner_config, final_stats=True)
 
 
 @pytest.mark.parametrize('net', ['mlp', 'cnn'])

@@ -170,7 +170,7 @@ def model_classifier(exp, meta, key=None) -> Callable:
     def predict(meta, sx, sy, qx):
         apply = lambda phi, x: learner.model.apply({'params': phi, **meta['net']}, x)
         phi, _ = adapt(learner.geometry.inner(meta['geom']), lambda p: loss_fn(apply(p, sx), sy), meta['init'], key,
-                       learner.eval_inner)
+                       learner.eval_inner_config)
         return jnp.argmax(apply(phi, qx), -1)
 
     return lambda sx, sy, qx: np.asarray(predict(meta, jnp.asarray(sx), jnp.asarray(sy), jnp.asarray(qx)))
