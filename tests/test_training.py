@@ -285,7 +285,7 @@ def test_checkpoint_of_another_parameter_layout_is_refused_and_kept(tmp_path):
     assert ck.steps() == [10, 20] and not glob.glob(os.path.join(wd, 'checkpoints', '*.corrupt'))
     assert ck.restore_latest({'meta': meta, 'opt_state': opt_state})[0] == 20
 
-def _fake_run(root, name, method, acc, steps=100, planned=100, finished=True):
+def _fake_run(root, name, method, acc, steps=100, planned=100, finished=True, commit=None):
     wd = os.path.join(root, name)
     os.makedirs(wd)
     with open(os.path.join(wd, 'config.json'), 'w') as f:
@@ -298,20 +298,23 @@ def _fake_run(root, name, method, acc, steps=100, planned=100, finished=True):
         res = {'method': method, 'results': [{'shots': 1, 'num_tasks': 10, 'curves': {
             'loss': [2.0, 1.0, 0.5], 'grad_norm': [3.0, 2.0, 1.0]},
             'metrics': {'accuracy': {'mean': acc, 'ci': 0.01, 'n': 10}}}]}
+        if commit:
+            res['git_commit'] = commit
         with open(os.path.join(wd, 'results.json'), 'w') as f:
             json.dump(res, f)
 
 
 def test_summarise_runs_table_interval_and_unfinished(tmp_path):
-    """Mean over seeds +- t_{0.975,2} s / sqrt(3); an unfinished run is named and left out."""
+    """Mean over seeds +- t_{0.975,2} s / sqrt(3); an unfinished run is named and left out; runs whose
+    results.json records another commit than --commit are named with it."""
     root = tmp_path / 'grid'
     for seed, acc in enumerate((0.90, 0.92, 0.97)):
         _fake_run(str(root), f'maml-1shot-seed{seed}', 'maml', acc)
-    _fake_run(str(root), 'md-paper-1shot-seed0', 'md', 0.95)
+    _fake_run(str(root), 'md-paper-1shot-seed0', 'md', 0.95, commit='abcdef0123456789')
     _fake_run(str(root), 'md-paper-1shot-seed1', 'md', 0.5, steps=50, finished=False)
     out = tmp_path / 'fig' / 'table'
     r = subprocess.run([sys.executable, '-m', 'experiments.studies.summarise_runs', f'--root={root}', f'--out={out}',
-                        '--variants=md-paper,maml'], capture_output=True, text=True, cwd=ROOT, env=_env())
+                        '--variants=md-paper,maml', '--commit=5b6e9f9'], capture_output=True, text=True, cwd=ROOT, env=_env())
     assert r.returncode == 0, r.stderr
     data = json.load(open(str(out) + '.json'))
     rows = {row['variant']: row for row in data['rows']}
@@ -322,7 +325,7 @@ def test_summarise_runs_table_interval_and_unfinished(tmp_path):
     assert data['unfinished'] == [['md-paper-1shot-seed1', 50, 100]]
     text = open(str(out) + '.md').read()
     assert text.index('| md-paper |') < text.index('| maml |') and 'md-paper-1shot-seed1 at step 50/100' in text
-    assert '93.00 +- ' in text
+    assert '93.00 +- ' in text and 'runs from commit 5b6e9f9 (md-paper: abcdef0).' in text
     conv = open(str(out) + '_convergence.csv').read().splitlines()
     assert conv[0] == 'variant,shots,k,support_loss,grad_norm,seeds' and len(conv) == 1 + 2 * 3
 

@@ -73,7 +73,8 @@ def load_runs(root: str, metric: str) -> tuple:
         runs.append({'name': name, 'variant': m['variant'], 'shots': int(m['shots']), 'seed': int(m['seed']),
                      'method': cfg['method'], 'steps': last, 'planned': planned,
                      'test': test['metrics'][metric]['mean'], 'test_ci': test['metrics'][metric]['ci'],
-                     'tasks': test['num_tasks'], 'curves': test.get('curves', {}), 'val': val})
+                     'tasks': test['num_tasks'], 'curves': test.get('curves', {}), 'val': val,
+                     'commit': (res.get('git_commit') or '')[:7]})
     return runs, unfinished
 
 
@@ -87,7 +88,8 @@ def summarise(runs: list, variants: list) -> list:
             mean, ci = seed_interval([r['test'] for r in cell])
             rows.append({'variant': v, 'shots': s, 'mean': mean, 'ci': ci, 'seeds': [r['seed'] for r in cell],
                          'per_seed': [r['test'] for r in cell], 'steps': sorted({r['steps'] for r in cell}),
-                         'tasks': sorted({r['tasks'] for r in cell}), 'method': cell[0]['method']})
+                         'tasks': sorted({r['tasks'] for r in cell}), 'method': cell[0]['method'],
+                         'commits': sorted({r['commit'] for r in cell if r['commit']})})
     return rows
 
 
@@ -97,6 +99,17 @@ def git_commit(path: str) -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return 'unknown'
+
+
+def _other_commits(rows: list, commit: str) -> str:
+    """' (variant: its runs' commits; ...)' for the variants whose results.json record another commit than
+    ``commit``, '' if none."""
+    other = {}
+    for r in rows:
+        found = [c for c in r.get('commits', []) if not commit.startswith(c) and not c.startswith(commit)]
+        if found:
+            other.setdefault(r['variant'], set()).update(found)
+    return ' (' + '; '.join(f'{v}: {", ".join(sorted(cs))}' for v, cs in other.items()) + ')' if other else ''
 
 
 def markdown(rows: list, unfinished: list, metric: str, commit: str) -> str:
@@ -122,7 +135,8 @@ def markdown(rows: list, unfinished: list, metric: str, commit: str) -> str:
         out.append(f'| {v} | ' + ' | '.join(cells) + f' | {"; ".join(seeds)} | {", ".join(map(str, sorted(steps)))} |')
     tasks = sorted({t for r in rows for t in r['tasks']})
     out += ['', f'Mean over seeds (their number in brackets) of the test {metric} of the final parameters on '
-            f'{", ".join(map(str, tasks))} new tasks per run, +- the 95% t-interval over seeds; runs from commit {commit}.']
+            f'{", ".join(map(str, tasks))} new tasks per run, +- the 95% t-interval over seeds; runs from commit {commit}'
+            + _other_commits(rows, commit) + '.']
     if unfinished:
         out += ['', 'Not finished (left out): ' + ', '.join(f'{n} at step {s}/{p}' for n, s, p in unfinished) + '.']
     return '\n'.join(out) + '\n'
