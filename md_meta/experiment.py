@@ -45,7 +45,15 @@ def build(config, source: tasks.TaskSource | None = None, model=None, loss=None)
     ``loss`` 'mse', 'xent' or a callable (outputs, targets) -> scalar instead of the source's. Methods that
     insert layers into md-meta's own networks (tnet, mtnet, warpgrad) need config.model. The device
     request (config.dist) and the global batch are checked against this machine's devices and the task
-    mesh is built here, once (``Experiment.mesh``)."""
+    mesh is built here, once (``Experiment.mesh``).
+
+    Args:
+      config: an ml_collections config of ``config.base_config()``'s schema.
+      source, model, loss: your own task source, network and loss (optional, see above).
+    Returns:
+      Experiment(config, learner, optimizer, source, mesh).
+    Raises:
+      config.ConfigError (one line naming the field) for a bad config, data.DataError for unusable data."""
     exp = build_on_one_device(config, source, model, loss)
     return exp._replace(mesh=distributed.make_mesh(config))
 
@@ -79,7 +87,11 @@ def build_on_one_device(config, source=None, model=None, loss=None) -> Experimen
 
 
 def init_state(exp: Experiment):
-    """(meta, opt_state) from config.seed."""
+    """The meta-parameters and the optimizer's state at the start, from config.seed.
+
+    Returns:
+      (meta, opt_state): meta = {'init': the inner loop's start (phi_0, or MD's z_0), 'geom': the method's theta,
+      'net': the network's non-trained collections}; opt_state: the optimizer's state of meta raveled."""
     key = jax.random.fold_in(jax.random.PRNGKey(exp.config.seed), 1000)
     meta = init_meta_params(exp.learner, key, jnp.asarray(exp.source.example_x))
     return meta, jax.jit(functools.partial(init_optimizer_state, exp.optimizer))(meta)

@@ -28,7 +28,15 @@ class InnerConfig(NamedTuple):
 
 def adapt(loop: InnerLoop, support_loss: Callable, init, key: jax.Array, cfg: InnerConfig,
           final_stats: bool = False):
-    """Runs the inner loop; ``support_loss(phi) -> scalar``. Returns (phi_K, {'loss', 'grad_norm'}).
+    """Runs the inner loop: K steps state_k = loop.update(state_{k-1}, grad_phi support_loss(phi_{k-1})),
+    phi_k = loop.params_of(state_k), from state_0 = loop.start(init, key).
+
+    Args:
+      loop: the method's InnerLoop (``Geometry.inner(theta)``); support_loss: phi -> scalar (the task's D_trn);
+      init: the meta-learned start; key: the task's key; cfg: InnerConfig (K, first order, unroll, remat);
+      final_stats: also the support loss and gradient norm at phi_K.
+    Returns:
+      (phi_K, {'loss': (K [+ 1],), 'grad_norm': (K [+ 1],)}) along the loop.
 
     K = 1 is one step, no loop: phi_0 = params_of(state_0), state_1, phi_1 = params_of(state_1) (``remat``
     applies to the loop's bodies: with one step there is nothing to keep between them; under a vmap over

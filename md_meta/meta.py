@@ -100,7 +100,14 @@ def task_result(learner: MetaLearner, meta: dict, task: Task, key: jax.Array, in
 
 
 def meta_loss(learner: MetaLearner, meta: dict, batch: Task, key: jax.Array):
-    """Mean over tasks of query loss (+ the method's penalty); aux = mean query metrics."""
+    """The meta-objective on a batch of tasks t: mean_t [ L(phi_K^t; D_val^t) + penalty_t ], phi_K^t the inner
+    loop's K steps on D_trn^t from meta['init'] in the method's geometry (``learner.inner_config``).
+
+    Args:
+      learner: the static problem; meta: {'init', 'geom', 'net'}; batch: a Task with a leading task axis;
+      key: split into one key per task (methods that sample in the inner loop).
+    Returns:
+      (loss, metrics): the scalar meta-loss and the mean query metrics over the tasks."""
     num_tasks = batch.support_x.shape[0]
     keys = jax.random.split(key, num_tasks)
 
