@@ -24,12 +24,11 @@ TASK_GRADIENTS = ('auto', 'batched', 'per_task')
 
 
 def resolve_task_batching(task_batching: str, *, images: bool) -> str:
-    """'auto' -> 'map' for image tasks on a single CPU device, 'vmap' otherwise (docs/benchmarks.md, "Speed
-    switches"). On XLA:CPU, chunks of a few CNN tasks keep the step's temporaries small (MAML (c): 3271 MiB
-    vmapped, 124 MiB one task at a time) and run as fast or faster (chunks of 2: (c) 7-8% faster, (a) and
-    (b) the same); small vector tasks (sinusoid MLP) want one vmap (MD: 3.4 ms vmapped, 6.8 ms one task at
-    a time); accelerators want the whole batch in one vmap, and a task axis sharded over devices must not
-    be scanned. ``images``: the inputs are (examples, H, W, C) per task."""
+    """'auto' -> 'map' for image tasks on a single CPU device, 'vmap' otherwise. Why: on XLA:CPU chunks of a few
+    CNN tasks keep the step's temporaries small and run as fast or faster, small vector tasks (sinusoid MLP) want
+    one vmap, accelerators want the whole batch in one vmap, and a task axis sharded over devices must not be
+    scanned (the measurements: docs/benchmarks.md, "Speed switches"). ``images``: the inputs are (examples, H,
+    W, C) per task."""
     if task_batching not in TASK_BATCHING:
         raise ValueError(f'task_batching must be one of {TASK_BATCHING}, got {task_batching!r}')
     if task_batching == 'auto':
