@@ -134,7 +134,7 @@ def test_remat_and_unroll_same_meta_gradient_md_mlp():
     batch = exp.source.sample(0, 3, 'train', 4)
     base = exp.learner._replace(inner_config=exp.learner.inner_config._replace(remat=False, unroll=1))
     meta, g0 = meta_grad(base, batch)
-    for inner in (base.inner._replace(remat=True, unroll=2),):
+    for inner in (base.inner_config._replace(remat=True, unroll=2),):
         _, g = meta_grad(base._replace(inner_config=inner), batch, meta)
         assert _rel(g, g0) < 1e-5, inner
 
