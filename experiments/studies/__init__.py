@@ -10,5 +10,6 @@
     torch_baseline       a plain PyTorch second-order MAML step, a same-machine yardstick (a script; needs torch)
     measure_overhead     the harness's share of training time (checkpoints, validation, logging)
     profile_step         time per op class of a compiled step against its roofline (``benchmark --profile``)
+    step_fingerprint     sha256 of two meta-steps of every method and MD form: a refactor must leave it unchanged
     gpu_benchmark.sh     the benchmark suite on a GPU host, in bounded stages
 """
