@@ -330,16 +330,21 @@ def test_summarise_runs_table_interval_and_unfinished(tmp_path):
     assert conv[0] == 'variant,shots,k,support_loss,grad_norm,seeds' and len(conv) == 1 + 2 * 3
 
 
-def test_ablation_reads_back_only_the_run_asked_for(tmp_path):
-    """A finished (variant, seed) run is read back into the table when its shots, steps, tasks, seed and the
-    variant's overrides are the ones asked for; a run with other settings (here: other shots) is refused with
-    one line naming the workdir, not read back as if it were the run asked for."""
-    wd = tmp_path / 'ablate'
+def _finished_maml_ablation_runs(wd):
+    """Three finished MAML runs of the ablation (seeds 0-2, 5-shot, 70000 steps; MSE 0.50, 0.55, 0.60) in ``wd``."""
     for seed, mse in enumerate((0.50, 0.55, 0.60)):
         os.makedirs(wd / f'maml-s{seed}')
         with open(wd / f'maml-s{seed}' / 'comparison.json', 'w') as f:
             json.dump({'methods': ['maml'], 'shots': [5], 'steps': 70000, 'num_tasks': 600,
                        'config': {'seed': seed}, 'results': [{'shots': 5, 'mse': mse}]}, f)
+    return wd
+
+
+def test_ablation_reads_back_only_the_run_asked_for(tmp_path):
+    """A finished (variant, seed) run is read back into the table when its shots, steps, tasks, seed and the
+    variant's overrides are the ones asked for; a run with other settings (here: other shots) is refused with
+    one line naming the workdir, not read back as if it were the run asked for."""
+    wd = _finished_maml_ablation_runs(tmp_path / 'ablate')
     cli = lambda *a: subprocess.run([sys.executable, '-m', 'experiments.studies.ablate_blockiaf', f'--workdir={wd}',
                                      '--variants=maml', '--steps=70000', f'--out={tmp_path / "t"}', *a],
                                     capture_output=True, text=True, cwd=ROOT, env=_env())
@@ -356,12 +361,7 @@ def test_ablation_takes_earlier_rows_from_its_own_tables_and_pairs_them(tmp_path
     """--earlier: a variant every asked shot count of which is in an earlier table (same steps, tasks, seeds) is read
     from it, not run, named with its table, and paired by seed with the runs of this table; a table made with other
     steps is refused in one line."""
-    wd = tmp_path / 'ablate'
-    for seed, mse in enumerate((0.50, 0.55, 0.60)):
-        os.makedirs(wd / f'maml-s{seed}')
-        with open(wd / f'maml-s{seed}' / 'comparison.json', 'w') as f:
-            json.dump({'methods': ['maml'], 'shots': [5], 'steps': 70000, 'num_tasks': 600,
-                       'config': {'seed': seed}, 'results': [{'shots': 5, 'mse': mse}]}, f)
+    wd = _finished_maml_ablation_runs(tmp_path / 'ablate')
     old = tmp_path / 'old.json'
     old.write_text(json.dumps({'command': 'python -m experiments.studies.ablate_blockiaf --steps=70000',
                                'steps': 70000, 'commit': 'abc1234', 'rows': [
