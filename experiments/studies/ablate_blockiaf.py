@@ -153,7 +153,9 @@ def earlier_rows(paths: list) -> dict:
         with open(path) as f:
             table = json.load(f)
         args = dict(a[2:].split('=', 1) for a in table['command'].split() if a.startswith('--') and '=' in a)
-        setting = (int(table['steps']), int(args.get('num_tasks', 600)), args.get('seeds', '0,1,2'))
+        default = lambda name: str(FLAGS[name].default) if name != 'seeds' else ','.join(FLAGS[name].default)
+        setting = (int(table['steps']), int(args.get('num_tasks', default('num_tasks'))),
+                   args.get('seeds', default('seeds')))
         asked = (FLAGS.steps, FLAGS.num_tasks, ','.join(FLAGS.seeds))
         if setting != asked:
             raise WorkdirError(f'--earlier: {path} was made with (steps, num_tasks, seeds) {setting}, '
