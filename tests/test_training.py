@@ -377,7 +377,7 @@ def test_ablation_takes_earlier_rows_from_its_own_tables_and_pairs_them(tmp_path
                                                                            ('metacurvature', [0.45, 0.40, 0.35])]
     pair, = [p for p in table['paired'] if p['reference'] == 'metacurvature']
     assert pair['diff'] == pytest.approx(0.15) and pair['ahead'] == 0   # 0.05, 0.15, 0.25 worse
-    assert f'metacurvature: {old} (abc1234)' in open(tmp_path / 't.md').read()
+    assert f'Rows read from earlier tables of this command: {old} (abc1234): metacurvature.' in open(tmp_path / 't.md').read()
     r = cli('--steps=5000')
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert '(steps, num_tasks, seeds) (70000, 600' in r.stderr

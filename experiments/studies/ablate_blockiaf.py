@@ -229,10 +229,13 @@ def markdown(rows: list, command: str) -> str:
     n = max((r['seeds'] for r in rows), default=0)
     out += ['', f'Mean over {n} seeds of the test MSE ({FLAGS.num_tasks} new tasks each), +- the 95% interval over seeds '
             f'(t, {n - 1} d.o.f.); {FLAGS.steps} meta-steps per run. Command: `{command}`']
-    sources = sorted({(r['variant'], r['source']) for r in rows if 'source' in r})
+    sources = {}   # each earlier table, with the variants read from it, in row order
+    for r in rows:
+        if 'source' in r and r['variant'] not in sources.setdefault(r['source'], []):
+            sources[r['source']].append(r['variant'])
     if sources:
         out += ['', 'Rows read from earlier tables of this command: ' +
-                '; '.join(f'{v}: {src}' for v, src in sources) + '.']
+                '; '.join(f'{src}: {", ".join(vs)}' for src, vs in sources.items()) + '.']
     return '\n'.join(out) + '\n'
 
 
