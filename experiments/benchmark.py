@@ -304,7 +304,8 @@ def authors_table(rows, authors) -> str:
         lines.append(f"| {a['method']} | {a['shape']} | {a['median_s']:.3f} | {ours} | {speed} |")
     return ("Against the authors' code (experiments.studies.authors_yardstick, same episodes, this machine). The "
             "authors time their own settings (their MD is the unconstrained form with exp scales; `--set` does not "
-            "reach them); for md-meta's MD in that form run with `--set=md.monotone=False,md.scale=exp`.\n\n"
+            "reach them); for md-meta's MD in that form run with "
+            "`--set=md.monotone=False,md.scale=exp,md.kronecker=none`.\n\n"
             + '\n'.join(lines))
 
 
