@@ -13,9 +13,10 @@ The argument is the variant, optionally with the shot count:
 Variants: maml, anil (only the classifier head adapts: the control of any loss geometry), metasgd,
 metacurvature, md-paper (the authors' blockIAF: unconstrained, exp scale, zero-initialised decoder heads),
 md-monotone (md-meta's default blockIAF: bounded scale, monotone by construction), md-paper-learnable (the
-paper's form with every decoder factor learnable), metakfo, and the forms of MD with a Kronecker matrix per tensor: md-kron (the monotone map with a Kronecker-preconditioned dual
-step), md-kron-learnable-enc1, md-sandwich (the monotone sandwich P g(P w)), md-kron-primal-elu and
-md-sandwich-primal-elu (primal start, ELU codes, learnable heads).
+paper's form with every decoder factor learnable), metakfo, and the forms of MD with a Kronecker matrix per
+tensor: md-kron (the monotone map with a Kronecker-preconditioned dual step), md-kron-learnable-enc1,
+md-sandwich (the monotone sandwich P g(P w)), md-kron-primal-elu and md-sandwich-primal-elu (primal start, ELU
+codes, learnable heads); md-kfo (MetaKFO's nonlinear transformation as the dual step: no longer mirror descent).
 1000 meta-steps, validated every 250: the CPU budget of docs/results.md (the paper trains 60000).
 """
 import os
