@@ -7,6 +7,7 @@ phi_0. Then: every array of the map and of K learns, and the sandwich is monoton
 """
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 import numpy as np
 import optax
 import pytest
@@ -252,3 +253,30 @@ def test_step_matrix_mixes_within_tensors_only_with_K():
         np.testing.assert_allclose(S, S_mc, rtol=1e-12, atol=1e-14)
         mix = mixing(S, meta['init'])
         assert mix['within'] > 0.1 and mix['between'] == 0.0, mix
+
+
+def test_step_matrix_of_the_nonlinear_kfo_step():
+    """experiments.studies.step_factors at a gradient v: MetaKFO's step f(v) = A v + C relu(B v) is positively
+    homogeneous, so one step is exactly -alpha S(v) v (Euler) with S(v) = A + C D_v B, and S(0) = A drops the relu
+    path; inside MD (md.kronecker='kfo_step') S(v) = J_g S_kfo(v), and the map's second-order terms leave a small
+    residual."""
+    from experiments.studies.step_factors import step_matrix, step_residual
+    with jax.enable_x64(True):
+        learner, batch, meta = _setup('metakfo', 'mlp')
+        meta = dict(meta, geom=perturbed(jax.random.PRNGKey(6), meta['geom'], 0.3))
+        v = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (ravel_pytree(meta['init'])[0].size,), jnp.float64))
+        S, S0 = step_matrix(learner.geometry, meta, 0.01, at=v), step_matrix(learner.geometry, meta, 0.01)
+        assert step_residual(learner.geometry, meta, 0.01, v, S) < 1e-12
+        assert np.linalg.norm(S - S0) > 0.1 * np.linalg.norm(S)
+        assert step_residual(learner.geometry, meta, 0.01, v, S0) > 1e-3   # the linearisation at 0 misses the relu path
+
+        md_learner, _, md_meta = _setup('md', 'mlp', {'md.kronecker': 'kfo_step'})
+        md_meta['geom']['kron'] = meta['geom']
+        md_meta['init'] = meta['init']   # z_0; the monotone map at its initialisation is near the identity
+        S_md = step_matrix(md_learner.geometry, md_meta, 0.01, at=v)
+        loop = md_learner.geometry.inner(md_meta['geom'])
+        z0 = ravel_pytree(md_meta['init'])[0]
+        unravel = ravel_pytree(md_meta['init'])[1]
+        J = np.asarray(jax.jacfwd(lambda z: ravel_pytree(loop.params_of(unravel(z)))[0])(z0))
+        np.testing.assert_allclose(S_md, J @ S, rtol=1e-10, atol=1e-12)
+        assert step_residual(md_learner.geometry, md_meta, 0.01, v, S_md) < 1e-2

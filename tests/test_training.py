@@ -575,6 +575,15 @@ def finished_run(tmp_path_factory):
     return wd
 
 
+def test_step_factors_of_a_finished_run(finished_run):
+    """experiments.studies.step_factors on a trained workdir: MAML's step is the gradient itself (S = I, cos 1)."""
+    from experiments.studies.step_factors import run_step_factors
+    r = run_step_factors(finished_run, num_tasks=2)
+    assert r['method'] == 'maml' and 'residual' not in r
+    np.testing.assert_array_equal(r['diag'], 1.0)
+    assert r['mixing'] == {'within': 0.0, 'between': 0.0} and abs(r['cosine'] - 1) < 1e-5
+
+
 DAMAGED_CONFIGS = {'evaluate_config_truncated': '{"method": "maml", "task": {', 'evaluate_config_empty': '',
                    'evaluate_config_list': '[]', 'evaluate_config_bytes': '{"method": "\udcff"}'}
 

@@ -6,17 +6,24 @@ For a geometry whose inner step is linear in the gradient, one step from the met
 parameters by phi_1 - phi_0 = -alpha S grad L to first order, with S = -(1/alpha) d phi(update(state_0, v)) / dv
 at v = 0 (``step_matrix``): MAML S = I; Meta-SGD diag(a_j) / alpha; MetaCurvature its Kronecker matrix K; MD
 dg/dz at z_0 = J_g (diagonal inside each block, the scales sigma; between blocks the shifts' coupling), with
-md.kronecker='dual_step' J_g K, with 'sandwich' P J_g P. Printed per run: the diagonal's quantiles and the
-fractions below 0.1 and above 2 (the monotone map's default scale bounds), the share of S's Frobenius mass, within
-each network tensor's diagonal block, that lies off the diagonal (how much one step mixes a kernel's entries:
-0 for Meta-SGD and today's MD, the point of MetaCurvature), and the share that lies between tensors (MD's
-autoregressive coupling). S is dense (n x n): networks up to ``MAX_PARAMETERS`` parameters (the sinusoid MLP has
-1761). docs/methods.md, "Why MD does no better than Meta-SGD".
+md.kronecker='dual_step' J_g K, with 'sandwich' P J_g P. MetaKFO's step f(v) = A v + C relu(B v) (tensor mode
+products) and MD's with md.kronecker='kfo_step' are nonlinear in v: S is taken at v = the support gradient of
+``--tasks`` test tasks (S(v) = A + C D_v B, D_v = diag(1[B v > 0]), times J_g for MD; the value at v = 0 would
+drop the relu path), the rows pool those tasks, and two more columns say how far the step is from linear: the
+relative residual |Delta phi(v) + alpha S(v) v| / |Delta phi(v)| (0 for MetaKFO, whose f is positively
+homogeneous; MD's map adds second-order terms) and |S(v) - S(0)|_F / |S(v)|_F (the relu path's share). Printed
+per run: the diagonal's quantiles and the fractions below 0.1 and above 2 (the monotone map's default scale
+bounds); the share of S's Frobenius mass, within each network tensor's diagonal block, that lies off the diagonal
+(how much one step mixes a kernel's entries: 0 for Meta-SGD and today's MD, the point of MetaCurvature); the share
+that lies between tensors (MD's autoregressive coupling); the mean cosine of S v with the support gradient v over
+the ``--tasks`` tasks (1 for MAML; > 0: a descent direction to first order). S is dense (n x n): networks up to
+``MAX_PARAMETERS`` parameters (the sinusoid MLP has 1761). docs/methods.md, "Why MD does no better than Meta-SGD".
 """
 from __future__ import annotations
 
 import glob
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,12 +34,18 @@ from ..harness import run
 
 FLAGS = flags.FLAGS
 MAX_PARAMETERS = 20000
-LINEAR_STEPS = ('maml', 'metasgd', 'metacurvature', 'md')   # methods whose inner step is linear in the gradient
+METHODS = ('maml', 'metasgd', 'metacurvature', 'md', 'metakfo')
 
 
-def step_matrix(geometry, meta, alpha: float) -> np.ndarray:
+def is_linear(config) -> bool:
+    """Whether the run's inner step is linear in the gradient (S the same at every gradient)."""
+    return not (config.method == 'metakfo' or (config.method == 'md' and config.md.kronecker == 'kfo_step'))
+
+
+def step_matrix(geometry, meta, alpha: float, at=None) -> np.ndarray:
     """S (n x n, ``ravel_pytree`` order of the network parameters) with phi_1 - phi_0 = -alpha S grad to first
-    order, from the start the meta-parameters ``meta`` give (one forward-mode product per parameter)."""
+    order around the gradient ``at`` (raveled; default 0), from the start the meta-parameters ``meta`` give (one
+    forward-mode product per parameter)."""
     loop = geometry.inner(meta['geom'])
     state0 = loop.start(meta['init'], jax.random.PRNGKey(0))
     phi0, unravel = ravel_pytree(loop.params_of(state0))
@@ -40,7 +53,32 @@ def step_matrix(geometry, meta, alpha: float) -> np.ndarray:
         raise ValueError(f'step_matrix: {phi0.size} parameters; the dense step matrix is for networks of at most '
                          f'{MAX_PARAMETERS}')
     moved = lambda v: ravel_pytree(loop.params_of(loop.update(state0, unravel(v))))[0]
-    return -np.asarray(jax.jit(jax.jacfwd(moved))(jnp.zeros_like(phi0))) / alpha
+    at = jnp.zeros_like(phi0) if at is None else jnp.asarray(at, phi0.dtype)
+    chex.assert_equal_shape((at, phi0))
+    return -np.asarray(jax.jit(jax.jacfwd(moved))(at)) / alpha
+
+
+def step_residual(geometry, meta, alpha: float, v, S: np.ndarray) -> float:
+    """|Delta phi(v) + alpha S v| / |Delta phi(v)|: 0 when one step is S's linear map of the gradient v."""
+    loop = geometry.inner(meta['geom'])
+    state0 = loop.start(meta['init'], jax.random.PRNGKey(0))
+    phi0, unravel = ravel_pytree(loop.params_of(state0))
+    delta = np.asarray(ravel_pytree(loop.params_of(loop.update(state0, unravel(jnp.asarray(v)))))[0] - phi0)
+    return float(np.linalg.norm(delta + alpha * S @ np.asarray(v)) / np.linalg.norm(delta))
+
+
+def support_gradients(exp, meta, num_tasks: int, split: str = 'test') -> list:
+    """grad_phi L(phi_0; D_trn) of ``num_tasks`` tasks of ``split`` (raveled), at the start phi_0 the
+    meta-parameters give: the gradients the first inner step transforms."""
+    from md_meta import losses
+    learner = exp.learner
+    loop = learner.geometry.inner(meta['geom'])
+    phi0 = loop.params_of(loop.start(meta['init'], jax.random.PRNGKey(0)))
+    apply = lambda phi, x: learner.model.apply({'params': phi, **meta['net']}, x)
+    loss_fn = losses.get(learner.loss)
+    batch = exp.source.sample(20_000_000, num_tasks, split, exp.config.task.query)
+    grad = jax.jit(jax.vmap(lambda x, y: ravel_pytree(jax.grad(lambda p: loss_fn(apply(p, x), y))(phi0))[0]))
+    return list(np.asarray(grad(batch.support_x, batch.support_y)))
 
 
 def mixing(S: np.ndarray, params) -> dict:
@@ -73,15 +111,34 @@ def md_step_factors(theta, z, spec) -> np.ndarray:
     return np.diagonal(md_jacobian(theta, z, spec)).copy()
 
 
-def run_step_factors(workdir: str) -> tuple:
-    """(method, diag(S), mixing(S)) of a finished run's last checkpoint."""
+def run_step_factors(workdir: str, num_tasks: int = 4) -> dict:
+    """{'method', 'diag': diag(S), 'mixing': mixing(S), 'cosine': mean cos(S v, v)} of a finished run's last
+    checkpoint over ``num_tasks`` test tasks' support gradients v; for a nonlinear step S is taken at each v
+    (diagonals pooled, mixing shares averaged), with the nonlinearity columns 'residual' and 'relu_share'."""
     from md_meta import evaluation
     exp, meta, _ = evaluation.load_run(workdir, which='last')
     c = exp.config
-    if c.method not in LINEAR_STEPS:
-        raise ValueError(f'{workdir}: a {c.method} run; the step matrix is defined for {LINEAR_STEPS}')
-    S = step_matrix(exp.learner.geometry, meta, float(c.inner.step_size))
-    return c.method, np.diagonal(S).copy(), mixing(S, meta['init'])
+    if c.method not in METHODS:
+        raise ValueError(f'{workdir}: a {c.method} run; the step matrix is defined for {METHODS}')
+    geometry, alpha = exp.learner.geometry, float(c.inner.step_size)
+    S0 = step_matrix(geometry, meta, alpha)
+    grads = support_gradients(exp, meta, num_tasks)
+    cosine = lambda S, v: float(v @ S @ v / (np.linalg.norm(v) * np.linalg.norm(S @ v)))
+    if is_linear(c):
+        return {'method': c.method, 'diag': np.diagonal(S0).copy(), 'mixing': mixing(S0, meta['init']),
+                'cosine': float(np.mean([cosine(S0, v) for v in grads]))}
+    diags, mixes, residuals, shares, cosines = [], [], [], [], []
+    for v in grads:
+        S = step_matrix(geometry, meta, alpha, at=v)
+        diags.append(np.diagonal(S).copy())
+        mixes.append(mixing(S, meta['init']))
+        residuals.append(step_residual(geometry, meta, alpha, v, S))
+        shares.append(float(np.linalg.norm(S - S0) / np.linalg.norm(S)))
+        cosines.append(cosine(S, v))
+    return {'method': c.method, 'diag': np.concatenate(diags),
+            'mixing': {k: float(np.mean([m[k] for m in mixes])) for k in mixes[0]},
+            'residual': float(np.mean(residuals)), 'relu_share': float(np.mean(shares)),
+            'cosine': float(np.mean(cosines))}
 
 
 def main(argv):
@@ -92,15 +149,20 @@ def main(argv):
     if not workdirs:
         raise SystemExit(f'step_factors: no workdir matches {FLAGS.workdirs}')
     print('| run | method | parameters | diag < 0.1 | diag > 2 | diag quantiles 1 / 10 / 50 / 90 / 99% | '
-          'mixing within tensors | between tensors |')
-    print('| --- | --- | --- | --- | --- | --- | --- | --- |')
+          'mixing within tensors | between tensors | cos(S v, v) | nonlinear: residual | relu share |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for wd in workdirs:
-        method, f, mix = run_step_factors(wd)
+        r = run_step_factors(wd, FLAGS.tasks)
+        f, mix = r['diag'], r['mixing']
         q = ' / '.join(f'{x:.3g}' for x in np.quantile(f, [0.01, 0.1, 0.5, 0.9, 0.99]))
-        print(f'| {wd} | {method} | {f.size} | {np.mean(f < 0.1):.3f} | {np.mean(f > 2):.3f} | {q} | '
-              f'{mix["within"]:.3g} | {mix["between"]:.3g} |', flush=True)
+        nonlinear = f'{r["residual"]:.3g} | {r["relu_share"]:.3g}' if 'residual' in r else 'linear | -'
+        n = f.size if 'residual' not in r else f.size // FLAGS.tasks
+        print(f'| {wd} | {r["method"]} | {n} | {np.mean(f < 0.1):.3f} | {np.mean(f > 2):.3f} | {q} | '
+              f'{mix["within"]:.3g} | {mix["between"]:.3g} | {r["cosine"]:.3g} | {nonlinear} |', flush=True)
 
 
 if __name__ == '__main__':
-    flags.DEFINE_list('workdirs', [], f'workdirs (glob patterns) of finished runs of {LINEAR_STEPS}')
+    flags.DEFINE_list('workdirs', [], f'workdirs (glob patterns) of finished runs of {METHODS}')
+    flags.DEFINE_integer('tasks', 4, 'test tasks whose support gradients S v is compared with, and a nonlinear '
+                         'step (MetaKFO, md-kfo) is linearised at')
     run(main)
