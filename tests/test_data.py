@@ -715,18 +715,24 @@ def test_lake_table_pairs_by_run_and_by_seed(tmp_path):
     t3 = 3.182   # t_{0.975, 3}: four runs
     mean, half, over = table[('base', 'md')]['error']
     assert (mean, over) == (22.5, 'runs') and np.isclose(half, t3 * np.std([5, 20, 25, 40], ddof=1) / 2)
-    d = table[('base', 'md')]['minus_maml']          # paired by run: [-5, 0, -5, 0]
+    d = table[('base', 'md')]['minus_against']          # paired by run: [-5, 0, -5, 0]
     assert d[:3] == (-2.5, t3 * np.std([-5, 0, -5, 0], ddof=1) / 2, 'runs') and d[3] == 1
-    assert table[('aug', 'md')]['minus_reference'][0] == -6.25 and table[('aug', 'md')]['minus_maml'] is None
+    assert table[('aug', 'md')]['minus_reference'][0] == -6.25 and table[('aug', 'md')]['minus_against'] is None
     long = table[('long', 'md')]                      # two seeds: over the seeds' means (15, 25)
     assert long['seeds'] == [0, 1] and long['error'][0] == 20 and long['error'][2] == 'seeds'
     assert np.isclose(long['error'][1], 12.706 * np.std([15, 25], ddof=1) / np.sqrt(2))
-    assert long['minus_maml'][0] == -5 and long['minus_maml'][3] == 2
+    assert long['minus_against'][0] == -5 and long['minus_against'][3] == 2
     assert '| long | md | 0,1 | 10 | 5, 0.4 | 20.00 +- ' in lake_table.markdown(list(table.values()), 'base')
     pooled = {(r['variant'], r['method']): r for r in
               lake_table.rows(lake_table.load(str(tmp_path / 'eval-*.json')), 'base', pool_runs=True)}
     d = [-10, -10, 0, 0] * 2                          # md - maml by run, both seeds
-    assert pooled[('long', 'md')]['minus_maml'][:3] == (-5, 2.365 * np.std(d, ddof=1) / np.sqrt(8), 'runs')
+    assert pooled[('long', 'md')]['minus_against'][:3] == (-5, 2.365 * np.std(d, ddof=1) / np.sqrt(8), 'runs')
+    rows = lake_table.rows(lake_table.load(str(tmp_path / 'eval-*.json')), 'base', against='md')
+    assert {(r['variant'], r['method']): r for r in rows}[('base', 'maml')]['minus_against'][0] == 2.5
+    assert [r['method'] for r in rows[:2]] == ['md', 'maml'] and 'minus md (paired)' in lake_table.markdown(
+        rows, 'base', against='md')
+    lake_table.plot(rows, str(tmp_path / 'lake.png'), mark=13.5)
+    assert (tmp_path / 'lake.png').stat().st_size > 0 and rows[0]['per_seed'] == [22.5]
     (tmp_path / 'eval-x.json').write_text('{}')
     with pytest.raises(ValueError, match='expected a name eval-<variant>-<method>'):
         lake_table.load(str(tmp_path / 'eval-*.json'))
