@@ -19,6 +19,7 @@ of the chunk it arrives in, with a checkpoint there (``Preempted``).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -34,7 +35,15 @@ from md_meta.meta import make_evaluate, meta_update
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite meta-updates."""
+    """Too many consecutive non-finite meta-updates, the last at meta-step ``step``. With a workdir the stop is
+    also recorded in its ``STOPPED`` file (removed when the run starts again)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+STOPPED = 'stopped.json'   # {'reason', 'step', 'message'} of a run that training stopped (NonFiniteError)
 
 
 class Preempted(KeyboardInterrupt):
@@ -130,6 +139,9 @@ def _train(exp: experiment.Experiment, workdir: str | None, log: Callable, state
     run_steps = _StepRunner(exp)
     progress = _Progress(cfg, step, log)
     preemption = _Preemption(enabled=ckpt is not None)   # without a workdir there is nothing to save
+    writes = workdir and distributed.is_main_process()
+    if writes and os.path.exists(os.path.join(workdir, STOPPED)):   # an earlier stop: this run starts again
+        os.remove(os.path.join(workdir, STOPPED))
     try:
         preemption.install()
         while step < total:
@@ -158,6 +170,11 @@ def _train(exp: experiment.Experiment, workdir: str | None, log: Callable, state
                         checkpoints(step, meta, opt_state, {**nonfinite.record(), 'val': None, 'method': cfg.method})
                 steps = ckpt.steps()
                 raise Preempted(steps[-1] if steps else 0, signum)
+    except NonFiniteError as e:
+        if writes:
+            workdirs.write_atomic(os.path.join(workdir, STOPPED), workdirs.strict_json(
+                {'reason': 'non-finite meta-updates', 'step': e.step, 'message': str(e)}))
+        raise
     finally:
         preemption.restore()
         writers.close()
@@ -292,7 +309,7 @@ class _NonFiniteCounter:
             raise NonFiniteError(
                 f'method {self.cfg.method}: {self.consecutive} consecutive non-finite meta-updates up to step '
                 f'{step} (first at step {step - self.consecutive + 1}); training stopped, the parameters '
-                'are at their last finite value' + (_last_checkpoint_note(self.ckpt) if self.ckpt else ''))
+                'are at their last finite value' + (_last_checkpoint_note(self.ckpt) if self.ckpt else ''), step)
 
     def record(self) -> dict:
         """The counts a checkpoint keeps, so that a resumed run counts on."""

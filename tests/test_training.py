@@ -123,9 +123,13 @@ def test_consecutive_nonfinite_stop_names_step_and_method(tmp_path):
     workdirs.prepare(c, wd)
     with pytest.raises(training.NonFiniteError, match=r'method maml: 4 consecutive .* up to step 7'):
         training.train(nan_build(c, 3, 100), wd, log=lambda s: None)
+    stopped = json.load(open(os.path.join(wd, training.STOPPED)))   # the stop, recorded in the workdir
+    assert stopped['step'] == 7 and stopped['reason'] == 'non-finite meta-updates'
     # the checkpoint at step 5 was written mid-streak and is finite
     step, state, record = _last_state(wd)
     assert step == 5 and checkpoint_lib.all_finite(state) and record['consecutive_nonfinite'] == 2
+    training.train(nan_build(c, 0, 0), wd, log=lambda s: None)   # started again (and finished): no stale record
+    assert not os.path.exists(os.path.join(wd, training.STOPPED))
 
 
 def test_evaluate_ci_matches_hand_computation(tmp_path):
@@ -312,6 +316,9 @@ def test_summarise_runs_table_interval_and_unfinished(tmp_path):
         _fake_run(str(root), f'maml-1shot-seed{seed}', 'maml', acc)
     _fake_run(str(root), 'md-paper-1shot-seed0', 'md', 0.95, commit='abcdef0123456789')
     _fake_run(str(root), 'md-paper-1shot-seed1', 'md', 0.5, steps=50, finished=False)
+    _fake_run(str(root), 'md-paper-1shot-seed2', 'md', 0.5, steps=50, finished=False)
+    (root / 'md-paper-1shot-seed2' / 'stopped.json').write_text(
+        json.dumps({'reason': 'non-finite meta-updates', 'step': 61, 'message': '...'}))
     out = tmp_path / 'fig' / 'table'
     r = subprocess.run([sys.executable, '-m', 'experiments.studies.summarise_runs', f'--root={root}', f'--out={out}',
                         '--variants=md-paper,maml', '--commit=5b6e9f9'], capture_output=True, text=True, cwd=ROOT, env=_env())
@@ -322,9 +329,11 @@ def test_summarise_runs_table_interval_and_unfinished(tmp_path):
     assert rows['maml']['mean'] == pytest.approx(v.mean())
     assert rows['maml']['ci'] == pytest.approx(4.303 * v.std(ddof=1) / np.sqrt(3))
     assert rows['md-paper']['per_seed'] == [0.95] and rows['md-paper']['ci'] is None
-    assert data['unfinished'] == [['md-paper-1shot-seed1', 50, 100]]
+    assert data['unfinished'] == [['md-paper-1shot-seed1', 50, 100, ''], ['md-paper-1shot-seed2', 61, 100,
+                                                                         'stopped: non-finite meta-updates']]
     text = open(str(out) + '.md').read()
-    assert text.index('| md-paper |') < text.index('| maml |') and 'md-paper-1shot-seed1 at step 50/100' in text
+    assert text.index('| md-paper |') < text.index('| maml |') and 'md-paper-1shot-seed1 at step 50/100,' in text
+    assert 'md-paper-1shot-seed2 at step 61/100 (stopped: non-finite meta-updates)' in text
     assert '93.00 +- ' in text and 'runs from commit 5b6e9f9 (md-paper: abcdef0).' in text
     conv = open(str(out) + '_convergence.csv').read().splitlines()
     assert conv[0] == 'variant,shots,k,support_loss,grad_norm,seeds' and len(conv) == 1 + 2 * 3

@@ -13,7 +13,8 @@ inner-loop curves: support loss and gradient norm at k = 0..K averaged over thos
   <out>_val.png                 meta-validation accuracy against meta-step, mean over seeds (shaded: min-max);
   <out>_convergence.png / .csv  the paper's Fig. 1: support loss and gradient norm at k = 0..K on new tasks,
                                 mean over seeds.
-A run without results.json (unfinished or still training) is listed with its last step and left out.
+A run without results.json (unfinished, still training, or stopped: its stopped.json) is listed with its last step
+and left out.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def read_jsonl(path: str) -> list:
 
 
 def load_runs(root: str, metric: str) -> tuple:
-    """([finished run dicts], [unfinished (name, last step, planned)])."""
+    """([finished run dicts], [unfinished (name, last step, planned, why: '' or the stop training recorded)])."""
     runs, unfinished = [], []
     for name in sorted(os.listdir(root)):
         m = NAME.match(name)
@@ -64,7 +65,12 @@ def load_runs(root: str, metric: str) -> tuple:
         last = max((r['step'] for r in log), default=0)
         res_path = os.path.join(wd, 'results.json')
         if not os.path.exists(res_path):
-            unfinished.append((name, last, planned))
+            why = ''
+            if os.path.exists(os.path.join(wd, 'stopped.json')):   # md_meta.training.STOPPED
+                with open(os.path.join(wd, 'stopped.json')) as f:
+                    stop = json.load(f)
+                last, why = max(last, stop['step'] or 0), f"stopped: {stop['reason']}"
+            unfinished.append((name, last, planned, why))
             continue
         with open(res_path) as f:
             res = json.load(f)
@@ -138,7 +144,8 @@ def markdown(rows: list, unfinished: list, metric: str, commit: str) -> str:
             f'{", ".join(map(str, tasks))} new tasks per run, +- the 95% t-interval over seeds; runs from commit {commit}'
             + _other_commits(rows, commit) + '.']
     if unfinished:
-        out += ['', 'Not finished (left out): ' + ', '.join(f'{n} at step {s}/{p}' for n, s, p in unfinished) + '.']
+        out += ['', 'Not finished (left out): ' + ', '.join(f'{n} at step {s}/{p}' + (f' ({why})' if why else '')
+                                                             for n, s, p, why in unfinished) + '.']
     return '\n'.join(out) + '\n'
 
 
