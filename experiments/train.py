@@ -9,8 +9,8 @@ config.eval.shots; default: config.task.shots). Rerunning the same command
 after a crash or kill -9 resumes from the last good checkpoint (bitwise identical to an uninterrupted
 run); a workdir holding a run of another config, or one where another process is training (an
 exclusive lock for the run's lifetime), or one trained on another data set (split.json), is refused (exit
-status 2). Too many consecutive non-finite
-meta-updates stop training with exit status 3 and a record of the stop in the workdir (stopped.json); Ctrl-C exits with 130 and the same command resumes;
+status 2). Too many consecutive non-finite meta-updates stop training with exit status 3 and a record of the
+stop in the workdir (stopped.json); Ctrl-C exits with 130 and the same command resumes;
 SIGTERM or SIGHUP (a preemption) ends the current chunk, checkpoints at the step reached, prints
 "preempted at step N; rerun the same command to resume" and exits with 128 + the signal's number.
 results.json carries its provenance (md_meta.workdirs.provenance: version, commit, step, parameters
