@@ -336,18 +336,28 @@ def _block_scale_shift(theta, spec, i, encodings, template):
     return a, mu
 
 
-def forward_per_leaf(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
-    """g(z) leaf by leaf, one small product per leaf, layer and mode: the definition that
-    ``blockiaf_engine.forward`` computes with grouped products (the reference of the tests; ``inverse``
-    inverts it block by block)."""
+def scales_and_shifts(theta: Params, z: Params, spec: BlockIAFSpec) -> tuple:
+    """(sigma, mu) at z, each a pytree shaped like z: g(z) = z * sigma + mu entry by entry (eq. 8), with
+    sigma = sigma(a_i(z_<i)) and mu = mu_i(z_<i) of each entry's block i. sigma is the diagonal of dg/dz (its
+    other entries, the shifts' and scales' dependence on earlier blocks, lie between blocks): the factor by which
+    one MD step moves that entry, phi_1 - phi_0 = -alpha sigma grad to first order within a block."""
     theta = effective_weights(theta, spec.monotone)
     blocks = spec.blocks
     encodings = [_encode(theta['enc'][b], z[b], spec) for b in blocks[:-1]]
-    phi = {}
+    scales, shifts = {}, {}
     for i, b in enumerate(blocks):
         a, mu = _block_scale_shift(theta, spec, i, encodings, z[b])
-        phi[b] = jax.tree_util.tree_map(lambda zz, aa, mm: zz * sigma(aa, spec) + mm, z[b], a, mu)
-    return phi
+        scales[b] = jax.tree_util.tree_map(lambda zz, aa: jnp.broadcast_to(sigma(aa, spec), jnp.shape(zz)), z[b], a)
+        shifts[b] = mu
+    return scales, shifts
+
+
+def forward_per_leaf(theta: Params, z: Params, spec: BlockIAFSpec) -> Params:
+    """g(z) = z * sigma + mu leaf by leaf (``scales_and_shifts``), one small product per leaf, layer and mode:
+    the definition that ``blockiaf_engine.forward`` computes with grouped products (the reference of the tests;
+    ``inverse`` inverts it block by block)."""
+    scales, shifts = scales_and_shifts(theta, z, spec)
+    return jax.tree_util.tree_map(lambda zz, s, mm: zz * s + mm, z, scales, shifts)
 
 
 def inverse(theta: Params, phi: Params, spec: BlockIAFSpec) -> Params:

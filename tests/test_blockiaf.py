@@ -183,3 +183,28 @@ def test_md_step_factors_are_the_monotone_scales():
         expected = ravel_pytree(jax.tree_util.tree_map(lambda a: blockiaf.sigma(a, spec), logits))[0]
         assert float(jnp.std(expected)) > 0.1
         np.testing.assert_allclose(md_step_factors(theta, z, spec), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_scales_are_the_jacobian_diagonal_of_the_authors_map():
+    """blockiaf.scales_and_shifts: on the authors' map (exp scale, not monotone: each block's scale logits depend
+    on earlier blocks' z through learnable heads, one-layer encoders so that no code is dead), sigma is the diagonal
+    of dg/dz, the dense Jacobian of blockiaf_engine's g (an independent computation: grouped products), and
+    z * sigma + mu is that g(z). The scales are spread (a wrong leaf order or a constant would show), and they move
+    with z."""
+    from jax.flatten_util import ravel_pytree
+    with jax.enable_x64(True):
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), mlp_params())
+        spec = blockiaf.make_spec(params, scale='exp', monotone=False, encoder_layers=1)
+        theta = perturbed(jax.random.PRNGKey(2), blockiaf.init(jax.random.PRNGKey(1), params, spec,
+                                                               head_init='learnable'), 0.5)
+        z = random_like(jax.random.PRNGKey(5), params)
+        scales, shifts = blockiaf.scales_and_shifts(theta, z, spec)
+        flat_scales = ravel_pytree(scales)[0]
+        assert float(jnp.std(flat_scales)) > 0.1
+        flat, unravel = ravel_pytree(z)
+        jac = jax.jacfwd(lambda x: ravel_pytree(blockiaf_engine.forward(theta, unravel(x), spec))[0])(flat)
+        np.testing.assert_allclose(flat_scales, jnp.diagonal(jac), rtol=1e-12, atol=1e-14)
+        phi = jax.tree_util.tree_map(lambda zz, s, m: zz * s + m, z, scales, shifts)
+        assert tree_max_abs_diff(phi, blockiaf_engine.forward(theta, z, spec)) < 1e-12
+        moved = blockiaf.scales_and_shifts(theta, random_like(jax.random.PRNGKey(6), params), spec)[0]
+        assert float(jnp.abs(ravel_pytree(moved)[0] - flat_scales).max()) > 1e-3

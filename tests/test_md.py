@@ -255,6 +255,27 @@ def test_step_matrix_mixes_within_tensors_only_with_K():
         assert mix['within'] > 0.1 and mix['between'] == 0.0, mix
 
 
+def test_map_scales_are_the_step_matrix_diagonal():
+    """experiments.studies.step_factors --map_scales: per tensor, the map's scales at z_0 are the diagonal of the
+    dense step matrix S of the map alone (through MD's inner loop: an independent computation) on the authors' form
+    with its heads moved (scales spread, depending on earlier blocks); the sandwich, whose map is not g, is refused."""
+    from experiments.studies.step_factors import map_scales, step_matrix
+    overrides = {'md.head_init': 'learnable', 'md.encoder_layers': 1, 'md.monotone': False, 'md.scale': 'exp',
+                 'md.kronecker': 'none'}
+    with jax.enable_x64(True):
+        learner, _, meta = _setup('md', 'mlp', overrides)
+        meta = dict(meta, init=perturbed(jax.random.PRNGKey(3), meta['init'], 0.5),
+                    geom=perturbed(jax.random.PRNGKey(4), meta['geom'], 0.5))
+        config = tiny_config('md', **overrides)
+        scales = map_scales(config, meta)
+        assert [shape for _, shape, _ in scales] == [np.shape(x) for x in jax.tree_util.tree_leaves(meta['init'])]
+        flat = np.concatenate([x.ravel() for _, _, x in scales])
+        assert flat.std() > 0.1
+        np.testing.assert_allclose(flat, np.diagonal(step_matrix(learner.geometry, meta, 0.01)), rtol=1e-10)
+    with pytest.raises(ValueError, match='sandwich'):
+        map_scales(tiny_config('md', **{'md.kronecker': 'sandwich'}), meta)
+
+
 def test_step_matrix_of_the_nonlinear_kfo_step():
     """experiments.studies.step_factors at a gradient v: MetaKFO's step f(v) = A v + C relu(B v) is positively
     homogeneous, so one step is exactly -alpha S(v) v (Euler) with S(v) = A + C D_v B, and S(0) = A drops the relu

@@ -18,6 +18,9 @@ bounds); the share of S's Frobenius mass, within each network tensor's diagonal 
 that lies between tensors (MD's autoregressive coupling); the mean cosine of S v with the support gradient v over
 the ``--tasks`` tasks (1 for MAML; > 0: a descent direction to first order). S is dense (n x n): networks up to
 ``MAX_PARAMETERS`` parameters (the sinusoid MLP has 1761). docs/methods.md, "Why MD does no better than Meta-SGD".
+
+``--map_scales`` (MD runs, any network, e.g. CNN4): per network tensor, the map's scales sigma at z_0, S's diagonal
+for the map alone, with alpha times the largest: how far each tensor's inner step size has moved from alpha.
 """
 from __future__ import annotations
 
@@ -141,6 +144,40 @@ def run_step_factors(workdir: str, num_tasks: int = 4) -> dict:
             'cosine': float(np.mean(cosines))}
 
 
+def map_scales(config, meta) -> list:
+    """[(leaf path, shape, sigma)] of an MD run's meta-parameters: the map's scales at the start z_0
+    (``blockiaf.scales_and_shifts``), S's diagonal for the map alone, per network tensor and for any network size
+    (no dense S). With md.kronecker='dual_step' or 'kfo_step' the step is J_g times K's step, of which these are
+    J_g's diagonal; the sandwich's map is P g(P w), not g, and is refused."""
+    from md_meta import blockiaf, blockiaf_engine, methods
+    from md_meta.methods import md
+    if config.method != 'md' or config.md.kronecker == 'sandwich':
+        raise ValueError(f'map_scales: the scales of the blockIAF g of an MD run (md.kronecker not \'sandwich\'), '
+                         f'got method {config.method!r}' + (f' with md.kronecker={config.md.kronecker!r}'
+                                                          if config.method == 'md' else ''))
+    loop = methods.make_geometry(config).inner(meta['geom'])
+    z0 = loop.start(meta['init'], jax.random.PRNGKey(0))
+    spec = md.spec_from_config(config, z0)
+    theta = blockiaf_engine.unpack(md.split_geom(meta['geom'])[0], spec, z0)
+    scales = jax.jit(lambda t, z: blockiaf.scales_and_shifts(t, z, spec)[0])(theta, z0)
+    return [(jax.tree_util.keystr(path), np.shape(x), np.asarray(x))
+            for path, x in jax.tree_util.tree_leaves_with_path(scales)]
+
+
+def print_map_scales(workdirs: list) -> None:
+    """One row per network tensor of each MD run: its scales' quantiles and alpha times the largest (that entry's
+    inner step size for the map alone)."""
+    from md_meta import evaluation
+    print('| run | tensor | shape | sigma min / 50% / 99% / max | alpha sigma max |')
+    print('| --- | --- | --- | --- | --- |')
+    for wd in workdirs:
+        exp, meta, step = evaluation.load_run(wd, which='last')
+        alpha = float(exp.config.inner.step_size)
+        for path, shape, x in map_scales(exp.config, meta):
+            q = ' / '.join(f'{v:.3g}' for v in (x.min(), *np.quantile(x, [0.5, 0.99]), x.max()))
+            print(f'| {wd} (step {step}) | {path} | {shape} | {q} | {alpha * x.max():.3g} |', flush=True)
+
+
 def main(argv):
     del argv
     from ..harness import prepare_process
@@ -148,6 +185,8 @@ def main(argv):
     workdirs = sorted(w for pattern in FLAGS.workdirs for w in glob.glob(pattern))
     if not workdirs:
         raise SystemExit(f'step_factors: no workdir matches {FLAGS.workdirs}')
+    if FLAGS.map_scales:
+        return print_map_scales(workdirs)
     print('| run | method | parameters | diag < 0.1 | diag > 2 | diag quantiles 1 / 10 / 50 / 90 / 99% | '
           'mixing within tensors | between tensors | cos(S v, v) | nonlinear: residual | relu share |')
     print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
@@ -165,4 +204,6 @@ if __name__ == '__main__':
     flags.DEFINE_list('workdirs', [], f'workdirs (glob patterns) of finished runs of {METHODS}')
     flags.DEFINE_integer('tasks', 4, 'test tasks whose support gradients S v is compared with, and a nonlinear '
                          'step (MetaKFO, md-kfo) is linearised at')
+    flags.DEFINE_bool('map_scales', False, 'MD runs only, any network size: per network tensor, the blockIAF\'s '
+                      'scales sigma at z_0 (S\'s diagonal for the map alone) instead of the dense S')
     run(main)
